@@ -1,0 +1,42 @@
+"""Console script `resnet-lamb`: dispatches each subcommand to the module that owns it.
+
+Imports are lazy so that `plan` and bad input answer in well under a second and a
+subcommand's heavy imports (Lightning, DALI) are paid only by the subcommand that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function taking argv list, one-line help)
+COMMANDS = {
+    "fit": ("resnet_lamb.train", "main", "train a recipe (LightningCLI)"),
+    "validate": ("resnet_lamb.train", "main", "validate a checkpoint on a recipe's data"),
+    "plan": ("resnet_lamb.recipe", "plan_main", "print every number a recipe derives, touching no data"),
+    "prepare": ("resnet_lamb.data.prepare", "main", "write a data set in the ImageNet folder layout"),
+    "report": ("resnet_lamb.report", "main", "turn finished runs into the paper's tables and plots"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: resnet-lamb COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`resnet-lamb COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"resnet-lamb: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, function, _ = COMMANDS[command]
+    entry = getattr(importlib.import_module(module), function)
+    if module == "resnet_lamb.train":
+        return entry([command, *rest]) or 0
+    return entry(rest) or 0
