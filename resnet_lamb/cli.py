@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resnet-lamb: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, function, _ = COMMANDS[command]
-    entry = getattr(importlib.import_module(module), function)
-    if module == "resnet_lamb.train":
-        return entry([command, *rest]) or 0
-    return entry(rest) or 0
+    from resnet_lamb.errors import UserError
+
+    try:
+        entry = getattr(importlib.import_module(module), function)
+        return entry([command, *rest] if module == "resnet_lamb.train" else rest) or 0
+    except UserError as err:
+        print(f"resnet-lamb: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,46 @@
+"""Bits shared by the backends: normalisation constants, dtypes, the placeholder image, warnings."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import torch
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    from resnet_lamb.errors import RecipeError
+
+    try:
+        return DTYPES[str(name).replace("torch.", "")]
+    except KeyError:
+        raise RecipeError(f"data.dtype: {name!r} is not one of {', '.join(DTYPES)}") from None
+
+
+def val_resize(image_size: int) -> int:
+    """Shorter side before the centre crop: 256 for 224 (ImageNet's 256/224 ratio)."""
+    return int(round(image_size * 256 / 224))
+
+
+_PLACEHOLDER: bytes | None = None
+
+
+def placeholder_jpeg() -> bytes:
+    """A small valid grey JPEG that stands in for a corrupt file (its label is -1)."""
+    global _PLACEHOLDER
+    if _PLACEHOLDER is None:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (124, 116, 104)).save(buf, "JPEG")
+        _PLACEHOLDER = buf.getvalue()
+    return _PLACEHOLDER
+
+
+def warn_corrupt(path: str, why: str) -> None:
+    print(f"resnet-lamb: warning: {path}: corrupt or unreadable image ({why}); skipped for the rest "
+          "of the run (label -1); replace the file", file=sys.stderr, flush=True)

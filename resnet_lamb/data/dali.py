@@ -1,0 +1,242 @@
+"""DALI backend: encoded bytes read by index (fn.external_source), decoded and augmented by DALI.
+
+The order comes from :func:`resnet_lamb.data.sampling.epoch_plan` (a per-epoch permutation
+seeded by ``seed + epoch``, sharded by global rank, padded with label -1), not from
+``fn.readers.file``: that way every epoch sees each image exactly once across ranks and every rank
+yields the same number of batches, with no LastBatchPolicy subtleties (DALI#2881/#4686/#4440).
+
+The source is an endless stream: sample ``p`` of the stream belongs to epoch ``p // per_rank``, so
+the pipeline prefetches across epoch boundaries; it is rebuilt only when the consumer asks for a
+position the stream is not at (resume, an epoch cut short by ``limit_*_batches`` or the sanity
+check), or after a decode error.
+
+Devices: on a GPU ``decoders.image*`` runs on ``mixed`` (nvJPEG) and the rest on ``gpu``; without
+one the whole pipeline runs on ``cpu`` with ``device_id=None`` (DALI's CPU-only mode).
+
+Train: ``decoders.image_random_crop`` (decode + random-resized-crop in one, decoding only the crop
+window: scale 0.08-1, ratio 3/4-4/3) -> ``resize`` to image_size -> ``crop_mirror_normalize``
+(random flip, ImageNet mean/std, CHW or HWC). Val: ``decoders.image`` -> resize shorter side to
+256/224 * image_size -> centre crop in ``crop_mirror_normalize``.
+
+Corrupt files: DALI's decoder fails the whole batch (a "Critical error in pipeline"; checked in CPU
+mode for non-image bytes, truncated and damaged JPEGs). The loader then decodes that batch's files
+(and the prefetched ones) one by one with a small DALI CPU pipeline, marks the failing files bad
+(placeholder + label -1 from then on, one warning each), rebuilds the pipeline at the same position
+and carries on. See :mod:`resnet_lamb.data.folder` for the policy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from resnet_lamb.data.common import MEAN, STD, placeholder_jpeg, val_resize, warn_corrupt
+from resnet_lamb.data.sampling import epoch_plan
+
+
+def available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken install (CUDA library mismatch)
+        return False
+    return True
+
+
+class _Source:
+    """Picklable per-sample callback (parallel external_source needs that): SampleInfo -> (bytes, label)."""
+
+    def __init__(self, root, paths, labels, n, plan_kw, start, bad):
+        self.root, self.paths, self.labels, self.n = str(root), paths, labels, n
+        self.plan_kw, self.start, self.bad = plan_kw, start, frozenset(bad)
+        self.per_rank = len(epoch_plan(n, **plan_kw, epoch=0)[0])
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def file_at(self, pos: int) -> tuple[int, bool]:
+        epoch, j = divmod(pos, self.per_rank)
+        plan = self._cache.get(epoch)
+        if plan is None:
+            if len(self._cache) > 2:
+                self._cache.pop(min(self._cache))
+            plan = self._cache[epoch] = epoch_plan(self.n, **self.plan_kw, epoch=epoch)
+        return int(plan[0][j]), bool(plan[1][j])
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i].decode())
+
+    def __call__(self, info):
+        i, real = self.file_at(self.start + info.idx_in_epoch)
+        if i in self.bad:
+            return np.frombuffer(placeholder_jpeg(), dtype=np.uint8), np.array([-1], dtype=np.int64)
+        data = np.fromfile(self.path(i), dtype=np.uint8)
+        label = self.labels[i] if real else -1
+        return data, np.array([label], dtype=np.int64)
+
+
+def _build_pipeline(source, *, train, batch_size, image_size, threads, device_id, seed, prefetch,
+                    py_workers, channels_last, half):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+    kw = dict(batch_size=batch_size, num_threads=max(1, threads), device_id=device_id, seed=seed,
+              prefetch_queue_depth=prefetch)
+    if py_workers:
+        kw.update(py_num_workers=py_workers, py_start_method="spawn")
+
+    @pipeline_def(**kw)
+    def pipe():
+        enc, label = fn.external_source(source=source, num_outputs=2, batch=False, parallel=bool(py_workers),
+                                        dtype=[types.UINT8, types.INT64])
+        dec = "mixed" if gpu else "cpu"
+        if train:
+            img = fn.decoders.image_random_crop(enc, device=dec, output_type=types.RGB,
+                                                random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                                num_attempts=10)
+            img = fn.resize(img, resize_x=image_size, resize_y=image_size)
+            mirror = fn.random.coin_flip(probability=0.5)
+        else:
+            img = fn.decoders.image(enc, device=dec, output_type=types.RGB)
+            img = fn.resize(img, resize_shorter=val_resize(image_size))
+            mirror = 0
+        img = fn.crop_mirror_normalize(img, crop=(image_size, image_size), mirror=mirror,
+                                       mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
+                                       dtype=types.FLOAT16 if half else types.FLOAT,
+                                       output_layout="HWC" if channels_last else "CHW")
+        return img, label
+
+    p = pipe()
+    if py_workers:
+        p.start_py_workers()
+    p.build()
+    return p
+
+
+def _probe_bad(paths: list[str]) -> dict[str, str]:
+    """Decode each file alone with DALI on the CPU; return {path: error} for those that fail."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def probe():
+        return fn.decoders.image(fn.external_source(name="enc", dtype=types.UINT8), device="cpu",
+                                 output_type=types.RGB)
+
+    bad: dict[str, str] = {}
+    p = None
+    for path in dict.fromkeys(paths):
+        if p is None:
+            p = probe()
+            p.build()
+        try:
+            p.feed_input("enc", [np.fromfile(path, dtype=np.uint8)])
+            p.run()
+        except Exception as err:  # noqa: BLE001 - DALI raises RuntimeError; a broken pipeline is rebuilt
+            text = str(err).split("encountered:")[-1]
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "no longer valid" not in ln]
+            bad[path] = "DALI: " + (lines[0].rstrip(" :")[:160] if lines else "cannot decode it")
+            p = None
+    return bad
+
+
+class DaliLoader:
+    """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
+
+    def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
+                 workers, channels_last, dtype, prefetch=2, py_workers=None, epoch_fn=None, on_skip=None):
+        self.split, self.train, self.n = split, train, n
+        self.micro_batch, self.image_size = micro_batch, image_size
+        self.plan_kw = dict(global_batch=global_batch if train else micro_batch * world_size,
+                            micro_batch=micro_batch, world_size=world_size, rank=rank,
+                            seed=seed, shuffle=train)
+        self.n_batches = math.ceil(n / self.plan_kw["global_batch"]) * (self.plan_kw["global_batch"]
+                                                                          // (micro_batch * world_size))
+        self.seed, self.rank, self.workers = seed, rank, workers
+        self.channels_last, self.dtype, self.prefetch = channels_last, dtype, max(1, prefetch)
+        self.device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+        if py_workers is None:  # read files in worker processes on GPU machines, in the main thread on CPU
+            py_workers = max(1, min(4, workers // 2)) if self.device_id is not None else 0
+        self.py_workers = py_workers
+        self.epoch_fn = epoch_fn or (lambda: self._pos // self.n_batches)
+        self.on_skip = on_skip or (lambda path: None)
+        self.bad: set[int] = set()
+        self._pipe = None
+        self._source = None
+        self._pos = 0  # batches consumed from the stream
+        self._start = 0  # stream position (batches) the pipeline was built at
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def _build(self, start_batch: int):
+        self._pipe = None
+        self._source = _Source(self.split.root, self.split.paths, self.split.labels, self.n, self.plan_kw,
+                               start_batch * self.micro_batch, self.bad)
+        self._pipe = _build_pipeline(
+            self._source, train=self.train, batch_size=self.micro_batch, image_size=self.image_size,
+            threads=self.workers, device_id=self.device_id, seed=self.seed * 1000 + self.rank + 7 * start_batch,
+            prefetch=self.prefetch, py_workers=self.py_workers, channels_last=self.channels_last,
+            half=self.dtype == torch.float16)
+        self._pos = self._start = start_batch
+
+    def __iter__(self):
+        epoch = self.epoch_fn() if self.train else (self._pos + self.n_batches - 1) // self.n_batches
+        want = epoch * self.n_batches
+        if self._pipe is None or self._pos != want:
+            self._build(want)
+        for _ in range(self.n_batches):
+            yield self._next()
+
+    def _next(self):
+        while True:
+            try:
+                images, labels = self._pipe.run()
+                break
+            except RuntimeError as err:
+                self._recover(err)
+        self._pos += 1
+        return self._to_torch(images), self._to_torch(labels).view(-1)
+
+    def _recover(self, err: Exception):
+        """A batch failed to decode: find the bad files among it and the prefetched ones, rebuild, retry."""
+        first = (self._pos - self._start) * self.micro_batch
+        span = (self.prefetch + 2) * self.micro_batch
+        files = {}
+        for p in range(first, first + span):
+            i, _ = self._source.file_at(self._source.start + p)
+            if i not in self.bad:
+                files[self._source.path(i)] = i
+        bad = _probe_bad(list(files))
+        if not bad:
+            raise err
+        for path, why in bad.items():
+            warn_corrupt(path, why)
+            self.bad.add(files[path])
+            self.on_skip(path)
+        self._build(self._pos)
+
+    def _to_torch(self, tl):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        t = tl.as_tensor()  # dense: every sample has the same shape here
+        shape = t.shape()
+        if type(t).__name__.endswith("GPU"):
+            out = torch.empty(shape, dtype=_torch_dtype_of(t), device=f"cuda:{self.device_id}")
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device_id))
+        else:
+            out = torch.empty(shape, dtype=_torch_dtype_of(t))
+            feed_ndarray(t, out)
+        if out.dim() == 4:
+            if self.channels_last:
+                out = out.permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last strides
+            if out.dtype != self.dtype:
+                out = out.to(self.dtype)
+        return out
+
+
+def _torch_dtype_of(t):
+    from nvidia.dali import types
+
+    return {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.INT64: torch.int64,
+            types.INT32: torch.int32, types.UINT8: torch.uint8}[t.dtype]

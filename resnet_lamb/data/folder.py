@@ -1,0 +1,118 @@
+"""The folder layout every backend reads, and its start-up checks.
+
+Layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (ImageNet's, with
+``<class>`` a WordNet id there). Class names are the sorted train folder names; the label of an
+image is the index of its folder's name in that list.
+
+Start-up checks (:func:`validate_root`, cheap: directory listings only, no image is opened):
+a missing root, a root without ``train/`` or ``val/``, a split without class folders, an empty
+class folder, class folders that differ between train and val, and a file whose extension is not
+an image extension each raise :class:`resnet_lamb.errors.DataError` with one line naming the path.
+Files and folders whose names start with ``.`` are ignored.
+
+Corrupt images (a file with an image extension that does not decode) are found at decode time,
+not at start-up: reading every byte of 1.28M files before the first step would take many minutes.
+Policy, the same for every backend: **skip it and count it** - the sample is replaced by a
+placeholder marked with label -1 (which the loss and metrics ignore, like padding), one warning
+line names the file, and it is skipped (without being decoded again) for the rest of the run.
+The count is ``ImageDataModule.skipped``. A 90-epoch ImageNet run thus survives a bad file; the
+warning tells the user which one to replace.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from resnet_lamb.errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
+
+
+@dataclass
+class Split:
+    """One split's files: ``paths[i]`` (relative to the split folder) has label ``labels[i]``."""
+
+    root: Path
+    paths: np.ndarray  # bytes ('S'), relative to root, compact for 1.28M files
+    labels: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i].decode())
+
+
+@dataclass
+class Folder:
+    root: Path
+    classes: list[str]
+    splits: dict[str, Split] = field(default_factory=dict)
+
+
+def _list_classes(split_dir: Path) -> list[str]:
+    with os.scandir(split_dir) as it:
+        names = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    if not names:
+        raise DataError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image>.JPEG "
+                        "(`resnet-lamb prepare` writes this layout)")
+    return names
+
+
+def _scan_split(split_dir: Path, classes: list[str]) -> Split:
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        cdir = split_dir / name
+        with os.scandir(cdir) as it:
+            files = sorted(e.name for e in it if not e.name.startswith("."))
+        if not files:
+            raise DataError(f"{cdir}: empty class folder; put its images there or remove the folder "
+                            "from train/ and val/")
+        for f in files:
+            if not f.lower().endswith(IMG_EXTENSIONS):
+                raise DataError(f"{cdir / f}: not an image file (extensions read: "
+                                f"{' '.join(IMG_EXTENSIONS)}); move it out of the data folder")
+        paths += [f"{name}/{f}" for f in files]
+        labels += [label] * len(files)
+    return Split(split_dir, np.array(paths, dtype="S"), np.array(labels, dtype=np.int64))
+
+
+def validate_root(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "val")) -> Folder:
+    """Check the folder layout under ``root`` and index its files (no image is opened).
+
+    Raises DataError (one line naming the path) on any structural problem. Callable before any
+    model is built; ``ImageDataModule.prepare_data``/``setup`` call it too.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found; pass data.root=DIR with DIR/train/<class>/ and "
+                        "DIR/val/<class>/ (`resnet-lamb prepare DATASET --out DIR` writes one)")
+    for s in splits:
+        if not (root / s).is_dir():
+            raise DataError(f"{root / s}: missing; the data root needs train/<class>/ and val/<class>/ "
+                            "folders (`resnet-lamb prepare DATASET --out DIR` writes them)")
+    classes = _list_classes(root / splits[0])
+    for s in splits[1:]:
+        other = _list_classes(root / s)
+        if other != classes:
+            only_a = sorted(set(classes) - set(other))
+            only_b = sorted(set(other) - set(classes))
+            raise DataError(
+                f"{root}: class folders differ between {splits[0]}/ and {s}/ "
+                f"(only in {splits[0]}: {_few(only_a)}; only in {s}: {_few(only_b)}); "
+                "both splits need the same class folders")
+    folder = Folder(root, classes)
+    for s in splits:
+        folder.splits[s] = _scan_split(root / s, classes)
+    return folder
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

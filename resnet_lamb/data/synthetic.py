@@ -1,0 +1,39 @@
+"""Synthetic backend: random normalised images and labels of the right shape, for throughput runs.
+
+One batch is drawn once (on the GPU when there is one, so no host-to-device copy is measured) and
+yielded ``len()`` times per pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class SyntheticLoader:
+    def __init__(self, *, train, n, global_batch, micro_batch, world_size, image_size, num_classes, channels_last,
+                 dtype, seed=0, **_):
+        g = global_batch if train else micro_batch * world_size
+        self.n_batches = math.ceil(n / g) * (g // (micro_batch * world_size))
+        self.shape = (micro_batch, 3, image_size, image_size)
+        self.num_classes, self.channels_last, self.dtype, self.seed = num_classes, channels_last, dtype, seed
+        self._batch = None
+
+    def __len__(self):
+        return self.n_batches
+
+    def _make(self):
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        gen = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(self.shape, generator=gen).clamp_(-2.1, 2.6).to(device=device, dtype=self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, self.num_classes, (self.shape[0],), generator=gen, dtype=torch.int64).to(device)
+        return x, y
+
+    def __iter__(self):
+        if self._batch is None:
+            self._batch = self._make()
+        for _ in range(self.n_batches):
+            yield self._batch

@@ -1,0 +1,138 @@
+"""torchvision backend: PIL decode + torchvision transforms in DataLoader worker processes.
+
+The same transforms as the DALI pipeline (RandomResizedCrop scale 0.08-1 ratio 3/4-4/3, flip,
+ImageNet mean/std; val: resize shorter side to 256/224 * size, centre crop), the same order
+(:func:`resnet_lamb.data.sampling.epoch_plan`, via a batch sampler) and the same corrupt-image
+policy (placeholder + label -1, one warning naming the file). The loader is returned wrapped in a
+plain iterable so that Lightning does not swap its sampler for a DistributedSampler: sharding is
+already done here, by global rank.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from resnet_lamb.data.common import MEAN, STD, placeholder_jpeg, val_resize, warn_corrupt
+from resnet_lamb.data.sampling import epoch_plan
+
+
+def transforms(train: bool, image_size: int):
+    from torchvision import transforms as T
+
+    if train:
+        head = [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)), T.RandomHorizontalFlip()]
+    else:
+        head = [T.Resize(val_resize(image_size)), T.CenterCrop(image_size)]
+    return T.Compose([*head, T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class _FolderDataset(Dataset):
+    """Item ``(file index, real)`` -> ``(image, label)``; label -1 for padding, ``-2 - index`` for a corrupt file."""
+
+    def __init__(self, split, transform):
+        self.split, self.transform = split, transform
+        self.bad: set[int] = set()
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, item):
+        from PIL import Image
+
+        i, real = item
+        if i not in self.bad:
+            path = self.split.path(i)
+            try:
+                with open(path, "rb") as f:
+                    img = Image.open(f)
+                    img = img.convert("RGB")
+                return self.transform(img), int(self.split.labels[i]) if real else -1
+            except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
+                self.bad.add(i)  # the main process warns (once per file, whichever worker saw it)
+        img = Image.open(io.BytesIO(placeholder_jpeg())).convert("RGB")
+        return self.transform(img), -2 - i
+
+
+class _PlanBatchSampler:
+    def __init__(self, n, plan_kw, micro_batch):
+        self.n, self.plan_kw, self.micro_batch = n, plan_kw, micro_batch
+        self.epoch = 0
+        self.length = len(epoch_plan(n, **plan_kw, epoch=0)[0]) // micro_batch
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        index, real = epoch_plan(self.n, **self.plan_kw, epoch=self.epoch)
+        m = self.micro_batch
+        for b in range(self.length):
+            yield [(int(index[j]), bool(real[j])) for j in range(b * m, (b + 1) * m)]
+
+
+class _Collate:
+    def __init__(self, channels_last: bool):
+        self.channels_last = channels_last
+
+    def __call__(self, items):
+        x = torch.stack([it[0] for it in items])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, torch.tensor([it[1] for it in items], dtype=torch.int64)
+
+
+class TorchvisionLoader:
+    """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
+
+    def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
+                 workers, channels_last, dtype, prefetch=2, epoch_fn=None, on_skip=None):
+        plan_kw = dict(global_batch=global_batch if train else micro_batch * world_size, micro_batch=micro_batch,
+                       world_size=world_size, rank=rank, seed=seed, shuffle=train)
+        self.sampler = _PlanBatchSampler(n, plan_kw, micro_batch)
+        self.split, self.train, self.dtype = split, train, dtype
+        self.dataset = _FolderDataset(split, transforms(train, image_size))
+        self.bad = self.dataset.bad  # files known to be corrupt (filled from a checkpoint before the first pass)
+        self.epoch_fn = epoch_fn
+        self.on_skip = on_skip or (lambda path: None)
+        self._warned: set[int] = set()
+        self._epochs = 0
+        self.loader = DataLoader(
+            self.dataset, batch_sampler=self.sampler,
+            num_workers=workers, collate_fn=_Collate(channels_last), pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0, prefetch_factor=max(1, prefetch) if workers > 0 else None,
+            worker_init_fn=_WorkerSeed(seed * 1000 + rank),
+            # forking a process that runs DALI's thread pools can deadlock the workers: spawn them then
+            multiprocessing_context="spawn" if workers > 0 and "nvidia.dali.backend" in sys.modules else None)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.epoch_fn() if (self.train and self.epoch_fn) else self._epochs
+        self.sampler.set_epoch(epoch if self.train else 0)
+        for x, y in self.loader:
+            if (y < -1).any():
+                for i in (-2 - y[y < -1]).tolist():
+                    if i not in self._warned and i not in self.bad:
+                        self._warned.add(i)
+                        warn_corrupt(self.split.path(i), "PIL cannot decode it")
+                        self.on_skip(self.split.path(i))
+                y = torch.where(y < -1, torch.full_like(y, -1), y)
+            if x.dtype != self.dtype:
+                x = x.to(self.dtype)
+            yield x, y
+        self._epochs += 1
+
+
+class _WorkerSeed:
+    def __init__(self, base: int):
+        self.base = base
+
+    def __call__(self, worker_id: int):
+        torch.manual_seed(self.base * 100 + worker_id + torch.initial_seed() % 1000)

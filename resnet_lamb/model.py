@@ -1,0 +1,245 @@
+"""The LightningModule: a torchvision ResNet, cross-entropy, top-1/top-5, and the recipe's
+optimizer + per-step schedule.
+
+* ``arch``: any torchvision ResNet constructor (resnet18/34/50/101/152, wide_resnet*, resnext*),
+  built with ``weights=None``.  ``small_input`` swaps the 7x7/2 stem + max-pool for a 3x3/1 conv
+  and no pool (for 28-64 px proxies).  ``zero_init_residual`` zeroes each residual block's last
+  BatchNorm gamma (Goyal et al. 2017).
+* Loss: cross-entropy with optional label smoothing.  Label -1 marks a padding sample (the data
+  side pads the last batch so every image counts once); the loss is the sum over real samples
+  divided by the micro-batch's row count, so an all-padding micro-batch contributes 0 (not NaN)
+  and every real sample has the same weight within a step.
+* Metrics: torchmetrics ``MulticlassAccuracy`` top-1/top-5, micro average, ``ignore_index=-1``,
+  synced across ranks at compute; ``val/loss`` is a synced sum / count.
+* Optimizer and schedule: ``resnet_lamb.optim.build_optimizer`` and
+  ``resnet_lamb.optim.schedules.build_scheduler`` with the numbers of
+  ``resnet_lamb.recipe.derive_plan`` (world size from the trainer, batch sizes and image counts
+  from the datamodule), stepped once per optimizer step.
+* ``grad_clip_norm``: global gradient-norm clipping before each optimizer step (the LAMB
+  author's ResNet-50 code clips at 1.0); ``None`` = off.
+* On CUDA the network runs channels_last (the CLI picks bf16-mixed there); fp32 on CPU.
+* A non-finite loss raises :class:`NonFiniteLossError` (a ``UserError``: one line, naming the
+  optimizer step) before the step is taken, so no checkpoint is written from a bad state.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from resnet_lamb.errors import RecipeError, UserError
+from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+         "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
+         "resnext101_64x4d")
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN/Inf: the run stops, the last good checkpoint stays."""
+
+
+def build_resnet(arch: str = "resnet50", num_classes: int = 1000, small_input: bool = False,
+                 zero_init_residual: bool = False) -> nn.Module:
+    """A torchvision ResNet with random weights; ``small_input``: 3x3 stride-1 stem, no max-pool."""
+    if arch not in ARCHS:
+        raise RecipeError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise RecipeError(f"model.num_classes: must be a positive integer, got {num_classes!r}")
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
+                                            zero_init_residual=zero_init_residual)
+    if small_input:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    return net
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch / numpy / python RNG states, as types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except Exception:  # noqa: BLE001 - fewer devices than when saved: keep the fresh seeds
+            pass
+
+
+class LambModule(pl.LightningModule):
+    """ResNet + loss + metrics + the recipe's optimizer and schedule (init args: CONTRACTS.md)."""
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        num_classes: int = 1000,
+        small_input: bool = False,
+        label_smoothing: float = 0.0,
+        zero_init_residual: bool = False,
+        grad_clip_norm: Optional[float] = None,
+        trust_ratio_every: int = 100,
+        optimizer: Optional[OptimizerSpec] = None,
+        schedule: Optional[ScheduleSpec] = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise RecipeError(f"model.label_smoothing: must be in [0, 1), got {label_smoothing}")
+        if grad_clip_norm is not None and not grad_clip_norm > 0:
+            raise RecipeError(f"model.grad_clip_norm: must be > 0 or null (off), got {grad_clip_norm}")
+        if not isinstance(trust_ratio_every, int) or trust_ratio_every < 0:
+            raise RecipeError(f"model.trust_ratio_every: must be an integer >= 0 (0 = off), got {trust_ratio_every}")
+        self.save_hyperparameters()
+        self.optimizer_spec = optimizer if optimizer is not None else OptimizerSpec()
+        self.schedule_spec = schedule if schedule is not None else ScheduleSpec()
+        self.label_smoothing = float(label_smoothing)
+        self.grad_clip_norm = grad_clip_norm
+        self.trust_ratio_every = trust_ratio_every
+        self.num_classes = num_classes
+        self.model = build_resnet(arch, num_classes, small_input, zero_init_residual)
+        top5 = min(5, num_classes)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=-1)
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro", ignore_index=-1)
+        self.val_loss_sum = SumMetric()
+        self.val_count = SumMetric()
+        self.plan = None  # the resnet_lamb.recipe.Plan this run follows, set in configure_optimizers
+        self._channels_last = False
+
+    # ---------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.device.type == "cuda" and not self._channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self._channels_last = True
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        dm = getattr(self.trainer, "datamodule", None)
+        dm_classes = getattr(dm, "num_classes", None)
+        if isinstance(dm_classes, int) and dm_classes > self.num_classes:
+            raise RecipeError(
+                f"model.num_classes: {self.num_classes} but the data has {dm_classes} classes; "
+                f"set model.num_classes: {dm_classes}")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="sum",
+                               label_smoothing=self.label_smoothing)
+
+    # ---------------------------------------------------------------------------- train
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        labels = labels.reshape(-1).long()
+        logits = self(images)
+        loss = self._loss_sum(logits, labels) / max(labels.numel(), 1)
+        if not torch.isfinite(loss.detach()):
+            total = self.plan.total_steps if self.plan is not None else self.trainer.max_steps
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise NonFiniteLossError(
+                f"train/loss is {loss.item()} at optimizer step {self.global_step + 1} of {total} "
+                f"(epoch {self.current_epoch}, micro-batch {batch_idx}); run stopped, last good "
+                f"checkpoint: {ckpt}; lower model.optimizer.base_lr or set model.grad_clip_norm")
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
+                 batch_size=labels.numel())
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
+                 on_epoch=False, batch_size=labels.numel())
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if gradient_clip_val:  # trainer.gradient_clip_val still works if a user sets it
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if self.grad_clip_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
+
+    # ---------------------------------------------------------------------------- eval
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        labels = labels.reshape(-1).long()
+        logits = self(images).float()
+        self.val_loss_sum.update(self._loss_sum(logits, labels))
+        self.val_count.update((labels >= 0).sum())
+        self.val_top1.update(logits, labels)
+        self.val_top5.update(logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        count = self.val_count.compute()
+        self.log_dict({
+            "val/top1": self.val_top1.compute(),
+            "val/top5": self.val_top5.compute(),
+            "val/loss": self.val_loss_sum.compute() / count.clamp(min=1),
+        }, prog_bar=True)
+        for m in (self.val_top1, self.val_top5, self.val_loss_sum, self.val_count):
+            m.reset()
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    # ---------------------------------------------------------------------------- optim
+    def derive_plan(self):
+        """The recipe's numbers for this trainer (world size) and datamodule (batches, images)."""
+        from resnet_lamb.recipe import derive_plan
+
+        dm = self.trainer.datamodule
+        return derive_plan(
+            optimizer=self.optimizer_spec,
+            schedule=self.schedule_spec,
+            global_batch=dm.global_batch,
+            micro_batch=dm.micro_batch,
+            world_size=self.trainer.world_size,
+            epochs=self.trainer.max_epochs,
+            train_images=dm.train_images,
+        )
+
+    def configure_optimizers(self):
+        from resnet_lamb.optim import build_optimizer
+        from resnet_lamb.optim.schedules import build_scheduler
+
+        self.plan = self.derive_plan()
+        spec = self.optimizer_spec
+        try:
+            optimizer = build_optimizer(spec.name, self.model, lr=self.plan.lr, weight_decay=spec.weight_decay,
+                                        param_rule=spec.param_rule, **dict(spec.kwargs or {}))
+        except ValueError as err:  # unknown optimizer option etc.: the user's recipe
+            raise RecipeError(f"model.optimizer: {err}") from None
+        scheduler = build_scheduler(optimizer, self.schedule_spec, self.plan)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ---------------------------------------------------------------------------- resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = _rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_rng = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # restored here, not in on_load_checkpoint: nothing between this hook and the first batch
+        # draws random numbers differently in a resumed run than in an uninterrupted one
+        state = getattr(self, "_pending_rng", None)
+        if state is not None:
+            _set_rng_state(state)
+            self._pending_rng = None

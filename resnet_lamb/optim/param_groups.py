@@ -1,0 +1,77 @@
+"""The one rule deciding, per parameter, weight decay and layer adaptation (trust ratio).
+
+``param_groups(model, weight_decay, rule)`` returns optimizer param groups whose ``params`` are
+``(name, tensor)`` pairs (so optimizers that accept named parameters, torch >= 2.6, key their
+state and ``trust_ratios()`` by the module's parameter names).  Each group also carries
+``weight_decay``, ``layer_adaptation`` (read by Lamb/Lars; ignored by torch's optimizers) and
+``apply_decay`` (whether the rule decays this group; used for the AdamW ``l2`` option).
+
+Rules:
+
+* ``"author"``: the LAMB author's ResNet-50 code (and the MLPerf LARS reference): normalization
+  layers' weights and biases (BatchNorm, found by module type: every ``_NormBase`` subclass,
+  GroupNorm, LayerNorm) get no weight decay and no trust ratio (``layer_adaptation=False``:
+  "no trust ratio where there is no decay"); every other tensor, including conv/linear weights
+  and the fc bias, gets decay and adaptation.
+* ``"timm"``: timm's ``param_groups_weight_decay`` convention combined with timm's Lamb/Lars
+  default of skipping the trust ratio where weight decay is 0: every tensor with ``ndim <= 1``
+  (norm weights/biases, all biases) gets no decay and no adaptation; the rest gets both.
+* ``"none"``: one group, everything decayed and adapted (the plain optimizer of the paper's
+  pseudocode, as torch-optimizer's and DeepSpeed's LAMB apply it).
+
+Parameters with ``requires_grad=False`` are left out; empty groups are dropped.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+RULES = ("author", "timm", "none")
+_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _norm_param_ids(model: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for _, mod in model.named_modules():
+        if isinstance(mod, _NORM_TYPES):
+            ids.update(id(p) for p in mod.parameters(recurse=False))
+    return ids
+
+
+def param_groups(model: nn.Module, weight_decay: float, rule: str = "author") -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters into a decayed+adapted group and an undecayed,
+    unadapted group according to ``rule`` ("author" | "timm" | "none"); see the module doc."""
+    if rule not in RULES:
+        raise ValueError(f"param_rule must be one of {', '.join(RULES)}; got {rule!r}")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"param_groups needs an nn.Module (to find BatchNorm layers); "
+                         f"got {type(model).__name__}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if rule == "none":
+        skip: set[int] = set()
+    elif rule == "author":
+        skip = _norm_param_ids(model)
+    else:  # timm
+        skip = {id(p) for _, p in named if p.ndim <= 1}
+    decay = [(n, p) for n, p in named if id(p) not in skip]
+    plain = [(n, p) for n, p in named if id(p) in skip]
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": float(weight_decay),
+                       "layer_adaptation": True, "apply_decay": True})
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0,
+                       "layer_adaptation": False, "apply_decay": False})
+    return groups
+
+
+def describe(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Names and settings of each group (for logs and tests)."""
+    return [{"names": [n for n, _ in g["params"]], "weight_decay": g["weight_decay"],
+             "layer_adaptation": g["layer_adaptation"]} for g in groups]
+
+
+def _is_tensor_list(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and all(isinstance(p, torch.Tensor) for p in x)

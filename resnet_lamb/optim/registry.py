@@ -1,0 +1,177 @@
+"""Optimizer registry: one name -> one constructor, all through the same param-group rule.
+
+``build_optimizer(name, model, lr, weight_decay, param_rule="author", **kwargs)``:
+
+========== ======================================================================================
+name        optimizer (``weight_decay`` goes to the groups the rule decays; 0 to the others)
+========== ======================================================================================
+lamb        :class:`~resnet_lamb.optim.Lamb` (Algorithm 2; b1 0.9, b2 0.999, eps 1e-6)
+nlamb       Lamb(nesterov="n"), N-LAMB, Appendix D defaults b1 0.975, b2 0.999, eps 1e-8
+nnlamb      Lamb(nesterov="nn"), NN-LAMB, same defaults
+lars        :class:`~resnet_lamb.optim.Lars` mode="paper" (Algorithm 1)
+lars_classic Lars mode="classic" (You et al. 2017 / MLPerf reference)
+adam        torch.optim.Adam (weight_decay = coupled L2)
+adamw       torch.optim.AdamW (decoupled decay) plus ``l2``: coupled L2 added to the gradient
+            before the Adam moments (the paper's AdamW grids tune both)
+adagrad     torch.optim.Adagrad (weight_decay = coupled L2)
+sgd         torch.optim.SGD with momentum (default 0.9; ``nesterov`` option)
+nadam       torch.optim.NAdam (Dozat's Nadam)
+========== ======================================================================================
+
+torch's optimizers run fused (CPU/CUDA, floating params) or foreach where torch allows.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+_NAMES = ("lamb", "nlamb", "nnlamb", "lars", "lars_classic",
+          "adam", "adamw", "adagrad", "sgd", "nadam")
+
+
+def list_optimizers() -> list[str]:
+    """Names accepted by :func:`build_optimizer`."""
+    return list(_NAMES)
+
+
+class AdamWL2(torch.optim.AdamW):
+    """torch AdamW plus coupled L2: before the AdamW step, ``grad += l2 * param`` (in place, on
+    ``p.grad``) in every group with ``l2 > 0``; decoupled ``weight_decay`` as in AdamW."""
+
+    def __init__(self, params: Iterable, *args: Any, l2: float = 0.0, **kwargs: Any):
+        if not (isinstance(l2, (int, float)) and l2 >= 0):
+            raise ValueError(f"l2 must be a number >= 0; got {l2!r}")
+        self._l2_default = float(l2)
+        super().__init__(params, *args, **kwargs)
+        for g in self.param_groups:
+            g.setdefault("l2", self._l2_default if g.get("apply_decay", True) else 0.0)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        g.setdefault("l2", getattr(self, "_l2_default", 0.0) if g.get("apply_decay", True) else 0.0)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            if g.get("l2", 0.0):
+                ps = [p for p in g["params"] if p.grad is not None]
+                if ps:
+                    torch._foreach_add_([p.grad for p in ps], ps, alpha=g["l2"])
+        super().step()
+        return loss
+
+
+def _fast(params: list[dict[str, Any]], fused_ok: bool = True) -> dict[str, Any]:
+    """fused=True where torch has a fused kernel for every param (CPU/CUDA floats), else foreach."""
+    ts = [p[1] if isinstance(p, tuple) else p for g in params for p in g["params"]]
+    if fused_ok and ts and all(t.is_floating_point() and t.device.type in ("cpu", "cuda")
+                               for t in ts):
+        return {"fused": True}
+    return {"foreach": True} if ts and all(t.device.type != "cpu" for t in ts) else {}
+
+
+# name -> (builder(groups, lr, **kw), accepted kwargs with defaults)
+def _lamb(nesterov: str | None, betas=(0.9, 0.999), eps=1e-6):
+    def build(groups, lr, **kw):
+        from resnet_lamb.optim.lamb import Lamb
+        return Lamb(groups, lr=lr, nesterov=nesterov, **kw)
+    return build, {"betas": betas, "eps": eps, "bias_correction": True, "norm": "l2",
+                   "trust_clip": None, "impl": "auto"}
+
+
+def _lars(mode: str):
+    def build(groups, lr, **kw):
+        from resnet_lamb.optim.lars import Lars
+        return Lars(groups, lr=lr, mode=mode, **kw)
+    opts = {"momentum": 0.9, "eps": 1e-9, "trust_coefficient": 0.001, "trust_clip": None,
+            "impl": "auto"}
+    if mode == "classic":
+        opts["nesterov"] = False
+    return build, opts
+
+
+def _torch(cls: type, fused_ok: bool, **defaults: Any):
+    def build(groups, lr, **kw):
+        if "fused" not in kw and "foreach" not in kw:
+            kw.update(_fast(groups, fused_ok))
+        return cls(groups, lr=lr, **kw)
+    return build, dict(defaults, foreach=None, fused=None) if fused_ok else \
+        dict(defaults, foreach=None)
+
+
+_REGISTRY: dict[str, tuple[Callable, dict[str, Any]]] = {
+    "lamb": _lamb(None),
+    "nlamb": _lamb("n", betas=(0.975, 0.999), eps=1e-8),
+    "nnlamb": _lamb("nn", betas=(0.975, 0.999), eps=1e-8),
+    "lars": _lars("paper"),
+    "lars_classic": _lars("classic"),
+    "adam": _torch(torch.optim.Adam, True, betas=(0.9, 0.999), eps=1e-8, amsgrad=False),
+    "adamw": _torch(AdamWL2, True, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, l2=0.0),
+    "adagrad": _torch(torch.optim.Adagrad, True, lr_decay=0.0, eps=1e-10,
+                      initial_accumulator_value=0.0),
+    "sgd": _torch(torch.optim.SGD, True, momentum=0.9, nesterov=False, dampening=0.0),
+    "nadam": _torch(torch.optim.NAdam, False, betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3,
+                    decoupled_weight_decay=False),
+}
+assert tuple(_REGISTRY) == _NAMES
+
+
+def optimizer_options(name: str) -> dict[str, Any]:
+    """The extra keyword arguments ``name`` accepts, with their defaults."""
+    _check_name(name)
+    return dict(_REGISTRY[name][1])
+
+
+def _check_name(name: str) -> None:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(_NAMES)}")
+
+
+def build_optimizer(name: str, model: nn.Module | Iterable, lr: float, weight_decay: float,
+                    param_rule: str = "author", **kwargs: Any) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` over ``model``'s parameters grouped by ``param_rule``.
+
+    ``model``: an ``nn.Module`` (named parameters are passed, so state and ``trust_ratios()`` are
+    keyed by the module's parameter names), or an iterable of tensors / ``(name, tensor)`` pairs
+    (then only ``param_rule="none"`` or ``"timm"`` apply: "author" needs module types).
+    ``kwargs``: the optimizer's own options (see :func:`optimizer_options`); unknown ones raise
+    ValueError naming them and the accepted ones.
+    """
+    from resnet_lamb.optim.param_groups import RULES, param_groups
+
+    _check_name(name)
+    build, accepted = _REGISTRY[name]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for optimizer {name!r}; accepted: "
+                         f"{', '.join(sorted(accepted))}")
+    if isinstance(model, nn.Module):
+        groups = param_groups(model, weight_decay, param_rule)
+    else:
+        if param_rule not in RULES:
+            raise ValueError(f"param_rule must be one of {', '.join(RULES)}; got {param_rule!r}")
+        if param_rule == "author":
+            raise ValueError("param_rule 'author' needs an nn.Module (BatchNorm is found by "
+                             "module type); pass the model or use param_rule 'timm' / 'none'")
+        items = list(model)
+        named = [p if isinstance(p, tuple) else (f"p{i}", p) for i, p in enumerate(items)]
+        skip = {id(p) for _, p in named if param_rule == "timm" and p.ndim <= 1}
+        groups = [g for g in (
+            {"params": [(n, p) for n, p in named if id(p) not in skip],
+             "weight_decay": float(weight_decay), "layer_adaptation": True, "apply_decay": True},
+            {"params": [(n, p) for n, p in named if id(p) in skip], "weight_decay": 0.0,
+             "layer_adaptation": False, "apply_decay": False}) if g["params"]]
+    opts = {k: v for k, v in kwargs.items()}
+    if name == "lamb" or name.endswith("lamb"):
+        opts.setdefault("betas", accepted["betas"])
+        opts.setdefault("eps", accepted["eps"])
+    if name == "sgd":
+        opts.setdefault("momentum", accepted["momentum"])
+    return build(groups, lr, **opts)

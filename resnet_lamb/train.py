@@ -1,0 +1,482 @@
+"""`resnet-lamb fit|validate`: LightningCLI over :class:`resnet_lamb.model.LambModule` and
+:class:`resnet_lamb.data.ImageDataModule`.
+
+    resnet-lamb fit --config RECIPE [--config OVERRIDE.yaml] [--section.key value ...]
+    resnet-lamb fit --config RECIPE --run.name NAME --ckpt_path last      # resume
+    resnet-lamb validate --config RECIPE --ckpt_path runs/NAME/checkpoints/last.ckpt
+
+What happens, in order:
+1. The first ``--config`` is the recipe: its ``base:`` chain is merged by
+   :func:`resnet_lamb.recipe.load_recipe` and the merged file handed to jsonargparse; later
+   ``--config`` files and ``--key value`` flags override it.  ``expected`` is accepted.
+2. Any parse error (unknown key, wrong type) is one line ``resnet-lamb: error: ...`` naming the
+   key, exit 2, before anything is built.
+3. The parsed config is checked by :func:`resnet_lamb.recipe.validate_recipe` and the plan derived
+   by :func:`resnet_lamb.recipe.derive_plan` with the world size (``WORLD_SIZE`` from torchrun,
+   else devices x num_nodes); ``trainer.max_steps`` and ``trainer.accumulate_grad_batches`` come
+   from the plan (an inexact accumulation is an error here), the plan is printed.
+4. Precision: bf16-mixed on CUDA, 32-true on CPU, unless the recipe says otherwise.
+5. Run folder ``<run.root>/<run.name>/`` (name defaults to the recipe's file stem):
+   ``config.yaml`` (the full resolved config), ``csv/metrics.csv`` (always), ``wandb/`` (W&B;
+   offline when ``WANDB_MODE=offline`` or when no API key is configured), ``checkpoints/``
+   (``last.ckpt`` + the best by ``val/top1``, each written to a temp file in the same folder,
+   fsynced and ``os.replace``d).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from resnet_lamb.errors import RecipeError, UserError
+
+RUN_DEFAULTS = {"name": None, "project": "resnet-lamb", "tags": [], "root": "runs", "wandb": True}
+
+
+# ------------------------------------------------------------------------------------ errors
+_SPEC_FIELDS = {
+    "model.optimizer": ("name", "base_lr", "base_batch", "scaling", "weight_decay", "param_rule", "kwargs"),
+    "model.schedule": ("name", "warmup_epochs", "warmup_scaling", "power", "milestones", "gamma"),
+}
+_ARGV: list[str] = []
+
+
+def _qualify(key: str) -> str:
+    """jsonargparse names a bad field of a nested dataclass without its section; add it back."""
+    if "." in key:
+        return key
+    for a in _ARGV:
+        flag = a.split("=", 1)[0]
+        if flag.startswith("--") and flag.endswith(f".{key}"):
+            return flag[2:]
+    owners = [sec for sec, fields in _SPEC_FIELDS.items() if key in fields]
+    if len(owners) > 1:  # e.g. `name`: the section the command line mentions, else the optimizer
+        flagged = [sec for sec in owners if any(a.startswith(f"--{sec}.{key}") for a in _ARGV)]
+        owners = flagged or owners
+    return f"{owners[0]}.{key}" if owners else key
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse's multi-line messages -> one line ``<key>: <problem>; <fix>``."""
+    msg = " ".join(str(message).split())
+    unknown = (re.search(r"does not accept option '([^']+)'", msg)
+               or re.search(r"Option '([^']+)' is not accepted", msg)
+               or re.search(r"No action for key \"([^\"]+)\"", msg)
+               or re.search(r"unrecognized arguments: --?([^\s=]+)", msg, re.I))
+    if unknown:
+        key = _qualify(unknown.group(1))
+        section = key.rsplit(".", 1)[0] if "." in key else "the recipe's top level"
+        return f"{key}: unknown key (not an option of {section}); check its spelling " \
+               f"(`resnet-lamb fit --help` lists the options)"
+    bad = re.search(r'(?:Parser key|Key) "([^"]+)":?\s*(.*)', msg)
+    if bad:
+        key, rest = _qualify(bad.group(1)), bad.group(2)
+        types = []
+        found = re.findall(r"Expected an? (<class '[^']+'>|typing\.Literal\[[^\]]*\]|\S+?)\.?(?=\s|$)", rest)
+        for t in found:
+            t = re.sub(r"<class '([^']+)'>", r"\1", t)
+            t = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", t)
+            t = {"NoneType": "null"}.get(t, t)
+            if t not in types:
+                types.append(t)
+        got = re.search(r"(?:Given|Got) value:\s*(.*?)(?:\s+Given value type:.*)?$", rest)
+        if types:
+            value = got.group(1) if got else "?"
+            return f"{key}: expected {' or '.join(types)}, got {value!r}; fix the value"
+        return f"{key}: {rest}"[:300]
+    return msg[:300]
+
+
+def _parser_class():
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    class OneLineParser(LightningArgumentParser):
+        """Reports any parse error as one line and exit status 2 (the CLI's contract)."""
+
+        def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+            if os.environ.get("RESNET_LAMB_DEBUG_PARSER"):
+                print(repr(message), file=sys.stderr)
+            if getattr(self, "_raise_errors", False):
+                raise RecipeError(_one_line(message))
+            print(f"resnet-lamb: error: {_one_line(message)}", file=sys.stderr)
+            sys.exit(2)
+
+    return OneLineParser
+
+
+# ------------------------------------------------------------------------------------ recipe
+_RECIPE: dict[str, Any] = {"path": None}
+
+
+def _expand_recipe(args: list[str], tmpdir: str) -> list[str]:
+    """Replace the first ``--config PATH`` by the recipe with its ``base:`` chain merged."""
+    from resnet_lamb.recipe import load_recipe
+
+    out, i, done = [], 0, False
+    while i < len(args):
+        a = args[i]
+        if a in ("--config", "-c") and i + 1 < len(args):
+            path, i = args[i + 1], i + 2
+        elif a.startswith("--config="):
+            path, i = a.split("=", 1)[1], i + 1
+        else:
+            out.append(a)
+            i += 1
+            continue
+        if done:
+            if Path(path).is_file():
+                _check_spec_keys(load_recipe(path), path)
+            out += ["--config", path]
+            continue
+        merged = load_recipe(path)  # RecipeError naming the file when missing / bad YAML / bad base
+        _check_spec_keys(merged, path)
+        merged.pop("base", None)
+        _RECIPE["path"] = path
+        tmp = Path(tmpdir) / Path(path).name
+        tmp.write_text(yaml.safe_dump(merged, sort_keys=False))
+        out += ["--config", str(tmp)]
+        done = True
+    return out
+
+
+def _check_spec_keys(cfg: dict, path: str) -> None:
+    """Unknown keys in model.optimizer / model.schedule, named in full (jsonargparse drops the section)."""
+    import difflib
+
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    for sec, fields in _SPEC_FIELDS.items():
+        spec = model.get(sec.split(".")[1]) if isinstance(model, dict) else None
+        for key in spec if isinstance(spec, dict) else ():
+            if key not in fields:
+                hint = difflib.get_close_matches(str(key), fields, n=1)
+                did = f" (did you mean {hint[0]}?)" if hint else ""
+                raise RecipeError(f"{path}: {sec}.{key}: unknown key{did}; allowed: {', '.join(fields)}")
+
+
+def world_size(trainer_cfg: Any) -> int:
+    """torchrun's WORLD_SIZE when set, else devices x num_nodes as Lightning will resolve them."""
+    env = os.environ.get("WORLD_SIZE")
+    if env:
+        return int(env)
+    import torch
+
+    get = trainer_cfg.get if hasattr(trainer_cfg, "get") else lambda k, d=None: getattr(trainer_cfg, k, d)
+    devices, nodes, accel = get("devices", "auto"), get("num_nodes", 1) or 1, get("accelerator", "auto")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        n = devices
+    elif isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        n = len([d for d in devices.split(",") if d.strip()])
+    else:  # "auto" / -1
+        gpu = torch.cuda.is_available() and str(accel) in ("auto", "gpu", "cuda")
+        n = torch.cuda.device_count() if gpu else 1
+    return max(n, 1) * int(nodes)
+
+
+def _to_dict(ns: Any) -> Any:
+    if hasattr(ns, "as_dict"):
+        return ns.as_dict()
+    return ns
+
+
+# ------------------------------------------------------------------------------------ W&B
+def _wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+        if os.path.isfile(path):
+            host = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("//")[-1].split("/")[0]
+            return netrc.netrc(path).authenticators(host) is not None
+    except Exception:  # noqa: BLE001 - an unreadable netrc means no key
+        return False
+    return False
+
+
+def wandb_mode() -> str:
+    """Honour WANDB_MODE; with it unset and no API key, go offline (one line says so)."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if not _wandb_key_configured():
+        os.environ["WANDB_MODE"] = "offline"
+        print("resnet-lamb: no W&B API key configured; logging to W&B offline "
+              "(sync later with `wandb sync runs/<name>/wandb/offline-run-*`)", file=sys.stderr)
+        return "offline"
+    return "online"
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _cli_class():
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    from resnet_lamb.data import ImageDataModule
+    from resnet_lamb.model import LambModule
+    from resnet_lamb.telemetry import Throughput, TrustRatios, progress_bar
+
+    class SaveConfig(SaveConfigCallback):
+        """Writes the resolved config to ``<run dir>/config.yaml`` (not the first logger's dir)."""
+
+        def setup(self, trainer, pl_module, stage):
+            if self.already_saved:
+                return
+            if trainer.is_global_zero:
+                run = self.config.get("run")
+                path = Path(run["root"]) / run["name"] / "config.yaml"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.parser.save(self.config, str(path), skip_none=False, overwrite=True,
+                                 multifile=False)
+            self.already_saved = True
+
+    class RecipeCLI(LightningCLI):
+        def init_parser(self, **kwargs):
+            kwargs.setdefault("dump_header", [f"resnet-lamb; lightning.pytorch=={pl.__version__}"])
+            return super().init_parser(**kwargs)
+
+        def _set_seed(self) -> None:  # Lightning's, without the "Seed set to N" line
+            from lightning.fabric.utilities.seed import seed_everything
+
+            key = "seed_everything"
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            seed = cfg.get(key)
+            if seed is False:
+                return
+            cfg[key] = seed_everything(None if seed is True else seed, workers=True, verbose=False)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--expected", type=Optional[dict], default=None,
+                                help="the paper's numbers for this recipe (read by `report`)")
+            parser.add_argument("--run.name", type=Optional[str], default=None,
+                                help="run folder name under run.root (default: the recipe's file stem)")
+            parser.add_argument("--run.project", type=str, default=RUN_DEFAULTS["project"], help="W&B project")
+            parser.add_argument("--run.tags", type=list[str], default=[], help="W&B tags")
+            parser.add_argument("--run.root", type=str, default=RUN_DEFAULTS["root"], help="folder of run folders")
+            parser.add_argument("--run.wandb", type=bool, default=True, help="log to W&B as well as CSV")
+
+        # -- before anything is built: validate, plan, trainer numbers
+        def before_instantiate_classes(self) -> None:
+            from resnet_lamb import recipe as R
+
+            sub = self.subcommand
+            cfg = self.config[sub] if sub else self.config
+            path = _RECIPE["path"] or "<command line>"
+            as_dict = {k: v for k, v in _to_dict(cfg).items()
+                       if k in R.TOP_LEVEL_KEYS and k != "ckpt_path"}
+            if as_dict.get("expected") is None:
+                as_dict.pop("expected", None)
+            recipe = R.validate_recipe(as_dict, path)
+            from resnet_lamb.model import ARCHS
+
+            if cfg.model.arch not in ARCHS:
+                raise RecipeError(f"model.arch: unknown architecture {cfg.model.arch!r}; choose one of {', '.join(ARCHS)}")
+            ws = world_size(cfg.trainer)
+            plan = R.plan_recipe(recipe, world_size=ws)
+            self.plan = plan
+            steps = int(plan.optimizer_steps)
+            user_max = cfg.trainer.get("max_steps")
+            if user_max is not None and 0 < user_max < steps:
+                print(f"resnet-lamb: trainer.max_steps {user_max} stops the run before the plan's {steps} "
+                      "steps (the schedule still follows the plan)", file=sys.stderr)
+            else:
+                cfg.trainer.max_steps = steps
+            cfg.trainer.accumulate_grad_batches = int(plan.accumulation)
+            import torch
+
+            gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator") or "auto") in ("auto", "gpu", "cuda")
+            if cfg.trainer.get("precision") is None:
+                cfg.trainer.precision = "bf16-mixed" if gpu else "32-true"
+            if gpu:
+                cfg.data.channels_last = True
+            if cfg.run.name is None:
+                cfg.run.name = Path(path).stem if _RECIPE["path"] else "run"
+            self.run_dir = Path(cfg.run.root) / cfg.run.name
+            if sub == "fit":
+                ck_dir = self.run_dir / "checkpoints"
+                if not cfg.get("ckpt_path") and ck_dir.is_dir() and any(ck_dir.glob("*.ckpt")):
+                    raise RecipeError(
+                        f"run.name: {self.run_dir} already holds checkpoints; resume it with --ckpt_path last, "
+                        f"start a new run with --run.name NEW, or delete the folder")
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(_format_plan(plan, ws, cfg), flush=True)
+
+        def instantiate_trainer(self, **kwargs):
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+            config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            config["default_root_dir"] = str(self.run_dir)
+            config.setdefault("plugins", None)
+            plugins = config["plugins"] or []
+            plugins = plugins if isinstance(plugins, list) else [plugins]
+            config["plugins"] = [*plugins, _atomic_io_class()()]
+            callbacks = config.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            if config.get("enable_progress_bar", True) is not False:
+                callbacks.append(progress_bar(every=max(int(config.get("log_every_n_steps") or 50), 1)))
+            if self.subcommand == "fit":
+                callbacks += [Throughput(), TrustRatios(self.model.trust_ratio_every)]
+                if config.get("enable_checkpointing", True) is not False:
+                    callbacks.append(_checkpoint_class()(
+                        dirpath=str(self.run_dir / "checkpoints"), monitor="val/top1", mode="max",
+                        save_last=True, save_top_k=1, save_on_train_epoch_end=False, filename="best-epoch{epoch:03d}-top1{val/top1:.4f}",
+                        auto_insert_metric_name=False))
+            config["callbacks"] = callbacks
+            if config.get("logger", None) is not False:
+                config["logger"] = self._loggers(cfg)
+            return self._instantiate_trainer(config, extra)
+
+        def _loggers(self, cfg) -> list:
+            from lightning.pytorch.loggers import CSVLogger
+
+            csv_name = "csv" if self.subcommand == "fit" else f"csv_{self.subcommand}"
+            loggers = [CSVLogger(save_dir=str(self.run_dir), name=csv_name, version="")]
+            if cfg.run.wandb and self.subcommand == "fit":
+                loggers.append(_wandb_logger(self.run_dir, cfg, resume=bool(cfg.get("ckpt_path"))))
+            return loggers
+
+    return RecipeCLI, LambModule, ImageDataModule, SaveConfig
+
+
+def _atomic_io_class():
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Lightning's ``_atomic_save`` goes through an fsspec transaction whose temp file is made by
+        ``tempfile.mkstemp()`` in the system temp dir and moved with ``shutil.move``: a copy (not
+        atomic) when /tmp is another file system, and never fsynced.  Here: a temp file in the
+        target's own folder, fsync, ``os.replace``, fsync of the folder.  Remote URLs fall back."""
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            path = os.fspath(path)
+            if "://" in path:
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            import torch
+
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=folder)
+            try:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            try:
+                dfd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:
+                pass
+
+    return AtomicCheckpointIO
+
+
+def _checkpoint_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Checkpoints(ModelCheckpoint):
+        """ModelCheckpoint that rewrites ``last.ckpt`` after every validation.
+
+        Lightning 2.6 only refreshes ``last.ckpt`` when a top-k checkpoint was written in the same
+        step, i.e. when ``val/top1`` improved: a run killed after an epoch that did not improve
+        would resume from an older epoch.  Here ``last.ckpt`` always follows the newest epoch."""
+
+        _last_saved_step = -1
+
+        def _save_last_checkpoint(self, trainer, monitor_candidates):
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+            self._last_saved_step = trainer.global_step
+
+        def on_validation_end(self, trainer, pl_module):
+            super().on_validation_end(trainer, pl_module)
+            from lightning.pytorch.trainer.states import TrainerFn
+
+            if (self.save_last and not trainer.sanity_checking and not trainer.fast_dev_run
+                    and trainer.state.fn == TrainerFn.FITTING and self._last_saved_step != trainer.global_step):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    return Checkpoints
+
+
+def _wandb_logger(run_dir: Path, cfg: Any, resume: bool):
+    mode = wandb_mode()
+    from lightning.pytorch.loggers import WandbLogger
+
+    id_file = run_dir / "wandb" / "run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+    if run_id is None:
+        import secrets
+
+        run_id = secrets.token_hex(4)
+    if int(os.environ.get("RANK", "0")) == 0:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    return WandbLogger(project=cfg.run.project, name=cfg.run.name, save_dir=str(run_dir),
+                       tags=list(cfg.run.tags or []), id=run_id, resume="allow",
+                       offline=(mode == "offline"))
+
+
+def _format_plan(plan: Any, ws: int, cfg: Any) -> str:
+    warm = f"{plan.warmup_steps} warmup steps ({plan.warmup_epochs:g} epochs)"
+    return (f"resnet-lamb plan: {plan.optimizer} lr {plan.lr:.6g} ({plan.base_lr:g} x ({plan.global_batch}/"
+            f"{plan.base_batch}) {plan.scaling}), {plan.schedule} schedule, {warm}, {plan.total_steps} total steps "
+            f"(optimizer steps {plan.optimizer_steps} = {plan.epochs} epochs x {plan.steps_per_epoch}), accumulation "
+            f"{plan.accumulation} (global batch {plan.global_batch} = micro {plan.micro_batch} x {ws} devices x "
+            f"{plan.accumulation}), {plan.train_images} train images")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry of the dispatcher: ``main(["fit", *args])`` / ``main(["validate", *args])``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("fit", "validate"):
+        raise UserError("usage: resnet-lamb fit|validate --config RECIPE [--key value ...]")
+    if any(a in ("-h", "--help") for a in argv[1:]) and not any(a.startswith(("--config", "-c")) for a in argv):
+        pass  # plain help needs no recipe
+    _ARGV[:] = argv
+    with tempfile.TemporaryDirectory(prefix="resnet-lamb-") as tmp:
+        args = [argv[0], *_expand_recipe(argv[1:], tmp)]
+        RecipeCLI, LambModule, ImageDataModule, SaveConfig = _cli_class()
+        saved_argv, sys.argv = sys.argv, sys.argv[:1]  # args are given explicitly (no "both" warning)
+        try:
+            _run_cli(RecipeCLI, LambModule, ImageDataModule, SaveConfig, args)
+        finally:
+            sys.argv = saved_argv
+    return 0
+
+
+def _run_cli(RecipeCLI, LambModule, ImageDataModule, SaveConfig, args):
+    if True:
+        RecipeCLI(
+            LambModule, ImageDataModule,
+            args=args,
+            parser_class=_parser_class(),
+            save_config_callback=SaveConfig,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"num_sanity_val_steps": 0},
+            auto_configure_optimizers=False,
+            seed_everything_default=0,
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m resnet_lamb.train fit ...`
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny prepared data folder (made once per session with `resnet-lamb prepare
+digits`), a recipe writer and an in-process `resnet-lamb fit` runner.
+
+Everything runs on the CPU with W&B offline; runs land under pytest's tmp folders.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """80 train / 40 val 16-px JPEGs in 10 classes, the ImageNet folder layout."""
+    out = tmp_path_factory.mktemp("data") / "digits"
+    subprocess.run([sys.executable, "-m", "resnet_lamb", "prepare", "digits", "--out", str(out), "--size", "16",
+                    "--per-class-train", "8", "--per-class-val", "4"], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_root_large(tmp_path_factory) -> Path:
+    """240 train / 40 val 16-px JPEGs: epochs long enough to kill a run inside one."""
+    out = tmp_path_factory.mktemp("data") / "digits_large"
+    subprocess.run([sys.executable, "-m", "resnet_lamb", "prepare", "digits", "--out", str(out), "--size", "16",
+                    "--per-class-train", "24", "--per-class-val", "4"], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+def tiny_recipe(root: Path | None, **over) -> dict:
+    """A recipe for a few-second 2-epoch run: resnet18 small_input at 16 px, LAMB, 3 steps/epoch."""
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 2, "log_every_n_steps": 1, "enable_model_summary": False,
+                    "deterministic": True},
+        "model": {"arch": "resnet18", "num_classes": 10, "small_input": True, "trust_ratio_every": 1,
+                  "grad_clip_norm": 1.0,
+                  "optimizer": {"name": "lamb", "base_lr": 0.01, "base_batch": 32, "kwargs": {"impl": "eager"}},
+                  "schedule": {"name": "poly", "warmup_epochs": 0.5}},
+        "data": {"backend": "torchvision" if root is not None else "synthetic",
+                 "root": None if root is None else str(root),
+                 "global_batch": 32, "micro_batch": 16, "image_size": 16, "workers": 0},
+    }
+    if root is None:
+        recipe["data"].update(train_images=80, val_images=40, num_classes=10)
+    for key, value in over.items():  # "model.optimizer.name": "sgd"
+        node = recipe
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str) -> int:
+    """`resnet-lamb ARGS` in this process; returns the exit status (SystemExit included)."""
+    from resnet_lamb.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+@pytest.fixture
+def fit(tmp_path):
+    """fit(recipe_dict, *extra_args, name="run") -> run folder; in-process, W&B off unless asked."""
+
+    def _fit(recipe: dict, *extra: str, name: str = "run", wandb: bool = False, expect: int = 0) -> Path:
+        path = write_recipe(tmp_path / f"{name}.yaml", recipe)
+        args = ["fit", "--config", str(path), "--run.root", str(tmp_path / "runs"), "--run.name", name,
+                "--run.wandb", str(wandb).lower(), *extra]
+        rc = run_cli(*args)
+        assert rc == expect, f"resnet-lamb {' '.join(args)} exited {rc}"
+        return tmp_path / "runs" / name
+
+    return _fit
+
+
+def read_csv(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,69 @@
+"""Two ranks (gloo on 127.0.0.1): every train image once per epoch and every val image once, across ranks."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_lamb.data import dali as dali_backend
+
+WORKER = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from resnet_lamb.data import ImageDataModule
+    root, backend = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    dm = ImageDataModule(backend=backend, root=root, global_batch=4, micro_batch=1, image_size=16, workers=1, seed=1)
+    dm.setup("fit")  # world size and rank from torch.distributed
+    out = {"world": dm.world_size, "rank": dm.global_rank, "accumulation": dm.accumulation,
+           "train_len": len(dm.train_dataloader()), "val_len": len(dm.val_dataloader()), "train": [], "val": []}
+    for epoch in range(2):
+        out["train"].append(torch.cat([y for _, y in dm.train_dataloader()]).tolist())
+    out["val"] = torch.cat([y for _, y in dm.val_dataloader()]).tolist()
+    gathered = [None, None]
+    dist.all_gather_object(gathered, out)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(gathered))
+    dist.destroy_process_group()
+""")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_two_ranks_count_every_image_once(tmp_path, backend):
+    if backend == "dali" and not dali_backend.available():
+        pytest.skip("nvidia-dali not installed")
+    # one image per class in each split: the label identifies the image; 9 images, an odd number
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(9):
+            d = tmp_path / split / f"k{c}"
+            d.mkdir(parents=True)
+            Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(d / "a.JPEG")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), backend], env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=150) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    result = json.loads(outs[0][0].split("RESULT ", 1)[1])
+    assert [r["rank"] for r in result] == [0, 1] and all(r["world"] == 2 for r in result)
+    # ceil(9 / 4) = 3 steps x accumulation 2 micro-batches of 1 on every rank; val ceil(9 / 2) = 5 on both
+    assert all(r["accumulation"] == 2 and r["train_len"] == 6 and r["val_len"] == 5 for r in result)
+    for epoch in range(2):
+        labels = result[0]["train"][epoch] + result[1]["train"][epoch]
+        assert sorted(x for x in labels if x >= 0) == list(range(9)) and labels.count(-1) == 3
+    assert result[0]["train"][0] != result[0]["train"][1]  # reshuffled per epoch
+    val = result[0]["val"] + result[1]["val"]
+    assert sorted(x for x in val if x >= 0) == list(range(9)) and val.count(-1) == 1

@@ -1,0 +1,142 @@
+"""`resnet-lamb plan` as a user runs it: a subprocess, its stdout, its one-line errors and exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes" / "imagenet"
+SCRIPT = Path(sys.executable).with_name("resnet-lamb")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "resnet_lamb"]
+
+
+def plan(*args, cwd=REPO):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([*COMMAND, "plan", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=60)
+
+
+def plan_many(jobs: dict) -> dict:
+    """Run several `plan` commands at once (each pays torch's import): name -> CompletedProcess."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    procs = {name: subprocess.Popen([*COMMAND, "plan", *map(str, args)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+             for name, (args, cwd) in jobs.items()}
+    done = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=60)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return done
+
+
+def test_plan_lamb_32k_prints_every_number():
+    out = plan("--config", RECIPES / "table5" / "lamb-bs32k.yaml")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[1:] if line.startswith("  ")}
+    assert rows["lr"] == "0.04" and rows["total_steps"] == "3519" and rows["warmup_epochs"] == "20"
+    assert rows["warmup_steps"] == "782" and rows["steps_per_epoch"] == "40" and rows["accumulation"] == "128"
+    assert rows["images_seen"] == str(3519 * 32768) and rows["micro_batches_per_epoch_per_rank"] == "5120"
+    assert "0.7642 / 0.9308" in out.stdout
+
+
+def plan_here(*args, capsys, cwd=REPO, monkeypatch=None):
+    """`resnet-lamb plan` in this process (the CLI's own entry point), for the checks beyond bad input."""
+    from resnet_lamb.cli import main
+
+    if monkeypatch is not None:
+        monkeypatch.chdir(cwd)
+    code = main(["plan", *map(str, args)])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_plan_json_and_overrides_change_accumulation(capsys):
+    out = plan_here("--config", RECIPES / "table5" / "lamb-bs16k.yaml", "--world-size", 8, "--micro-batch", 128,
+                    "--json", capsys=capsys)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert (data["accumulation"], data["world_size"], data["micro_batch"]) == (16, 8, 128)
+    assert data["total_steps"] == 7038 and data["micro_batches_per_epoch_per_rank"] == 79 * 16
+    assert data["lr"] == pytest.approx(0.005 * 32**0.5, rel=1e-12)
+    assert data["expected"]["top1"] == 0.7666
+
+
+GOOD = """\
+trainer: {max_epochs: 10}
+model:
+  optimizer: {name: lamb, base_lr: 0.005, base_batch: 512}
+  schedule: {name: poly, warmup_epochs: 0.3125}
+data: {global_batch: 512, micro_batch: 64, train_images: 10000}
+"""
+
+
+def _with(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new)
+
+
+CASES = {
+    "unknown-optimizer": (_with("name: lamb", "name: lamm"),
+                          r"model.optimizer.name: unknown optimizer 'lamm' (did you mean 'lamb'?); choose one of lamb, "),
+    "missing-base-lr": (_with("base_lr: 0.005, ", ""), "model.optimizer.base_lr: missing"),
+    "mistyped-key": (_with("base_lr:", "base_lrr:"),
+                     "model.optimizer.base_lrr: unknown key (did you mean base_lr?); allowed: name, base_lr, base_batch"),
+    "wrong-type": (_with("global_batch: 512", "global_batch: 512x"),
+                   "data.global_batch: expected a positive integer, got '512x'"),
+    "non-dividing": (_with("micro_batch: 64", "micro_batch: 96"),
+                     "data.global_batch: 512 is not divisible by data.micro_batch 96 x world size 1 = 96; valid "
+                     "data.micro_batch values for world size 1:"),
+    "micro-over-global": (_with("micro_batch: 64", "micro_batch: 1024"),
+                          "data.micro_batch: 1024 is larger than data.global_batch 512"),
+    "warmup-too-long": (_with("warmup_epochs: 0.3125", "warmup_epochs: 11, warmup_scaling: none"),
+                        "model.schedule.warmup_epochs: 11 epochs, longer than training (trainer.max_epochs 10)"),
+    "top1-over-1": (GOOD + "expected: {top1: 76.96}\n", "expected.top1: expected a fraction in [0, 1], got 76.96"),
+    "yaml-syntax": (_with("data: {global_batch: 512,", "data: {global_batch: 512"), "r.yaml:5:"),
+    "empty-file": ("", "r.yaml: empty recipe"),
+    "missing-base": ("base: ../nowhere/base.yaml\n" + GOOD, "r.yaml: base: "),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    jobs = {}
+    for case, (text, _) in CASES.items():
+        folder = tmp_path_factory.mktemp(case)
+        (folder / "r.yaml").write_text(textwrap.dedent(text))
+        jobs[case] = (("--config", "r.yaml"), folder)
+    return plan_many(jobs)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2(bad_runs, case):
+    _, needle = CASES[case]
+    out = bad_runs[case]
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("resnet-lamb: error: r.yaml") and needle in lines[0], lines[0]
+    assert out.stdout == ""
+
+
+def test_world_size_error_suggests_micro_batches(capsys):
+    out = plan_here("--config", RECIPES / "table5" / "lamb-bs512.yaml", "--world-size", 16, capsys=capsys)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"resnet-lamb: error: {RECIPES / 'table5' / 'lamb-bs512.yaml'}: data.global_batch: 512 is not divisible "
+        "by data.micro_batch 64 x world size 16 = 1024; valid data.micro_batch values for world size 16: "
+        "1, 2, 4, 8, 16, 32"]
+
+
+def test_train_images_null_without_data_asks_for_it(tmp_path, capsys, monkeypatch):
+    (tmp_path / "r.yaml").write_text(_with("train_images: 10000", "train_images: null, root: data/none"))
+    out = plan_here("--config", "r.yaml", capsys=capsys, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert out.returncode == 2
+    assert "data.train_images: null and data/none/train does not exist; set data.train_images in the recipe " \
+           "or pass --train-images" in out.stderr
+    ok = plan_here("--config", "r.yaml", "--train-images", 5000, "--json", capsys=capsys)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["steps_per_epoch"] == 10

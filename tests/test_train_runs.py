@@ -1,0 +1,59 @@
+"""2-epoch `resnet-lamb fit` runs (in-process) through each backend and each optimizer."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import read_csv, tiny_recipe
+from resnet_lamb.optim import list_optimizers
+
+
+def _check_run(run, epochs=2):
+    rows = read_csv(run)
+    vals = [r for r in rows if r.get("val/top1")]
+    assert len(vals) == epochs, "one validation per epoch"
+    for r in vals:
+        assert 0.0 <= float(r["val/top1"]) <= float(r["val/top5"]) <= 1.0
+        assert math.isfinite(float(r["val/loss"]))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert any(r.get("train/img_per_s") for r in rows)
+    ck = run / "checkpoints"
+    assert (ck / "last.ckpt").is_file()
+    assert list(ck.glob("best-*.ckpt")), "best checkpoint by val/top1"
+    assert not list(ck.glob(".tmp-*")), "no temp files left behind"
+    assert (run / "config.yaml").is_file()
+    return rows
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision", "synthetic"])
+def test_two_epochs_each_backend(fit, digits_root, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    recipe = tiny_recipe(None if backend == "synthetic" else digits_root)
+    recipe["data"]["backend"] = backend
+    run = fit(recipe, name=f"backend-{backend}")
+    _check_run(run)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1
+    assert "rng_states" in ckpt and ckpt["lr_schedulers"][0]["last_epoch"] == 6
+
+
+@pytest.mark.parametrize("name", list_optimizers())
+def test_two_epochs_each_optimizer(fit, name):
+    recipe = tiny_recipe(None, **{
+        "model.optimizer.name": name,
+        "model.optimizer.base_lr": 0.01 if "lamb" in name or "adam" in name else 0.1,
+        "model.optimizer.kwargs": {"impl": "eager"} if ("lamb" in name or "lars" in name) else {},
+        "model.arch": "resnet18", "data.image_size": 8,
+        "data.global_batch": 16, "data.micro_batch": 8, "data.train_images": 32, "data.val_images": 16,
+    })
+    run = fit(recipe, name=f"opt-{name}")
+    rows = _check_run(run)
+    ratios = [k for k in rows[0] if k.startswith("optim/trust_ratio/")]
+    if "lamb" in name or "lars" in name:
+        assert "optim/trust_ratio/conv1.weight" in ratios
+    else:
+        assert not ratios, "no trust ratios for optimizers without them"
