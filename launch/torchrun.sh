@@ -4,15 +4,24 @@
 #   launch/torchrun.sh RECIPE [CLI overrides...]
 #
 # Environment (all optional):
-#   NPROC          processes on this node (default: the number of visible GPUs, else 1 on CPU)
+#   NPROC          processes on this node (default: the visible GPUs, CUDA_VISIBLE_DEVICES honoured; 1 without
+#                  a GPU). Without a GPU the workers run on the CPU with gloo, and NPROC may be any number.
 #   NNODES         number of nodes (default 1)
-#   NODE_RANK      this node's rank (default 0; torchrun's c10d rendezvous assigns ranks when unset)
-#   RDZV_ENDPOINT  host:port of the c10d rendezvous (default 127.0.0.1:29500)
+#   NODE_RANK      0 on the node that hosts the rendezvous store, > 0 elsewhere (default: $SLURM_NODEID under
+#                  srun, else decided by matching the endpoint's host name). c10d assigns the ranks themselves.
+#   RDZV_ENDPOINT  host:port of the c10d rendezvous, on node 0 (required when NNODES > 1; one node without it
+#                  runs torchrun --standalone on a free local port)
 #   RDZV_ID        job id shared by all nodes (default: resnet-lamb)
-#   RDZV_TIMEOUT   seconds to wait for all nodes before failing (default 300)
-#   MAX_RESTARTS   times torchrun restarts the worker group after a failure (default 0); a restart
-#                  resumes from the run's last.ckpt
-# Without a GPU the workers use gloo on the CPU.
+#   RDZV_TIMEOUT   seconds to wait for the endpoint and for all nodes to join (default 300)
+#   MAX_RESTARTS   times torchrun restarts the worker group after a failure (default 0); a restarted group
+#                  resumes from the run's last.ckpt (--ckpt_path last; a first start with no checkpoint
+#                  starts fresh)
+#   PYTHON         interpreter (default: the checkout's .venv, else python)
+#
+# Before any worker starts, launch/preflight.py applies the overrides to the recipe, prints the plan
+# for the world size NPROC x NNODES (micro batch, accumulation, steps) and stops with one line on:
+# a global batch that world size x micro batch does not divide, --trainer.devices/num_nodes overrides
+# that disagree with NPROC/NNODES, an unreachable rendezvous endpoint (after RDZV_TIMEOUT seconds).
 set -euo pipefail
 if [ $# -lt 1 ]; then
     echo "usage: launch/torchrun.sh RECIPE [CLI overrides...]" >&2
@@ -23,29 +32,64 @@ shift
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python}
 if [ -x "$here/.venv/bin/python" ] && [ -z "${PYTHON:-}" ]; then py="$here/.venv/bin/python"; fi
+if [ ! -f "$recipe" ]; then
+    echo "torchrun.sh: error: recipe $recipe: no such file" >&2
+    exit 2
+fi
 
+# visible GPUs: CUDA_VISIBLE_DEVICES when set (SLURM sets it), else nvidia-smi
 gpus=0
-if command -v nvidia-smi >/dev/null 2>&1; then
+if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
+    if [ -n "$CUDA_VISIBLE_DEVICES" ] && [ "$CUDA_VISIBLE_DEVICES" != "-1" ] && command -v nvidia-smi >/dev/null 2>&1; then
+        gpus=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
+    fi
+elif command -v nvidia-smi >/dev/null 2>&1; then
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 fi
+if [ "$gpus" -gt 0 ]; then accel=gpu; else accel=cpu; fi
 NPROC=${NPROC:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 1)}
 NNODES=${NNODES:-1}
-RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29500}
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-}}
 RDZV_ID=${RDZV_ID:-resnet-lamb}
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-300}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
-world=$((NPROC * NNODES))
+for v in NPROC NNODES RDZV_TIMEOUT MAX_RESTARTS; do
+    if ! [[ ${!v} =~ ^[0-9]+$ ]] || { [ "$v" != MAX_RESTARTS ] && [ "${!v}" -eq 0 ]; }; then
+        echo "torchrun.sh: error: $v=${!v}: expected a positive integer" >&2
+        exit 2
+    fi
+done
+if [ -n "$NODE_RANK" ] && ! [[ $NODE_RANK =~ ^[0-9]+$ ]]; then
+    echo "torchrun.sh: error: NODE_RANK=$NODE_RANK: expected an integer >= 0" >&2
+    exit 2
+fi
+if [ "$NNODES" -gt 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
+    echo "torchrun.sh: error: NNODES=$NNODES needs RDZV_ENDPOINT=HOST:PORT (node 0's address, the same on every node)" >&2
+    exit 2
+fi
 
-# The plan first: a batch that does not divide fails here, before any process starts.
-"$py" -m resnet_lamb plan --config "$recipe" --world-size "$world"
+# The plan first, and the checks: nothing is started when one fails.
+NPROC=$NPROC NNODES=$NNODES GPUS=$gpus NODE_RANK=$NODE_RANK RDZV_TIMEOUT=$RDZV_TIMEOUT \
+    RDZV_ENDPOINT=${RDZV_ENDPOINT:-} "$py" "$here/launch/preflight.py" "$recipe" "$@"
 
-node_rank=()
-if [ -n "${NODE_RANK:-}" ]; then node_rank=(--node-rank "$NODE_RANK"); fi
+if [ -z "${RDZV_ENDPOINT:-}" ]; then
+    rdzv=(--standalone)
+else
+    conf="join_timeout=$RDZV_TIMEOUT,read_timeout=$RDZV_TIMEOUT"
+    if [ -n "$NODE_RANK" ]; then conf="$conf,is_host=$([ "$NODE_RANK" -eq 0 ] && echo 1 || echo 0)"; fi
+    rdzv=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID"
+          --rdzv-conf "$conf")
+fi
+# Workers get their own TCPStore each rendezvous round: with the agent's store shared (torch's default),
+# a restarted group can read the killed group's stale addresses and fail in init_process_group
+# (gloo connectFullMesh "Connection refused"; pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# devices x num_nodes = torchrun's world size (Lightning checks it); strategy ddp (gloo on the CPU);
+# --ckpt_path last: a restart (MAX_RESTARTS) or a requeued job resumes, a first start starts fresh.
+# The user's overrides come last and win (preflight has checked devices/num_nodes among them).
 exec "$py" -m torch.distributed.run \
-    --nnodes "$NNODES" --nproc-per-node "$NPROC" "${node_rank[@]}" \
-    --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID" \
-    --rdzv-conf "join_timeout=$RDZV_TIMEOUT" \
-    --max-restarts "$MAX_RESTARTS" \
+    "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
     -m resnet_lamb fit --config "$recipe" \
+    --trainer.accelerator "$accel" --trainer.strategy ddp \
     --trainer.num_nodes "$NNODES" --trainer.devices "$NPROC" \
     --ckpt_path last "$@"

@@ -155,7 +155,8 @@ class LambModule(pl.LightningModule):
         images, labels = batch
         labels = labels.reshape(-1).long()
         logits = self(images)
-        loss = self._loss_sum(logits, labels) / max(labels.numel(), 1)
+        loss_sum = self._loss_sum(logits, labels)
+        loss = loss_sum / max(labels.numel(), 1)
         if not torch.isfinite(loss.detach()):
             total = self.plan.total_steps if self.plan is not None else self.trainer.max_steps
             ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
@@ -163,8 +164,9 @@ class LambModule(pl.LightningModule):
                 f"train/loss is {loss.item()} at optimizer step {self.global_step + 1} of {total} "
                 f"(epoch {self.current_epoch}, micro-batch {batch_idx}); run stopped, last good "
                 f"checkpoint: {ckpt}; lower model.optimizer.base_lr or set model.grad_clip_norm")
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
-                 batch_size=labels.numel())
+        # logged: the mean over real samples (a padded last batch would otherwise look small)
+        self.log("train/loss", loss_sum.detach() / (labels >= 0).sum().clamp(min=1), on_step=True,
+                 on_epoch=False, prog_bar=True, batch_size=labels.numel())
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
                  on_epoch=False, batch_size=labels.numel())
         return loss

@@ -234,10 +234,14 @@ def _cli_class():
                 return
             if trainer.is_global_zero:
                 run = self.config.get("run")
-                path = Path(run["root"]) / run["name"] / "config.yaml"
+                name = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
+                path = Path(run["root"]) / run["name"] / name
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.parser.save(self.config, str(path), skip_none=False, overwrite=True,
-                                 multifile=False)
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # jsonargparse's skip_none deprecation
+                    self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
             self.already_saved = True
 
     class RecipeCLI(LightningCLI):
@@ -279,6 +283,13 @@ def _cli_class():
             recipe = R.validate_recipe(as_dict, path)
             from resnet_lamb.model import ARCHS
 
+            from resnet_lamb.optim.registry import optimizer_options
+
+            accepted = optimizer_options(recipe.optimizer.name)
+            for key in recipe.optimizer.kwargs:
+                if key not in accepted:
+                    raise RecipeError(f"{path}: model.optimizer.kwargs.{key}: not an option of optimizer "
+                                      f"{recipe.optimizer.name!r}; accepted: {', '.join(sorted(accepted))}")
             if cfg.model.arch not in ARCHS:
                 raise RecipeError(f"model.arch: unknown architecture {cfg.model.arch!r}; choose one of {', '.join(ARCHS)}")
             ws = world_size(cfg.trainer)
@@ -292,6 +303,10 @@ def _cli_class():
             else:
                 cfg.trainer.max_steps = steps
             cfg.trainer.accumulate_grad_batches = int(plan.accumulation)
+            if "num_classes" in cfg.data and cfg.data.get("num_classes") is None:
+                # one class count for both (Lightning refuses differing hparams of the same name);
+                # the datamodule checks it against the folder
+                cfg.data.num_classes = cfg.model.num_classes
             import torch
 
             gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator") or "auto") in ("auto", "gpu", "cuda")
@@ -340,7 +355,7 @@ def _cli_class():
             from lightning.pytorch.loggers import CSVLogger
 
             csv_name = "csv" if self.subcommand == "fit" else f"csv_{self.subcommand}"
-            loggers = [CSVLogger(save_dir=str(self.run_dir), name=csv_name, version="")]
+            loggers = [_csv_logger_class()(save_dir=str(self.run_dir), name=csv_name, version="")]
             if cfg.run.wandb and self.subcommand == "fit":
                 loggers.append(_wandb_logger(self.run_dir, cfg, resume=bool(cfg.get("ckpt_path"))))
             return loggers
@@ -389,6 +404,53 @@ def _atomic_io_class():
                 pass
 
     return AtomicCheckpointIO
+
+
+def _csv_logger_class():
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class AppendingWriter(ExperimentWriter):
+        """Keeps an existing metrics.csv (Lightning deletes it): a resumed run appends to it, and
+        rows of the killed attempt from the resumed step on are dropped (they were redone)."""
+
+        _trimmed = False
+
+        def _check_log_dir_exists(self) -> None:
+            import csv
+
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+            else:
+                self._trimmed = True
+
+        def save(self) -> None:
+            if self.metrics and not self._trimmed and self._fs.isfile(self.metrics_file_path):
+                import csv
+
+                first = min(int(m.get("step", 0)) for m in self.metrics)
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if not r.get("step") or int(float(r["step"])) < first]
+                with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                    w.writeheader()
+                    w.writerows(rows)
+            self._trimmed = True
+            super().save()
+
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                os.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger
 
 
 def _checkpoint_class():

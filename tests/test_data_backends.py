@@ -102,15 +102,16 @@ def test_epoch_from_trainer_and_from_state_dict(tmp_path, backend):
     root = make_folder(tmp_path, classes=7, train_per=1, val_per=1, size=(16, 16))  # label == image index
     want = [epoch_plan(7, 4, 2, 1, 0, epoch=e, seed=5) for e in (0, 1, 2)]
     want = [np.where(real, idx, -1).tolist() for idx, real in want]
-    dm = dm_for(root, backend, seed=5)
+    kw = dict(seed=5, workers=0 if backend == "torchvision" else 1)
+    dm = dm_for(root, backend, **kw)
     got = [torch.cat([y for _, y in dm.train_dataloader()]).tolist() for _ in range(2)]
     assert got == want[:2]
     state = dm.state_dict()
     assert state["epoch"] == 2
-    resumed = dm_for(root, backend, seed=5)
+    resumed = dm_for(root, backend, **kw)
     resumed.load_state_dict(state)
     assert torch.cat([y for _, y in resumed.train_dataloader()]).tolist() == want[2]
-    traced = dm_for(root, backend, seed=5)
+    traced = dm_for(root, backend, **kw)
     traced.trainer = SimpleNamespace(world_size=1, global_rank=0, current_epoch=1)
     traced.setup("fit")
     loader = traced.train_dataloader()

@@ -16,6 +16,15 @@ SHAPES = [(6, 5), (7,), (3, 2, 2, 2), (4,)]
 IMPLS = ["eager"] + (["compiled"] if compiler_available() else [])
 
 
+@pytest.fixture(autouse=True)
+def _mixed_small_tensors(monkeypatch):
+    """Compiled path: tensors of >= 20 elements take the compiled kernels, smaller ones the
+    batched eager form (as BatchNorm vectors do on a real model)."""
+    import resnet_lamb.optim.lamb as lamb_mod
+
+    monkeypatch.setattr(lamb_mod, "SMALL_NUMEL", 20)
+
+
 # ------------------------------------------------------------------------------------------
 # reference: one tensor at a time, float64, straight from the pseudocode
 # ------------------------------------------------------------------------------------------
@@ -109,11 +118,15 @@ CASES = {
 COMPILED_CASES = ["default", "no_bias_correction", "clip", "n", "nn", "l1"]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", list(CASES))
-def test_matches_paper_reference(case, impl):
-    if impl == "compiled" and case not in COMPILED_CASES:
-        pytest.skip("compiled path checked on a subset (compile time)")
+# Every case on every impl with the CPU fast route; the compiled path on a subset (compile time);
+# the generic route for non-adaptive groups on two cases.
+REFERENCE_RUNS = [(case, impl, fast_cpu) for case in CASES for impl in IMPLS for fast_cpu in (True, False)
+                  if (impl != "compiled" or case in COMPILED_CASES) and (fast_cpu or case in ("default", "n"))]
+
+
+@pytest.mark.parametrize(("case", "impl", "fast_cpu"), REFERENCE_RUNS)
+def test_matches_paper_reference(case, impl, fast_cpu, monkeypatch):
+    monkeypatch.setattr(Lamb, "_fast_cpu", fast_cpu)
     opts, group1 = CASES[case]
     ps, ref, opt, ratios = run_both(opts, group1, impl)
     for p, r in zip(ps, ref):
@@ -250,3 +263,60 @@ def test_bad_group_override():
     p = torch.nn.Parameter(torch.randn(2))
     with pytest.raises(ValueError, match="betas must be two numbers"):
         Lamb([{"params": [p], "betas": (1.5, 0.9)}])
+
+
+def test_auto_falls_back_to_eager_when_compile_fails(monkeypatch):
+    import resnet_lamb.optim.lamb as lamb_mod
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = Lamb([p], lr=1e-2)
+    if opt.impl != "compiled":
+        pytest.skip("no working compiler: auto is eager already")
+    monkeypatch.setattr(lamb_mod, "get_compiled", broken)
+    q = torch.nn.Parameter(p.detach().clone())
+    ref = Lamb([q], lr=1e-2, impl="eager")
+    p.grad = torch.randn(8, 8)
+    q.grad = p.grad.clone()
+    with pytest.warns(UserWarning, match="falling back to impl='eager'"):
+        opt.step()
+    ref.step()
+    assert opt.impl == "eager"
+    torch.testing.assert_close(p, q)
+
+
+@pytest.mark.skipif("compiled" not in IMPLS, reason="no working compiler")
+def test_changing_lr_does_not_recompile():
+    from torch._dynamo.utils import counters
+
+    p = torch.nn.Parameter(torch.randn(16, 8))
+    opt = Lamb([p], lr=1e-2, impl="compiled")
+    p.grad = torch.randn(16, 8)
+    opt.step()
+    opt.step()
+    before = dict(counters["stats"])
+    assert before.get("unique_graphs", 0) >= 1  # the compiled kernels did run
+    for s in range(5):  # the LR schedule changes lr every step; step (t) changes too
+        opt.param_groups[0]["lr"] = 1e-2 / (s + 1)
+        p.grad = torch.randn(16, 8)
+        opt.step()
+    assert dict(counters["stats"]) == before
+
+
+@pytest.mark.skipif("compiled" not in IMPLS, reason="no working compiler")
+def test_channels_last_params_match_eager():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    out = []
+    for impl in ("eager", "compiled"):
+        p = torch.nn.Parameter(w.clone(memory_format=torch.channels_last))
+        opt = Lamb([p], lr=1e-2, impl=impl)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            p.grad = torch.randn(w.shape, generator=gen).to(memory_format=torch.channels_last)
+            opt.step()
+        assert opt.state[p]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+        out.append(p.detach().clone())
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)

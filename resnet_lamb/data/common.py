@@ -9,7 +9,8 @@ import torch
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -18,7 +19,7 @@ def torch_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[str(name).replace("torch.", "")]
     except KeyError:
-        raise RecipeError(f"data.dtype: {name!r} is not one of {', '.join(DTYPES)}") from None
+        raise RecipeError(f"data.dtype: {name!r} is not one of float32, bfloat16, float16") from None
 
 
 def val_resize(image_size: int) -> int:

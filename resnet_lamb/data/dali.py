@@ -27,6 +27,7 @@ and carries on. See :mod:`resnet_lamb.data.folder` for the policy.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -35,6 +36,9 @@ import torch
 
 from resnet_lamb.data.common import MEAN, STD, placeholder_jpeg, val_resize, warn_corrupt
 from resnet_lamb.data.sampling import epoch_plan
+
+
+PIPELINES_BUILT = 0  # torchvision's DataLoader spawns (not forks) its workers once DALI threads run here
 
 
 def available() -> bool:
@@ -82,7 +86,7 @@ def _build_pipeline(source, *, train, batch_size, image_size, threads, device_id
 
     gpu = device_id is not None
     kw = dict(batch_size=batch_size, num_threads=max(1, threads), device_id=device_id, seed=seed,
-              prefetch_queue_depth=prefetch)
+              prefetch_queue_depth=prefetch, exec_dynamic=True)  # the default in DALI 2.x; outputs shared
     if py_workers:
         kw.update(py_num_workers=py_workers, py_start_method="spawn")
 
@@ -107,6 +111,8 @@ def _build_pipeline(source, *, train, batch_size, image_size, threads, device_id
                                        output_layout="HWC" if channels_last else "CHW")
         return img, label
 
+    global PIPELINES_BUILT
+    PIPELINES_BUILT += 1
     p = pipe()
     if py_workers:
         p.start_py_workers()
@@ -220,12 +226,17 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         t = tl.as_tensor()  # dense: every sample has the same shape here
-        shape = t.shape()
-        if type(t).__name__.endswith("GPU"):
-            out = torch.empty(shape, dtype=_torch_dtype_of(t), device=f"cuda:{self.device_id}")
+        gpu = type(t).__name__.endswith("GPU")
+        if self._pipe.exec_dynamic:
+            # the dynamic executor hands out reference-counted buffers that later runs never overwrite:
+            # share them (DLPack) instead of copying, as DALI's own PyTorch iterator does since 1.44
+            with torch.cuda.device(self.device_id) if gpu else contextlib.nullcontext():
+                out = torch.from_dlpack(t)
+        elif gpu:
+            out = torch.empty(t.shape(), dtype=_torch_dtype_of(t), device=f"cuda:{self.device_id}")
             feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device_id))
         else:
-            out = torch.empty(shape, dtype=_torch_dtype_of(t))
+            out = torch.empty(t.shape(), dtype=_torch_dtype_of(t))
             feed_ndarray(t, out)
         if out.dim() == 4:
             if self.channels_last:

@@ -70,6 +70,7 @@ class ImageDataModule(L.LightningDataModule):
                 GPU (the main thread reads), min(4, workers // 2) with one.
         """
         super().__init__()
+        self.save_hyperparameters()
         if backend not in BACKENDS:
             raise RecipeError(f"data.backend: {backend!r} is not one of {' | '.join(BACKENDS)}")
         for key, value in (("global_batch", global_batch), ("micro_batch", micro_batch),

@@ -321,7 +321,8 @@ def _imagenet(args, w: Writer):
 
 # ---- CLI -------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resnet-lamb prepare", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="resnet-lamb prepare",
+                                description="Write a data set as DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("dataset", choices=DATASETS)

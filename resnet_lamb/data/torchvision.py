@@ -81,9 +81,20 @@ class _Collate:
         self.channels_last = channels_last
 
     def __call__(self, items):
-        x = torch.stack([it[0] for it in items])
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        first = items[0][0]
+        shape = (len(items), *first.shape)
+        if torch.utils.data.get_worker_info() is not None:
+            # in a worker: write the batch straight into shared memory, as default_collate does (no extra copy)
+            storage = first._typed_storage()._new_shared(first.numel() * len(items), device=first.device)
+            flat = first.new(storage)
+        else:
+            flat = first.new_empty(first.numel() * len(items))
+        if self.channels_last:  # NHWC memory, NCHW view
+            x = flat.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+        else:
+            x = flat.view(shape)
+        for i, it in enumerate(items):
+            x[i].copy_(it[0])
         return x, torch.tensor([it[1] for it in items], dtype=torch.int64)
 
 
@@ -94,28 +105,28 @@ class TorchvisionLoader:
                  workers, channels_last, dtype, prefetch=2, epoch_fn=None, on_skip=None):
         plan_kw = dict(global_batch=global_batch if train else micro_batch * world_size, micro_batch=micro_batch,
                        world_size=world_size, rank=rank, seed=seed, shuffle=train)
-        self.sampler = _PlanBatchSampler(n, plan_kw, micro_batch)
+        self._sampler = _PlanBatchSampler(n, plan_kw, micro_batch)
         self.split, self.train, self.dtype = split, train, dtype
-        self.dataset = _FolderDataset(split, transforms(train, image_size))
-        self.bad = self.dataset.bad  # files known to be corrupt (filled from a checkpoint before the first pass)
+        self._dataset = _FolderDataset(split, transforms(train, image_size))
+        self.bad = self._dataset.bad  # files known to be corrupt (filled from a checkpoint before the first pass)
         self.epoch_fn = epoch_fn
         self.on_skip = on_skip or (lambda path: None)
         self._warned: set[int] = set()
         self._epochs = 0
         self.loader = DataLoader(
-            self.dataset, batch_sampler=self.sampler,
+            self._dataset, batch_sampler=self._sampler,
             num_workers=workers, collate_fn=_Collate(channels_last), pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0, prefetch_factor=max(1, prefetch) if workers > 0 else None,
             worker_init_fn=_WorkerSeed(seed * 1000 + rank),
             # forking a process that runs DALI's thread pools can deadlock the workers: spawn them then
-            multiprocessing_context="spawn" if workers > 0 and "nvidia.dali.backend" in sys.modules else None)
+            multiprocessing_context="spawn" if workers > 0 and _dali_running() else None)
 
     def __len__(self):
-        return len(self.sampler)
+        return len(self._sampler)
 
     def __iter__(self):
         epoch = self.epoch_fn() if (self.train and self.epoch_fn) else self._epochs
-        self.sampler.set_epoch(epoch if self.train else 0)
+        self._sampler.set_epoch(epoch if self.train else 0)
         for x, y in self.loader:
             if (y < -1).any():
                 for i in (-2 - y[y < -1]).tolist():
@@ -128,6 +139,11 @@ class TorchvisionLoader:
                 x = x.to(self.dtype)
             yield x, y
         self._epochs += 1
+
+
+def _dali_running() -> bool:
+    dali = sys.modules.get("resnet_lamb.data.dali")
+    return bool(dali is not None and getattr(dali, "PIPELINES_BUILT", 0))
 
 
 class _WorkerSeed:

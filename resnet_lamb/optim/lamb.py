@@ -9,12 +9,20 @@ Two implementations of one update, selected by ``impl``:
 
 * ``"eager"``: multi-tensor ``torch._foreach_*`` ops (norms by ``torch._foreach_norm``), a few
   whole-model passes, no compiler needed.
-* ``"compiled"``: the same function under ``torch.compile(fullgraph=True)``; inductor fuses each
-  tensor's update into two loops (moments + the two norms, then the parameter write).  lr, step
-  and every float hyperparameter enter as one small tensor, so an LR schedule that changes lr
-  every step does not recompile.  The compiled graph is cached by dynamo per (structure, shapes).
+* ``"compiled"``: the per-tensor update under ``torch.compile(fullgraph=True)``.
+  On CPU: shape-generic (``dynamic=True``) kernels on flat 1-D aliases of each tensor, compiled
+  once per option set for any model; per tensor one fused loop updates m and v, writes r to a
+  reusable scratch buffer and reduces both norms, then one eager ``add_`` applies
+  ``x -= lr*ratio*r`` (two passes: the floor, as the update norm is needed before the update).
+  On GPU: one static graph per bucket of tensors (inductor fuses across tensors).
+  lr, step and every float hyperparameter enter as one small float32 tensor, so an LR schedule
+  that changes lr every step does not recompile; dynamo's cache plus inductor's on-disk caches
+  keep the one-time compile cost to a few seconds per option set.
 * ``"auto"`` (default): ``"compiled"`` when a working compiler is present, else ``"eager"``
-  (one warning).
+  (one warning); a compile failure at the first step also falls back to eager with a warning.
+
+Both impls: groups with ``layer_adaptation=False`` (ratio 1 everywhere) whose update is exactly
+AdamW's (plain LAMB, bias correction on) run torch's fused AdamW kernel on CPU.
 
 State per parameter (identical for both impls, loadable across them): ``step`` (0-dim float32
 CPU tensor), ``exp_avg``, ``exp_avg_sq``.
@@ -153,10 +161,15 @@ def _norm(x: torch.Tensor, norm_ord: float) -> torch.Tensor:
 
 def _lamb_tensor(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                  scratch: torch.Tensor | None, c: torch.Tensor, *, norm_ord: float, clip: bool,
-                 nesterov: str | None, adapt: bool, has_wd: bool) -> torch.Tensor:
+                 nesterov: str | None, adapt: bool, has_wd: bool,
+                 apply: bool = True) -> torch.Tensor:
     """Per-tensor form of :func:`_lamb_bucket`, what the compiled path fuses: one loop updates
     the moments, writes r to ``scratch`` and reduces both norms; a second writes x.  ``c`` is a
-    float32 tensor, so changing lr/step does not recompile."""
+    float32 tensor, so changing lr/step does not recompile.
+
+    apply=False (CPU): r goes to ``scratch`` (written in the first loop, as m and v are) and the
+    caller applies ``x -= lr*ratio*r`` with one eager ``add_``; applying it here would make
+    inductor stage r in a fresh temporary (allocation + page faults on big tensors)."""
     lr, omb1, b2, omb2, c_m, c_g, c_v, c_vg, eps, wd, lo, hi = c.unbind(0)
     m.lerp_(g, omb1.to(m.dtype))
     v.mul_(b2).add_(g * g * omb2)
@@ -168,15 +181,15 @@ def _lamb_tensor(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
     u = num / den
     if has_wd:
         u = u + wd * p
-    if scratch is not None:
-        scratch.copy_(u)
-        u = scratch
     if adapt:
         ratio = trust_ratio(_norm(p, norm_ord), _norm(u, norm_ord),
                             (lo, hi) if clip else None, True)
     else:
         ratio = torch.ones((), device=p.device)
-    p.sub_(u * (ratio * lr).to(p.dtype))
+    if apply:
+        p.sub_(u * (ratio * lr).to(p.dtype))
+    else:
+        scratch.copy_(u)
     return ratio
 
 
@@ -187,6 +200,8 @@ def _lamb_list(params, grads, exp_avgs, exp_avg_sqs, c, **kw):
 
 
 _COMPILED: dict[tuple, Callable] = {}
+#: on CPU, tensors with fewer elements take the eager multi-tensor form (see _run_compiled)
+SMALL_NUMEL = 16384
 
 
 def get_compiled(fn: Callable, dynamic: bool, static: dict[str, Any]) -> Callable:
@@ -218,13 +233,24 @@ def _alias(t: torch.Tensor, n: int | None = None) -> torch.Tensor:
         t.untyped_storage(), t.storage_offset(), (t.numel() if n is None else n,), (1,))
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (any dimension order, e.g. channels_last)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _flat(ts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """1-D aliases of same-layout dense tensors (channels_last included); as-is otherwise."""
     p = ts[0]
     if all(t.is_contiguous() for t in ts):
         return tuple(_alias(t) for t in ts)
-    from torch._prims_common import is_non_overlapping_and_dense
-    if is_non_overlapping_and_dense(p) and all(t.stride() == p.stride() for t in ts):
+    if _dense(p) and all(t.stride() == p.stride() for t in ts):
         return tuple(_alias(t) for t in ts)
     return ts
 
@@ -259,12 +285,17 @@ class LayerwiseOptimizer(Optimizer):
     """Shared machinery of the layer-wise (trust-ratio) optimizers; not used directly."""
 
     _state_keys: tuple[str, ...] = ()
+    #: use torch's fused CPU kernels where they compute exactly this update (tests switch it off
+    #: to exercise the generic foreach / compiled code on CPU too)
+    _fast_cpu: bool = True
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], impl: str = "auto"):
         defaults.setdefault("layer_adaptation", True)
+        self._auto = impl == "auto"
         self.impl = _resolve_impl(impl)
         self._last_ratios: dict[int, tuple[list[int], torch.Tensor]] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
+        self._progress = 0
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
@@ -278,7 +309,9 @@ class LayerwiseOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_last_ratios", {})
         self.__dict__.setdefault("impl", "eager")
+        self.__dict__.setdefault("_auto", False)
         self.__dict__.setdefault("_scratch", {})
+        self.__dict__.setdefault("_progress", 0)
 
     # names ------------------------------------------------------------------------------
     def param_names(self) -> list[list[str]]:
@@ -341,30 +374,64 @@ class LayerwiseOptimizer(Optimizer):
                     **kw) -> torch.Tensor:
         if self.impl != "compiled":
             return fn_eager(*tensors, c, **kw)
+        self._progress = 0
+        try:
+            return self._run_compiled(fn_eager, fn_tensor, fn_list, tensors, c, scratch, split,
+                                      kw)
+        except Exception as e:  # noqa: BLE001 - a compile error surfaces before its tensor's write
+            if not self._auto or self._progress:  # explicit "compiled", or tensors already written
+                raise
+            warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(e).__name__}: "
+                          f"{e}); falling back to impl='eager'", stacklevel=3)
+            self.impl = "eager"
+            return fn_eager(*tensors, c, **kw)
+
+    def _run_compiled(self, fn_eager: Callable, fn_tensor: Callable, fn_list: Callable,
+                      tensors: tuple, c: list[float], scratch: bool, split: bool,
+                      kw: dict) -> torch.Tensor:
         p0 = tensors[0][0]
         ct = torch.tensor(c, dtype=torch.float32)
         if p0.device.type != "cpu":
             ct = ct.to(p0.device, non_blocking=True)
             return get_compiled(fn_list, False, kw)(*tensors, ct)
-        fn = get_compiled(fn_tensor, True, dict(kw, apply=False) if split else kw)
         n = len(tensors[0])
-        cols = [list(x) for x in tensors if x is not None]
-        rows = [_flat(row) for row in zip(*cols)]
-        buf = (self._scratch_for(p0.device, p0.dtype, max(r[0].numel() for r in rows))
-               if scratch else None)
-        out: list[torch.Tensor] = []
-        for r in rows:
-            scr = None
-            if buf is not None:
-                scr = (_alias(buf, r[0].numel()) if r[0].dim() == 1
-                       else buf[: r[0].numel()].view(r[0].shape))
-            if len(r) == 3:
-                out.append(fn(r[0], r[1], r[2], None, scr, ct))
-            else:
-                out.append(fn(r[0], r[1], r[2], r[3], scr, ct))
-            if split:  # x -= lr * ratio * (third tensor), one eager pass (CPU: .item() is free)
-                r[0].add_(r[2], alpha=-c[0] * out[-1].item())
-        return torch.stack(out)
+        # tiny tensors (BatchNorm, biases): the multi-tensor eager form in one batch costs less
+        # than a compiled call each; the rest: one compiled call per tensor (compiled ones
+        # first, so a compile failure leaves every tensor unwritten for the eager fallback)
+        small = [i for i in range(n) if tensors[0][i].numel() < SMALL_NUMEL]
+        large = [i for i in range(n) if tensors[0][i].numel() >= SMALL_NUMEL]
+        r_large = r_small = None
+        if large:
+            fn = get_compiled(fn_tensor, True, dict(kw, apply=False) if split else kw)
+            cols = [[x[i] for i in large] for x in tensors if x is not None]
+            rows = [_flat(row) for row in zip(*cols)]
+            buf = (self._scratch_for(p0.device, p0.dtype, max(r[0].numel() for r in rows))
+                   if scratch else None)
+            out: list[torch.Tensor] = []
+            for r in rows:
+                scr = None
+                if buf is not None:
+                    scr = (_alias(buf, r[0].numel()) if r[0].dim() == 1
+                           else buf[: r[0].numel()].view(r[0].shape))
+                if len(r) == 3:
+                    out.append(fn(r[0], r[1], r[2], None, scr, ct))
+                else:
+                    out.append(fn(r[0], r[1], r[2], r[3], scr, ct))
+                if split:  # x -= lr * ratio * update, one eager pass (CPU: .item() is free)
+                    r[0].add_(r[2] if scr is None else scr, alpha=-c[0] * out[-1].item())
+                self._progress += 1
+            r_large = torch.stack(out)
+            if not small:
+                return r_large
+        if small:
+            sub = tuple(None if x is None else [x[i] for i in small] for x in tensors)
+            r_small = fn_eager(*sub, c, **kw)
+            if not large:
+                return r_small
+        ratio = torch.empty(n, dtype=r_large.dtype)
+        ratio[small] = r_small.to(ratio.dtype)
+        ratio[large] = r_large
+        return ratio
 
     @staticmethod
     def _lr(group: dict[str, Any]) -> float:
@@ -458,7 +525,7 @@ class Lamb(LayerwiseOptimizer):
                 tensors = (ps, [p.grad for p in ps], [s["exp_avg"] for s in st],
                            [s["exp_avg_sq"] for s in st])
                 if (not group["layer_adaptation"] and group["nesterov"] is None
-                        and group["bias_correction"] and _dev.type == "cpu"
+                        and group["bias_correction"] and _dev.type == "cpu" and self._fast_cpu
                         and ps[0].is_floating_point()):
                     # ratio 1 everywhere: LAMB is exactly AdamW here; torch's fused kernel
                     torch._fused_adamw_(*tensors, [], [s["step"] for s in st],
@@ -469,7 +536,7 @@ class Lamb(LayerwiseOptimizer):
                     idx_all.extend(idx)
                     continue
                 ratios.append(self._run_bucket(_lamb_bucket, _lamb_tensor, _lamb_list, tensors, c,
-                                               False, **kw))
+                                               True, split=True, **kw))
                 idx_all.extend(idx)
             if idx_all:
                 self._last_ratios[gi] = (idx_all, ratios[0] if len(ratios) == 1

@@ -41,9 +41,13 @@ def _lars_bucket(params, grads, bufs, _unused, c: list[float], *, mode: str,
                             / (g_norm + wd * w_norm + eps), 1.0)
     else:
         ratio = torch.ones(len(params), device=params[0].device)
-    d = torch._foreach_add(grads, params, alpha=wd) if has_wd else list(grads)
-    if adapt:
-        torch._foreach_mul_(d, list(ratio.to(params[0].dtype).unbind(0)))
+    scale = list(ratio.to(params[0].dtype).unbind(0))
+    if has_wd:
+        d = torch._foreach_add(grads, params, alpha=wd)
+        if adapt:
+            torch._foreach_mul_(d, scale)
+    else:  # never scale the caller's grads in place
+        d = torch._foreach_mul(grads, scale) if adapt else torch._foreach_mul(grads, 1.0)
     torch._foreach_mul_(bufs, mom)
     torch._foreach_add_(bufs, d)
     if nesterov:
@@ -92,6 +96,25 @@ def _lars_tensor(p, g, buf, _unused, _scratch, c: torch.Tensor, *, mode: str, ne
     return ratio
 
 
+def _classic_cpu(params, grads, bufs, c: list[float], *, nesterov: bool, clip: bool
+                 ) -> torch.Tensor:
+    """Classic LARS on CPU without a compiler at full speed: both norms by ``_foreach_norm``,
+    then torch's fused SGD kernel per tensor with ``grad_scale = 1/local_lr`` and
+    ``weight_decay = wd*local_lr``, i.e. ``d = local_lr*(g + wd*x)``.  Like GradScaler's fused
+    unscale, this leaves ``p.grad`` multiplied by the local lr."""
+    lr, mom, _omm, tc, eps, wd, lo, hi = c
+    w_norm = torch.stack(torch._foreach_norm(params)).float()
+    g_norm = torch.stack(torch._foreach_norm(grads)).float()
+    num = w_norm.clamp(lo, hi) if clip else w_norm
+    ok = (w_norm > 0) & (g_norm > 0)
+    ratio = torch.where(ok, tc * num / (g_norm + wd * w_norm + eps), 1.0)
+    for p, g, b, r in zip(params, grads, bufs, ratio.tolist()):
+        torch._fused_sgd_([p], [g], [b], weight_decay=wd * r, momentum=mom, lr=lr,
+                          dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False,
+                          grad_scale=None if r == 1.0 else torch.tensor(1.0 / r))
+    return ratio
+
+
 def _lars_list(params, grads, bufs, _unused, c, **kw):
     """Whole-bucket graph (GPU path)."""
     return torch.stack([_lars_tensor(p, g, b, None, None, c, **kw)
@@ -121,6 +144,9 @@ class Lars(LayerwiseOptimizer):
     Groups with ``layer_adaptation=False`` use ratio / local_lr 1 (plain momentum SGD). In the
     MLPerf setup BatchNorm and bias tensors are excluded from both weight decay and adaptation;
     that is the param rule's job (:func:`resnet_lamb.optim.param_groups`), not the optimizer's.
+
+    On CPU the classic mode runs torch's fused SGD kernel per tensor (both impls), which leaves
+    ``p.grad`` multiplied by the local lr after ``step()`` (as GradScaler's fused unscale does).
 
     ``trust_ratios()`` reports phi(||x||)/||m|| (paper) or local_lr (classic).
     ``impl``: "auto" | "eager" | "compiled".  Every hyperparameter can be set per group.
@@ -182,6 +208,12 @@ class Lars(LayerwiseOptimizer):
                                       nesterov=group["nesterov"], maximize=False,
                                       is_first_step=False)
                     ratios.append(torch.ones(len(ps), device=_dev))
+                    idx_all.extend(idx)
+                    continue
+                if (group["mode"] == "classic" and self._fast_cpu and _dev.type == "cpu"
+                        and ps[0].is_floating_point()):
+                    ratios.append(_classic_cpu(*tensors[:3], c, nesterov=group["nesterov"],
+                                               clip=clip is not None))
                     idx_all.extend(idx)
                     continue
                 ratios.append(self._run_bucket(_lars_bucket, _lars_tensor, _lars_list, tensors, c,

@@ -72,6 +72,3 @@ def describe(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"names": [n for n, _ in g["params"]], "weight_decay": g["weight_decay"],
              "layer_adaptation": g["layer_adaptation"]} for g in groups]
 
-
-def _is_tensor_list(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and all(isinstance(p, torch.Tensor) for p in x)

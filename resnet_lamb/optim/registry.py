@@ -54,7 +54,7 @@ class AdamWL2(torch.optim.AdamW):
         g.setdefault("l2", getattr(self, "_l2_default", 0.0) if g.get("apply_decay", True) else 0.0)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None, **kwargs: Any):  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -64,15 +64,15 @@ class AdamWL2(torch.optim.AdamW):
                 ps = [p for p in g["params"] if p.grad is not None]
                 if ps:
                     torch._foreach_add_([p.grad for p in ps], ps, alpha=g["l2"])
-        super().step()
+        super().step(**kwargs)
         return loss
 
 
-def _fast(params: list[dict[str, Any]], fused_ok: bool = True) -> dict[str, Any]:
-    """fused=True where torch has a fused kernel for every param (CPU/CUDA floats), else foreach."""
+def _fast(params: list[dict[str, Any]], fused_devices: tuple[str, ...]) -> dict[str, Any]:
+    """fused=True where torch has a fused kernel for every param (floats on ``fused_devices``),
+    else foreach on accelerators, else torch's default."""
     ts = [p[1] if isinstance(p, tuple) else p for g in params for p in g["params"]]
-    if fused_ok and ts and all(t.is_floating_point() and t.device.type in ("cpu", "cuda")
-                               for t in ts):
+    if ts and all(t.is_floating_point() and t.device.type in fused_devices for t in ts):
         return {"fused": True}
     return {"foreach": True} if ts and all(t.device.type != "cpu" for t in ts) else {}
 
@@ -81,9 +81,13 @@ def _fast(params: list[dict[str, Any]], fused_ok: bool = True) -> dict[str, Any]
 def _lamb(nesterov: str | None, betas=(0.9, 0.999), eps=1e-6):
     def build(groups, lr, **kw):
         from resnet_lamb.optim.lamb import Lamb
-        return Lamb(groups, lr=lr, nesterov=nesterov, **kw)
-    return build, {"betas": betas, "eps": eps, "bias_correction": True, "norm": "l2",
-                   "trust_clip": None, "impl": "auto"}
+        kw.setdefault("nesterov", nesterov)
+        return Lamb(groups, lr=lr, **kw)
+    opts = {"betas": betas, "eps": eps, "bias_correction": True, "norm": "l2",
+            "trust_clip": None, "impl": "auto"}
+    if nesterov is None:  # plain "lamb" may still pick a variant; nlamb/nnlamb fix theirs
+        opts["nesterov"] = None
+    return build, opts
 
 
 def _lars(mode: str):
@@ -97,12 +101,14 @@ def _lars(mode: str):
     return build, opts
 
 
-def _torch(cls: type, fused_ok: bool, **defaults: Any):
+def _torch(cls: type, fused_devices: tuple[str, ...], **defaults: Any):
     def build(groups, lr, **kw):
-        if "fused" not in kw and "foreach" not in kw:
-            kw.update(_fast(groups, fused_ok))
+        if kw.get("fused") is None and kw.get("foreach") is None:
+            kw.pop("fused", None)
+            kw.pop("foreach", None)
+            kw.update(_fast(groups, fused_devices))
         return cls(groups, lr=lr, **kw)
-    return build, dict(defaults, foreach=None, fused=None) if fused_ok else \
+    return build, dict(defaults, foreach=None, fused=None) if fused_devices else \
         dict(defaults, foreach=None)
 
 
@@ -112,12 +118,12 @@ _REGISTRY: dict[str, tuple[Callable, dict[str, Any]]] = {
     "nnlamb": _lamb("nn", betas=(0.975, 0.999), eps=1e-8),
     "lars": _lars("paper"),
     "lars_classic": _lars("classic"),
-    "adam": _torch(torch.optim.Adam, True, betas=(0.9, 0.999), eps=1e-8, amsgrad=False),
-    "adamw": _torch(AdamWL2, True, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, l2=0.0),
-    "adagrad": _torch(torch.optim.Adagrad, True, lr_decay=0.0, eps=1e-10,
+    "adam": _torch(torch.optim.Adam, ("cpu", "cuda"), betas=(0.9, 0.999), eps=1e-8, amsgrad=False),
+    "adamw": _torch(AdamWL2, ("cpu", "cuda"), betas=(0.9, 0.999), eps=1e-8, amsgrad=False, l2=0.0),
+    "adagrad": _torch(torch.optim.Adagrad, ("cpu",), lr_decay=0.0, eps=1e-10,
                       initial_accumulator_value=0.0),
-    "sgd": _torch(torch.optim.SGD, True, momentum=0.9, nesterov=False, dampening=0.0),
-    "nadam": _torch(torch.optim.NAdam, False, betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3,
+    "sgd": _torch(torch.optim.SGD, ("cpu", "cuda"), momentum=0.9, nesterov=False, dampening=0.0),
+    "nadam": _torch(torch.optim.NAdam, (), betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3,
                     decoupled_weight_decay=False),
 }
 assert tuple(_REGISTRY) == _NAMES

@@ -1,0 +1,104 @@
+"""Run a grid of one recipe, one run after another, or print one command per run for a scheduler.
+
+    python launch/sweep.py RECIPE --grid model.optimizer.base_lr=0.001,0.002 [--grid KEY=V1,V2 ...]
+    python launch/sweep.py RECIPE --paper-grid lr [--paper-grid wd] [--emit] [-- extra CLI overrides]
+
+`--paper-grid lr` is the LAMB paper's learning-rate grid for the adaptive solvers (Figure 4 and
+Appendix tables 9-20); `--paper-grid wd` its AdamW weight-decay grid. Each run gets its own name
+(`<recipe>-<key>=<value>...`), its own run folder under `--root`, and the W&B tags `sweep:<id>` and
+`key=value`. `--emit` prints the commands instead of running them (one line each, to feed
+`xargs`, a job array or `sbatch --wrap`); `--launcher` prefixes each command (for example
+`launch/torchrun.sh` to run every grid point on all local GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+PAPER_GRIDS = {  # key in the paper's tables -> recipe key it sweeps
+    "lr": ("lr_tuning_grid_adaptive", "model.optimizer.base_lr"),
+    "wd": ("weight_decay_grid_adamw", "model.optimizer.weight_decay"),
+}
+
+
+def paper_grid(which: str) -> tuple[str, list[str]]:
+    table_key, recipe_key = PAPER_GRIDS[which]
+    tables = yaml.safe_load(resources.files("resnet_lamb.reference").joinpath("paper_tables.yaml").read_text())
+    return recipe_key, [f"{v:g}" for v in tables["imagenet_resnet50"][table_key]]
+
+
+def parse_grid(text: str) -> tuple[str, list[str]]:
+    key, sep, values = text.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not items:
+        raise SystemExit(f"sweep: --grid {text!r}: expected KEY=V1,V2,... (e.g. model.optimizer.base_lr=0.001,0.002)")
+    return key.strip(), items
+
+
+def runs(recipe: str, grid: list[tuple[str, list[str]]], sweep_id: str, root: str, launcher: list[str],
+         extra: list[str]) -> list[tuple[str, list[str]]]:
+    """(run name, command) for every point of the grid, in a stable order."""
+    stem = Path(recipe).stem
+    keys = [k for k, _ in grid]
+    out = []
+    for values in itertools.product(*(vals for _, vals in grid)):
+        point = dict(zip(keys, values))
+        name = "-".join([stem, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())])
+        # torchrun.sh takes the recipe as its first argument; `resnet-lamb fit` takes --config.
+        cmd = [*launcher, recipe] if launcher else [sys.executable, "-m", "resnet_lamb", "fit", "--config", recipe]
+        for k, v in point.items():
+            cmd += [f"--{k}", v]
+        tags = [f"sweep:{sweep_id}", *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())]
+        cmd += ["--run.name", name, "--run.root", root, "--run.tags", "[" + ",".join(tags) + "]", *extra]
+        out.append((name, cmd))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe")
+    p.add_argument("--grid", action="append", default=[], type=parse_grid, help="KEY=V1,V2,...")
+    p.add_argument("--paper-grid", action="append", default=[], choices=sorted(PAPER_GRIDS))
+    p.add_argument("--id", default=None, help="sweep id for names and tags (default: the recipe's stem)")
+    p.add_argument("--root", default="runs", help="folder of run folders")
+    p.add_argument("--launcher", default="", help="command prefix, e.g. launch/torchrun.sh")
+    p.add_argument("--emit", action="store_true", help="print one command per run instead of running")
+    args = p.parse_args(argv)
+    if not Path(args.recipe).is_file():
+        print(f"sweep: recipe {args.recipe}: no such file", file=sys.stderr)
+        return 2
+    grid = [paper_grid(g) for g in args.paper_grid] + args.grid
+    if not grid:
+        print("sweep: give at least one --grid KEY=V1,V2 or --paper-grid lr|wd", file=sys.stderr)
+        return 2
+    launcher = shlex.split(args.launcher)
+    plan = runs(args.recipe, grid, args.id or Path(args.recipe).stem, args.root, launcher, extra)
+    if args.emit:
+        for _, cmd in plan:
+            print(shlex.join(cmd))
+        return 0
+    failed = []
+    for i, (name, cmd) in enumerate(plan, 1):
+        print(f"sweep: run {i}/{len(plan)}: {name}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(name)
+            print(f"sweep: {name} failed; going on with the next run", file=sys.stderr)
+    print(f"sweep: {len(plan) - len(failed)} of {len(plan)} runs finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
