@@ -2,10 +2,13 @@
 
 Same JPEG folder (full-size photos-like JPEGs, default 500x375, generated in a temp folder, or
 --root with a prepared layout), same transforms (random-resized-crop 224, flip, normalise), same
-number of threads / worker processes (--workers), same batch. Epochs are interleaved (DALI,
-torchvision, DALI, ...) so that load from other processes hits both alike; the first epoch of each
-is a warm-up, and each epoch is timed from its --skip-batches-th batch on (steady state: what a
-loader prefetched while the other one ran is not counted). Besides images/s (wall clock, which
+number of threads / worker processes (--workers), same batch, same number of batches in flight
+(--prefetch per DataLoader worker, so workers * prefetch for DALI's prefetch queue). Epochs are
+interleaved (DALI, torchvision, DALI, ...) so that load from other processes hits both alike; before
+each one the benchmark waits until the other loader has stopped working in the background (DALI
+prefetches the next epoch's first batches), the first epoch of each is a warm-up, and each epoch is
+timed from its --skip-batches-th batch on (steady state: what a loader prefetched while the other
+one ran is not counted). Besides images/s (wall clock, which
 depends on what else runs on the machine) it reports images per CPU-second (this process's CPU time,
 DALI's threads included, plus the DataLoader's worker processes), which load does not skew.
 Last line: one JSON object with both rates and their ratios.
@@ -54,6 +57,20 @@ def cpu_seconds(loader) -> float:
     return total
 
 
+def settle(loaders, interval: float = 0.05, limit: float = 5.0) -> None:
+    """Wait until no loader works in the background any more (DALI fills its prefetch queue with the next
+    epoch's batches after the last one of this epoch is out), so that it neither slows down nor is counted
+    in the other loader's epoch: two intervals in a row with under 10% of a core busy, at most `limit` s."""
+    def busy():
+        return time.process_time() + sum(cpu_seconds(ld) - time.process_time() for ld in loaders)
+    deadline, quiet, last = time.perf_counter() + limit, 0, busy()
+    while quiet < 2 and time.perf_counter() < deadline:
+        time.sleep(interval)
+        now = busy()
+        quiet = quiet + 1 if now - last < 0.1 * interval else 0
+        last = now
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", help="a prepared folder (train/<class>/*.JPEG); default: generate one")
@@ -100,6 +117,7 @@ def main(argv=None) -> int:
     cpu = {b: [] for b in loaders}
     for epoch in range(args.epochs + 1):
         for backend, loader in loaders.items():
+            settle(loaders.values())
             # steady state: time from the arrival of batch `skip` to the last one, so that the batches a
             # loader had prefetched in the background (while the other one ran) are not counted as free
             stamps, seen = [], []

@@ -76,7 +76,7 @@ def measure(args, backend: str, root: str | None, tmp: str) -> float:
     steps = args.warmup + args.steps
     n = args.batch * steps
     kw = dict(backend=backend, global_batch=args.batch, micro_batch=args.batch, image_size=args.size,
-              workers=args.workers, channels_last=gpu, num_classes=1000 if args.classes == 1000 else args.classes)
+              workers=args.workers, channels_last=gpu, num_classes=args.classes)
     if backend == "synthetic":
         kw.update(train_images=n, val_images=args.batch)
     else:

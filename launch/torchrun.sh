@@ -87,9 +87,29 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # devices x num_nodes = torchrun's world size (Lightning checks it); strategy ddp (gloo on the CPU);
 # --ckpt_path last: a restart (MAX_RESTARTS) or a requeued job resumes, a first start starts fresh.
 # The user's overrides come last and win (preflight has checked devices/num_nodes among them).
-exec "$py" -m torch.distributed.run \
+"$py" -m torch.distributed.run \
     "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
     -m resnet_lamb fit --config "$recipe" \
     --trainer.accelerator "$accel" --trainer.strategy ddp \
     --trainer.num_nodes "$NNODES" --trainer.devices "$NPROC" \
-    --ckpt_path last "$@"
+    --ckpt_path last "$@" &
+pid=$!
+# torchrun runs in the background so that its failure can be explained below; pass signals on
+# (a non-interactive shell's background job ignores SIGINT, so Ctrl-C becomes SIGTERM to torchrun).
+stopped=0
+trap 'stopped=1; kill -TERM "$pid" 2>/dev/null || true' TERM INT HUP
+rc=0
+while :; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break   # still running: wait was interrupted by a trapped signal
+done
+if [ "$rc" -ne 0 ] && [ "$stopped" -eq 1 ]; then
+    echo "torchrun.sh: stopped by a signal; the run resumes from its last.ckpt when launched again" >&2
+elif [ "$rc" -ne 0 ]; then
+    hint="the first worker traceback above is the cause"
+    if [ "$NNODES" -gt 1 ]; then
+        hint="$hint; a RendezvousTimeoutError means not all $NNODES nodes joined $RDZV_ENDPOINT (id $RDZV_ID) within RDZV_TIMEOUT=${RDZV_TIMEOUT}s: start every node with the same NNODES, RDZV_ENDPOINT and RDZV_ID"
+    fi
+    echo "torchrun.sh: error: torchrun exited with status $rc ($hint)" >&2
+fi
+exit "$rc"

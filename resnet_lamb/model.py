@@ -237,6 +237,25 @@ class LambModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng = checkpoint.get("rng_states")
+        self._epoch_boundary(checkpoint)
+
+    def _epoch_boundary(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints are written after an epoch's last micro-batch (at its validation).  When the
+        run resumes with another accumulation (another device count or micro-batch), an epoch has
+        another number of micro-batches; Lightning would compare the saved count with the new one
+        and finish the "rest" of the old epoch.  Restate the finished epoch in the new count."""
+        trainer = getattr(self, "_trainer", None)
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        try:
+            prog = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+            per_epoch = int(dm.steps_per_epoch) * int(dm.accumulation)
+        except (KeyError, TypeError, AttributeError):
+            return
+        cur = prog.get("current", {})
+        if prog.get("is_last_batch") and cur.get("ready") not in (None, per_epoch):
+            for key in ("ready", "started", "processed", "completed"):
+                if key in cur:
+                    cur[key] = per_epoch
 
     def on_train_start(self) -> None:
         # restored here, not in on_load_checkpoint: nothing between this hook and the first batch

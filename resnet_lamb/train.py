@@ -160,10 +160,20 @@ def _check_spec_keys(cfg: dict, path: str) -> None:
 
 
 def world_size(trainer_cfg: Any) -> int:
-    """torchrun's WORLD_SIZE when set, else devices x num_nodes as Lightning will resolve them."""
+    """devices x num_nodes as Lightning will resolve them; under torchrun they must equal its
+    WORLD_SIZE (Lightning raises otherwise, once per rank, after the plan was printed)."""
+    configured = _configured_world_size(trainer_cfg)
     env = os.environ.get("WORLD_SIZE")
-    if env:
-        return int(env)
+    if env and int(env) != configured:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", env))
+        raise RecipeError(
+            f"trainer.devices x trainer.num_nodes = {configured} but torchrun started WORLD_SIZE={env} "
+            f"processes; pass --trainer.devices {local} --trainer.num_nodes {int(env) // max(local, 1)} "
+            "(launch/torchrun.sh does)")
+    return configured
+
+
+def _configured_world_size(trainer_cfg: Any) -> int:
     import torch
 
     get = trainer_cfg.get if hasattr(trainer_cfg, "get") else lambda k, d=None: getattr(trainer_cfg, k, d)
@@ -457,7 +467,7 @@ def _checkpoint_class():
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     class Checkpoints(ModelCheckpoint):
-        """ModelCheckpoint that rewrites ``last.ckpt`` after every validation.
+        """ModelCheckpoint that rewrites ``last.ckpt`` after every (end-of-epoch) validation.
 
         Lightning 2.6 only refreshes ``last.ckpt`` when a top-k checkpoint was written in the same
         step, i.e. when ``val/top1`` improved: a run killed after an epoch that did not improve

@@ -86,6 +86,17 @@ def test_dtype_and_counts(folder, backend):
         assert dm.classes == ["c00", "c01", "c02"]
 
 
+@needs_dali
+def test_dali_batches_stay_valid_while_held(folder):
+    """DALI's outputs are shared with torch, not copied: later pipeline runs must not overwrite a held batch."""
+    loader = dm_for(folder, "dali", prefetch=1).train_dataloader()
+    held = [(x, x.clone(), y, y.clone()) for x, y in loader]
+    for _ in range(2):
+        for _ in loader:
+            pass
+    assert all(torch.equal(x, xc) and torch.equal(y, yc) for x, xc, y, yc in held)
+
+
 def test_auto_backend_and_missing_dali(folder, monkeypatch, capsys):
     assert ImageDataModule(root=folder).backend == ("dali" if dali_backend.available() else "torchvision")
     monkeypatch.setattr(dali_backend, "available", lambda: False)

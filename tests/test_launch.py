@@ -11,7 +11,9 @@
 - MAX_RESTARTS=1 and a SIGKILLed worker: torchrun restarts the group, it resumes from last.ckpt and
   finishes; every checkpoint left loads;
 - bad input is one line before any worker starts (inexact accumulation, devices x nodes != world
-  size, unreachable rendezvous endpoint within RDZV_TIMEOUT=3 s);
+  size, NNODES > 1 without an endpoint, unreachable rendezvous endpoint within RDZV_TIMEOUT=3 s);
+  node 0 whose peer never joins stops after RDZV_TIMEOUT=4 s with torchrun's RendezvousTimeoutError
+  and a last line saying what it means;
 - sweep.py: --emit of the paper's LR grid (34 runs, distinct names) and a real 2-point sweep.
 
 Workers: OMP_NUM_THREADS=1, WANDB_MODE=offline, run roots under tmp_path, free ports.
@@ -274,7 +276,18 @@ def test_bad_input_is_one_line_before_any_worker(tmp_path, data_odd):
     err = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and "unreachable after 3 s" in err[0], err
     assert waited < 30, waited
-    print(f"bad-input checks took {time.time() - t0:.1f} s (unreachable endpoint: {waited:.1f} s)")
+    # node 0 of 2, the other node never comes: torchrun's rendezvous gives up after RDZV_TIMEOUT=4 s
+    t2 = time.time()
+    p = torchrun(recipe, *args, timeout=90, NPROC=1, NNODES=2, NODE_RANK=0, RDZV_TIMEOUT=4,
+                 RDZV_ENDPOINT=f"127.0.0.1:{free_port()}")
+    alone = time.time() - t2
+    assert p.returncode != 0, _fail_msg(p)
+    last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("torchrun.sh: error: torchrun exited") and "not all 2 nodes joined" in last, last
+    assert "Initializing distributed" not in p.stdout + p.stderr
+    assert alone < 60, alone
+    print(f"bad-input checks took {time.time() - t0:.1f} s (unreachable endpoint: {waited:.1f} s, "
+          f"node 0 alone: {alone:.1f} s)")
 
 
 def test_sweep_emit_paper_lr_grid(tmp_path, data_odd):

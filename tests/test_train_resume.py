@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+from resnet_lamb.errors import RecipeError
+
 from conftest import REPO, read_csv, run_cli, tiny_recipe, write_recipe
 
 
@@ -98,3 +100,50 @@ def test_fresh_fit_refuses_a_run_folder_with_checkpoints(tmp_path, capsys):
     assert run_cli(*args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ckpt_path last" in err[0]
+
+
+def test_resume_with_another_accumulation_keeps_the_global_batch(tmp_path, capsys, monkeypatch):
+    """A different micro-batch (as with another device count) changes accumulation, not the plan:
+    the run dies in epoch 2, resumes at the epoch boundary with accumulation 4 instead of 2."""
+    import resnet_lamb.model as model_mod
+
+    real = model_mod.LambModule.training_step
+
+    def crash_in_epoch_2(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 1:
+            raise RuntimeError("simulated crash")
+        return real(self, batch, batch_idx)
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(None))
+    args = ["fit", "--config", str(path), "--run.root", str(tmp_path / "runs"), "--run.name", "x",
+            "--run.wandb", "false"]
+    monkeypatch.setattr(model_mod.LambModule, "training_step", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_cli(*args)
+    monkeypatch.setattr(model_mod.LambModule, "training_step", real)
+    last = tmp_path / "runs" / "x" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
+    capsys.readouterr()
+    assert run_cli(*args, "--data.micro_batch", "8", "--ckpt_path", "last") == 0
+    out = capsys.readouterr().out
+    assert "accumulation 4 (global batch 32 = micro 8 x 1 devices x 4)" in out
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1 and ckpt["lr_schedulers"][0]["last_epoch"] == 6
+    steps = [int(r["step"]) for r in read_csv(tmp_path / "runs" / "x") if r.get("train/lr")]
+    assert steps == list(range(6))
+
+
+def test_world_size_from_torchrun_or_devices(monkeypatch):
+    from resnet_lamb.train import world_size
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert world_size({"devices": 4, "num_nodes": 2, "accelerator": "gpu"}) == 8
+    assert world_size({"devices": [0, 1], "num_nodes": 1}) == 2
+    assert world_size({"devices": "0,1,2", "num_nodes": 1}) == 3
+    assert world_size({"devices": "auto", "num_nodes": 1, "accelerator": "cpu"}) == 1
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert world_size({"devices": 8, "num_nodes": 2, "accelerator": "gpu"}) == 16
+    with pytest.raises(RecipeError, match=r"trainer.devices x trainer.num_nodes = 1 but torchrun started "
+                                          r"WORLD_SIZE=16 processes; pass --trainer.devices 8 --trainer.num_nodes 2"):
+        world_size({"devices": 1, "num_nodes": 1, "accelerator": "cpu"})
