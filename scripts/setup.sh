@@ -10,7 +10,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.resnet-lamb-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[dali,test]'
+    # This machine's pip config names local index folders that lack some packages; pip says so
+    # once per package. Those lines are noise; everything else pip prints stays.
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[dali,test]' 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
     touch "$stamp"
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

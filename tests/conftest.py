@@ -19,24 +19,24 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _prepare_digits(tmp_path_factory, name: str, per_class_train: int) -> Path:
+    out = tmp_path_factory.mktemp("data") / name
+    subprocess.run([sys.executable, "-m", "resnet_lamb", "prepare", "digits", "--out", str(out), "--size", "16",
+                    "--per-class-train", str(per_class_train), "--per-class-val", "4"], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """80 train / 40 val 16-px JPEGs in 10 classes, the ImageNet folder layout."""
-    out = tmp_path_factory.mktemp("data") / "digits"
-    subprocess.run([sys.executable, "-m", "resnet_lamb", "prepare", "digits", "--out", str(out), "--size", "16",
-                    "--per-class-train", "8", "--per-class-val", "4"], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
-    return out
+    return _prepare_digits(tmp_path_factory, "digits", 8)
 
 
 @pytest.fixture(scope="session")
 def digits_root_large(tmp_path_factory) -> Path:
     """240 train / 40 val 16-px JPEGs: epochs long enough to kill a run inside one."""
-    out = tmp_path_factory.mktemp("data") / "digits_large"
-    subprocess.run([sys.executable, "-m", "resnet_lamb", "prepare", "digits", "--out", str(out), "--size", "16",
-                    "--per-class-train", "24", "--per-class-val", "4"], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
-    return out
+    return _prepare_digits(tmp_path_factory, "digits_large", 24)
 
 
 def tiny_recipe(root: Path | None, **over) -> dict:

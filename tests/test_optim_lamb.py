@@ -10,19 +10,8 @@ import pytest
 import torch
 
 from resnet_lamb.optim import Lamb
-from resnet_lamb.optim.lamb import compiler_available
+from optim_common import IMPLS, SHAPES, _mixed_small_tensors  # noqa: F401 (autouse fixture)
 
-SHAPES = [(6, 5), (7,), (3, 2, 2, 2), (4,)]
-IMPLS = ["eager"] + (["compiled"] if compiler_available() else [])
-
-
-@pytest.fixture(autouse=True)
-def _mixed_small_tensors(monkeypatch):
-    """Compiled path: tensors of >= 20 elements take the compiled kernels, smaller ones the
-    batched eager form (as BatchNorm vectors do on a real model)."""
-    import resnet_lamb.optim.lamb as lamb_mod
-
-    monkeypatch.setattr(lamb_mod, "SMALL_NUMEL", 20)
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,14 +35,7 @@ def _assert_same(a, b):
     assert a["global_step"] == b["global_step"]
 
 
-DALI_RESUME = pytest.mark.xfail(
-    strict=False,
-    reason="data side: DaliLoader keeps one pipeline across epochs in an uninterrupted run but builds a "
-           "new one (seed + 7*start_batch) on resume, so epoch 2's random crops differ; rebuilding the "
-           "pipeline at every epoch start from (seed, epoch, rank) would make the two identical")
-
-
-@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=DALI_RESUME), "synthetic"])
+@pytest.mark.parametrize("backend", ["torchvision", "dali", "synthetic"])
 def test_kill_after_epoch_1_and_resume_matches_uninterrupted(tmp_path, digits_root_large, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")

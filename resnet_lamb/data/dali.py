@@ -5,10 +5,16 @@ seeded by ``seed + epoch``, sharded by global rank, padded with label -1), not f
 ``fn.readers.file``: that way every epoch sees each image exactly once across ranks and every rank
 yields the same number of batches, with no LastBatchPolicy subtleties (DALI#2881/#4686/#4440).
 
-The source is an endless stream: sample ``p`` of the stream belongs to epoch ``p // per_rank``, so
-the pipeline prefetches across epoch boundaries; it is rebuilt only when the consumer asks for a
-position the stream is not at (resume, an epoch cut short by ``limit_*_batches`` or the sanity
-check), or after a decode error.
+Training builds a fresh pipeline at the start of every epoch, seeded by :func:`_pipeline_seed` from
+``(seed, epoch, global rank)``: the random crops and flips of an epoch are then the same whether the
+run went through without a stop or was resumed at that epoch (a pipeline kept across epochs would
+carry its random state over, which a resumed run cannot reproduce). The source of a training pipeline
+ends with its epoch (StopIteration), so nothing of the next epoch is decoded for nothing. The build
+costs a few milliseconds on the CPU; where files are read in worker processes (GPU machines), spawning
+them takes seconds, so there the next epoch's pipeline is made in a thread while the current one runs. Validation (no randomness) keeps one endless stream instead: sample ``p`` belongs to
+pass ``p // per_rank``, so it prefetches across passes, and it is rebuilt only when the consumer asks
+for a position the stream is not at (the sanity check, ``limit_val_batches``). Either kind is rebuilt
+in place after a decode error.
 
 Devices: on a GPU ``decoders.image*`` runs on ``mixed`` (nvJPEG) and the rest on ``gpu``; without
 one the whole pipeline runs on ``cpu`` with ``device_id=None`` (DALI's CPU-only mode).
@@ -26,7 +32,7 @@ Corrupt files: DALI's decoder fails the whole batch (a "Critical error in pipeli
 mode for non-image bytes, truncated and damaged JPEGs). The loader then decodes that batch's files
 (and the prefetched ones) one by one with a small DALI CPU pipeline, marks the failing files bad
 (placeholder + label -1 from then on, one warning each), rebuilds the pipeline at the same position
-and carries on. See :mod:`resnet_lamb.data.folder` for the policy.
+(training: seeded from the epoch and the offset in it) and carries on. See :mod:`resnet_lamb.data.folder` for the policy.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 
 import numpy as np
 import torch
@@ -57,9 +64,10 @@ def available() -> bool:
 class _Source:
     """Picklable per-sample callback (parallel external_source needs that): SampleInfo -> (bytes, label)."""
 
-    def __init__(self, root, paths, labels, n, plan_kw, start, bad):
+    def __init__(self, root, paths, labels, n, plan_kw, start, bad, stop=None):
         self.root, self.paths, self.labels, self.n = str(root), paths, labels, n
         self.plan_kw, self.start, self.bad = plan_kw, start, frozenset(bad)
+        self.stop = stop  # stream position where the source ends (StopIteration); None: endless
         self.per_rank = len(epoch_plan(n, **plan_kw, epoch=0)[0])
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -76,7 +84,10 @@ class _Source:
         return os.path.join(self.root, self.paths[i].decode())
 
     def __call__(self, info):
-        i, real = self.file_at(self.start + info.idx_in_epoch)
+        pos = self.start + info.idx_in_epoch
+        if self.stop is not None and pos >= self.stop:
+            raise StopIteration  # at a batch boundary: stop - start is a whole number of batches
+        i, real = self.file_at(pos)
         if i in self.bad:
             return np.frombuffer(placeholder_jpeg(), dtype=np.uint8), np.array([-1], dtype=np.int64)
         data = np.fromfile(self.path(i), dtype=np.uint8)
@@ -128,6 +139,15 @@ def _build_pipeline(source, *, train, batch_size, image_size, threads, device_id
     return p
 
 
+def _pipeline_seed(seed: int, epoch: int, rank: int, offset: int = 0) -> int:
+    """DALI's seed for a training pipeline started ``offset`` batches into ``epoch`` on ``rank``.
+
+    A pure function of its arguments, so a resumed run seeds each epoch as an uninterrupted one does
+    (``offset`` is non-zero only for a rebuild after a decode error)."""
+    state = np.random.SeedSequence([seed % 2**63, epoch, rank, offset]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1  # 62 bits: DALI takes a signed 64-bit seed
+
+
 def _probe_bad(paths: list[str]) -> dict[str, str]:
     """Decode each file alone with DALI on the CPU; return {path: error} for those that fail."""
     from nvidia.dali import fn, pipeline_def, types
@@ -177,28 +197,79 @@ class DaliLoader:
         self.bad: set[int] = set()
         self._pipe = None
         self._source = None
+        self._next_build = None  # (start batch, thread, result) of a pipeline made ahead
         self._pos = 0  # batches consumed from the stream
         self._start = 0  # stream position (batches) the pipeline was built at
 
     def __len__(self) -> int:
         return self.n_batches
 
-    def _build(self, start_batch: int):
-        self._pipe = None
-        self._source = _Source(self.split.root, self.split.paths, self.split.labels, self.n, self.plan_kw,
-                               start_batch * self.micro_batch, self.bad)
-        self._pipe = _build_pipeline(
-            self._source, train=self.train, batch_size=self.micro_batch, image_size=self.image_size,
-            threads=self.workers, device_id=self.device_id, seed=self.seed * 1000 + self.rank + 7 * start_batch,
+    def _make(self, start_batch: int, bad: frozenset) -> tuple[_Source, object]:
+        """A source and pipeline reading the stream from ``start_batch``; training: to the end of its epoch."""
+        epoch, offset = divmod(start_batch, self.n_batches)
+        source = _Source(self.split.root, self.split.paths, self.split.labels, self.n, self.plan_kw,
+                         start_batch * self.micro_batch, bad,
+                         stop=(epoch + 1) * self.n_batches * self.micro_batch if self.train else None)
+        pipe = _build_pipeline(
+            source, train=self.train, batch_size=self.micro_batch, image_size=self.image_size,
+            threads=self.workers, device_id=self.device_id,
+            seed=_pipeline_seed(self.seed, epoch, self.rank, offset) if self.train else self.seed,
             prefetch=self.prefetch, py_workers=self.py_workers, channels_last=self.channels_last,
             half=self.dtype == torch.float16)
+        return source, pipe
+
+    def _build(self, start_batch: int):
+        self._pipe = None  # the old one (its threads and buffers) goes before the new one is made
+        self._source, self._pipe = self._make(start_batch, frozenset(self.bad))
         self._pos = self._start = start_batch
+
+    def _prebuild(self, start_batch: int, old: list):
+        """Make the next epoch's pipeline in a thread while this epoch runs (after emptying ``old``).
+
+        Only with file-reading worker processes: spawning them takes seconds (the CPU-only pipeline
+        builds in milliseconds). DALI keeps the pipeline being defined in thread-local state."""
+        box, bad = {}, frozenset(self.bad)
+
+        def work():
+            old.clear()  # the finished pipeline's worker pool is closed (joined) here, not in the loop
+            try:
+                box["built"] = self._make(start_batch, bad)
+            except Exception as err:  # noqa: BLE001 - rebuilt in the loop's thread, where it raises
+                box["error"] = err
+
+        thread = threading.Thread(target=work, name="dali-prebuild")
+        self._next_build = (start_batch, thread, box)
+        thread.start()
+
+    def _take_prebuilt(self, start_batch: int):
+        if self._next_build is None:
+            return None
+        at, thread, box = self._next_build
+        self._next_build = None
+        thread.join()
+        built = box.get("built")
+        if built is None or at != start_batch or built[0].bad != frozenset(self.bad):
+            return None  # not the epoch asked for, or files found bad since: build it afresh
+        return built
 
     def __iter__(self):
         epoch = self.epoch_fn() if self.train else (self._pos + self.n_batches - 1) // self.n_batches
         want = epoch * self.n_batches
-        if self._pipe is None or self._pos != want:
-            self._build(want)
+        # training: a new pipeline every epoch, seeded from (seed, epoch, rank), resumed run or not
+        if self.train or self._pipe is None or self._pos != want:
+            ahead = self.train and self.py_workers > 0
+            old, self._pipe = self._pipe, None
+            built = self._take_prebuilt(want)
+            if built is None:
+                if not ahead:
+                    old = None  # freed before the new one is made
+                built = self._make(want, frozenset(self.bad))
+            self._source, self._pipe = built
+            self._pos = self._start = want
+            if ahead:
+                hold, old = [old], None
+                self._prebuild(want + self.n_batches, hold)
+            old = None
         for _ in range(self.n_batches):
             yield self._next()
 
