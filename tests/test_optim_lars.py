@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from resnet_lamb.optim import Lars
-from optim_common import IMPLS, SHAPES, _mixed_small_tensors  # noqa: F401 (autouse fixture)
+from optim_common import IMPLS, SHAPES, _mixed_small_tensors, assert_matches_reference  # noqa: F401 (autouse fixture)
 
 NAMES = ["a.weight", "b.bias", "c.weight", "d.weight"]
 
@@ -81,13 +81,7 @@ CASES = {
 def test_matches_reference(case, impl, fast_cpu, monkeypatch):
     monkeypatch.setattr(Lars, "_fast_cpu", fast_cpu)
     opts, group1 = CASES[case]
-    ps, ref, opt, ratios = run_both(opts, group1, impl)
-    for p, r in zip(ps, ref):
-        torch.testing.assert_close(p.detach().double(), r, rtol=2e-5, atol=2e-6)
-    got = opt.trust_ratios()
-    assert set(got) == set(NAMES)
-    for name, want in ratios.items():
-        assert float(got[name]) == pytest.approx(want, rel=1e-4, abs=1e-7), name
+    assert_matches_reference(*run_both(opts, group1, impl), ratio_abs=1e-7)
 
 
 @pytest.mark.parametrize("src,dst", [("eager", IMPLS[-1]), (IMPLS[-1], "eager")])
