@@ -23,7 +23,6 @@ optimizer + per-step schedule.
 """
 from __future__ import annotations
 
-import math
 import random
 from typing import Any, Optional
 

@@ -24,7 +24,6 @@ What happens, in order:
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -362,8 +361,6 @@ def _cli_class():
             return self._instantiate_trainer(config, extra)
 
         def _loggers(self, cfg) -> list:
-            from lightning.pytorch.loggers import CSVLogger
-
             csv_name = "csv" if self.subcommand == "fit" else f"csv_{self.subcommand}"
             loggers = [_csv_logger_class()(save_dir=str(self.run_dir), name=csv_name, version="")]
             if cfg.run.wandb and self.subcommand == "fit":
