@@ -301,6 +301,11 @@ def _cli_class():
                                       f"{recipe.optimizer.name!r}; accepted: {', '.join(sorted(accepted))}")
             if cfg.model.arch not in ARCHS:
                 raise RecipeError(f"model.arch: unknown architecture {cfg.model.arch!r}; choose one of {', '.join(ARCHS)}")
+            root = cfg.data.get("root")
+            if cfg.data.get("backend") != "synthetic" and root and not (Path(root) / "train").is_dir():
+                from resnet_lamb.data.folder import validate_root
+
+                validate_root(root)  # names the missing folder and how to make it, before the plan
             ws = world_size(cfg.trainer)
             plan = R.plan_recipe(recipe, world_size=ws)
             self.plan = plan

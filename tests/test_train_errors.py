@@ -61,7 +61,11 @@ def test_missing_recipe_and_missing_data(tmp_path, capsys, untouched):
     cfg = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "no-data"))
     assert run_cli("fit", "--config", str(cfg), "--run.root", str(tmp_path / "runs")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no-data" in err[0]
+    assert len(err) == 1 and "no-data: data root not found" in err[0] and "resnet-lamb prepare" in err[0]
+    (tmp_path / "no-data").mkdir()
+    assert run_cli("fit", "--config", str(cfg), "--run.root", str(tmp_path / "runs")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-data/train: missing" in err[0]
     assert not untouched
 
 
