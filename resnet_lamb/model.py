@@ -157,7 +157,7 @@ class LambModule(pl.LightningModule):
         loss_sum = self._loss_sum(logits, labels)
         loss = loss_sum / max(labels.numel(), 1)
         if not torch.isfinite(loss.detach()):
-            total = self.plan.total_steps if self.plan is not None else self.trainer.max_steps
+            total = self.plan.optimizer_steps if self.plan is not None else self.trainer.max_steps
             ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
             raise NonFiniteLossError(
                 f"train/loss is {loss.item()} at optimizer step {self.global_step + 1} of {total} "
