@@ -263,6 +263,16 @@ class ScheduleSpec:
 
 OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(OptimizerSpec))
 SCHEDULE_KEYS = tuple(f.name for f in dataclasses.fields(ScheduleSpec))
+SPEC_KEYS = {"model.optimizer": OPTIMIZER_KEYS, "model.schedule": SCHEDULE_KEYS}
+
+
+def check_spec_keys(cfg: Any) -> None:
+    """Unknown keys in ``model.optimizer`` / ``model.schedule``, named with their section."""
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    for section, allowed in SPEC_KEYS.items():
+        spec = model.get(section.split(".")[1]) if isinstance(model, dict) else None
+        if isinstance(spec, dict):
+            _unknown_keys(spec, allowed, section + ".")
 
 
 # ------------------------------------------------------------------------------- the plan

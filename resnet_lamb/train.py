@@ -39,10 +39,6 @@ RUN_DEFAULTS = {"name": None, "project": "resnet-lamb", "tags": [], "root": "run
 
 
 # ------------------------------------------------------------------------------------ errors
-_SPEC_FIELDS = {
-    "model.optimizer": ("name", "base_lr", "base_batch", "scaling", "weight_decay", "param_rule", "kwargs"),
-    "model.schedule": ("name", "warmup_epochs", "warmup_scaling", "power", "milestones", "gamma"),
-}
 _ARGV: list[str] = []
 
 
@@ -54,7 +50,9 @@ def _qualify(key: str) -> str:
         flag = a.split("=", 1)[0]
         if flag.startswith("--") and flag.endswith(f".{key}"):
             return flag[2:]
-    owners = [sec for sec, fields in _SPEC_FIELDS.items() if key in fields]
+    from resnet_lamb.recipe import SPEC_KEYS
+
+    owners = [sec for sec, fields in SPEC_KEYS.items() if key in fields]
     if len(owners) > 1:  # e.g. `name`: the section the command line mentions, else the optimizer
         flagged = [sec for sec in owners if any(a.startswith(f"--{sec}.{key}") for a in _ARGV)]
         owners = flagged or owners
@@ -146,16 +144,12 @@ def _expand_recipe(args: list[str], tmpdir: str) -> list[str]:
 
 def _check_spec_keys(cfg: dict, path: str) -> None:
     """Unknown keys in model.optimizer / model.schedule, named in full (jsonargparse drops the section)."""
-    import difflib
+    from resnet_lamb.recipe import check_spec_keys
 
-    model = cfg.get("model") if isinstance(cfg, dict) else None
-    for sec, fields in _SPEC_FIELDS.items():
-        spec = model.get(sec.split(".")[1]) if isinstance(model, dict) else None
-        for key in spec if isinstance(spec, dict) else ():
-            if key not in fields:
-                hint = difflib.get_close_matches(str(key), fields, n=1)
-                did = f" (did you mean {hint[0]}?)" if hint else ""
-                raise RecipeError(f"{path}: {sec}.{key}: unknown key{did}; allowed: {', '.join(fields)}")
+    try:
+        check_spec_keys(cfg)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
 
 
 def world_size(trainer_cfg: Any) -> int:
