@@ -23,7 +23,7 @@ Parameters with ``requires_grad=False`` are left out; empty groups are dropped.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from torch import nn
 
@@ -39,15 +39,22 @@ def _norm_param_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def param_groups(model: nn.Module, weight_decay: float, rule: str = "author") -> list[dict[str, Any]]:
+def param_groups(model: nn.Module | Iterable, weight_decay: float, rule: str = "author") -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into a decayed+adapted group and an undecayed,
-    unadapted group according to ``rule`` ("author" | "timm" | "none"); see the module doc."""
+    unadapted group according to ``rule`` ("author" | "timm" | "none"); see the module doc.
+
+    ``model`` may also be an iterable of tensors or ``(name, tensor)`` pairs (unnamed ones are
+    called ``p<i>``); then only "timm" and "none" apply, since "author" finds norms by module type.
+    """
     if rule not in RULES:
         raise ValueError(f"param_rule must be one of {', '.join(RULES)}; got {rule!r}")
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"param_groups needs an nn.Module (to find BatchNorm layers); "
-                         f"got {type(model).__name__}")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if isinstance(model, nn.Module):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    elif rule == "author":
+        raise ValueError("param_rule 'author' needs an nn.Module (BatchNorm is found by "
+                         "module type); pass the model or use param_rule 'timm' / 'none'")
+    else:
+        named = [p if isinstance(p, tuple) else (f"p{i}", p) for i, p in enumerate(model)]
     if rule == "none":
         skip: set[int] = set()
     elif rule == "author":
@@ -64,10 +71,3 @@ def param_groups(model: nn.Module, weight_decay: float, rule: str = "author") ->
         groups.append({"params": plain, "weight_decay": 0.0,
                        "layer_adaptation": False, "apply_decay": False})
     return groups
-
-
-def describe(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Names and settings of each group (for logs and tests)."""
-    return [{"names": [n for n, _ in g["params"]], "weight_decay": g["weight_decay"],
-             "layer_adaptation": g["layer_adaptation"]} for g in groups]
-

@@ -44,14 +44,12 @@ class AdamWL2(torch.optim.AdamW):
         if not (isinstance(l2, (int, float)) and l2 >= 0):
             raise ValueError(f"l2 must be a number >= 0; got {l2!r}")
         self._l2_default = float(l2)
-        super().__init__(params, *args, **kwargs)
-        for g in self.param_groups:
-            g.setdefault("l2", self._l2_default if g.get("apply_decay", True) else 0.0)
+        super().__init__(params, *args, **kwargs)  # add_param_group sets each group's l2
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         g = self.param_groups[-1]
-        g.setdefault("l2", getattr(self, "_l2_default", 0.0) if g.get("apply_decay", True) else 0.0)
+        g.setdefault("l2", self._l2_default if g.get("apply_decay", True) else 0.0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, **kwargs: Any):  # type: ignore[override]
@@ -150,7 +148,7 @@ def build_optimizer(name: str, model: nn.Module | Iterable, lr: float, weight_de
     ``kwargs``: the optimizer's own options (see :func:`optimizer_options`); unknown ones raise
     ValueError naming them and the accepted ones.
     """
-    from resnet_lamb.optim.param_groups import RULES, param_groups
+    from resnet_lamb.optim.param_groups import param_groups
 
     _check_name(name)
     build, accepted = _REGISTRY[name]
@@ -158,22 +156,7 @@ def build_optimizer(name: str, model: nn.Module | Iterable, lr: float, weight_de
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r} for optimizer {name!r}; accepted: "
                          f"{', '.join(sorted(accepted))}")
-    if isinstance(model, nn.Module):
-        groups = param_groups(model, weight_decay, param_rule)
-    else:
-        if param_rule not in RULES:
-            raise ValueError(f"param_rule must be one of {', '.join(RULES)}; got {param_rule!r}")
-        if param_rule == "author":
-            raise ValueError("param_rule 'author' needs an nn.Module (BatchNorm is found by "
-                             "module type); pass the model or use param_rule 'timm' / 'none'")
-        items = list(model)
-        named = [p if isinstance(p, tuple) else (f"p{i}", p) for i, p in enumerate(items)]
-        skip = {id(p) for _, p in named if param_rule == "timm" and p.ndim <= 1}
-        groups = [g for g in (
-            {"params": [(n, p) for n, p in named if id(p) not in skip],
-             "weight_decay": float(weight_decay), "layer_adaptation": True, "apply_decay": True},
-            {"params": [(n, p) for n, p in named if id(p) in skip], "weight_decay": 0.0,
-             "layer_adaptation": False, "apply_decay": False}) if g["params"]]
+    groups = param_groups(model, weight_decay, param_rule)
     opts = {k: v for k, v in kwargs.items()}
     if name == "lamb" or name.endswith("lamb"):
         opts.setdefault("betas", accepted["betas"])
