@@ -259,10 +259,9 @@ def _flat(ts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 # base class
 # --------------------------------------------------------------------------------------------
 def _check_common(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    lr_f = float(lr) if not isinstance(lr, torch.Tensor) else float(lr.detach().cpu())
+    lr_f = LayerwiseOptimizer._lr(group)
     if not math.isfinite(lr_f) or lr_f < 0:
-        raise ValueError(f"lr must be a finite number >= 0; got {lr!r}")
+        raise ValueError(f"lr must be a finite number >= 0; got {group['lr']!r}")
     wd = group["weight_decay"]
     if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
         raise ValueError(f"weight_decay must be a finite number >= 0; got {wd!r}")
@@ -509,6 +508,7 @@ class Lamb(LayerwiseOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
+            lr = self._lr(group)  # once per group: a tensor lr costs a device sync to read
             b1, b2 = group["betas"]
             clip = group["trust_clip"]
             lo, hi = (clip if clip is not None else (0.0, 0.0))
@@ -519,7 +519,7 @@ class Lamb(LayerwiseOptimizer):
             for (_dev, _dt, t), idx in self._buckets(group).items():
                 ps = [group["params"][i] for i in idx]
                 st = [self.state[p] for p in ps]
-                c = lamb_coefficients(self._lr(group), t, b1, b2, group["eps"],
+                c = lamb_coefficients(lr, t, b1, b2, group["eps"],
                                       group["weight_decay"], lo, hi, group["bias_correction"],
                                       group["nesterov"])
                 tensors = (ps, [p.grad for p in ps], [s["exp_avg"] for s in st],
@@ -529,7 +529,7 @@ class Lamb(LayerwiseOptimizer):
                         and ps[0].is_floating_point()):
                     # ratio 1 everywhere: LAMB is exactly AdamW here; torch's fused kernel
                     torch._fused_adamw_(*tensors, [], [s["step"] for s in st],
-                                        lr=self._lr(group), beta1=b1, beta2=b2,
+                                        lr=lr, beta1=b1, beta2=b2,
                                         weight_decay=group["weight_decay"], eps=group["eps"],
                                         amsgrad=False, maximize=False)
                     ratios.append(torch.ones(len(ps), device=_dev))

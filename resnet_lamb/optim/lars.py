@@ -190,20 +190,19 @@ class Lars(LayerwiseOptimizer):
             lo, hi = (clip if clip is not None else (0.0, 0.0))
             kw = dict(mode=group["mode"], nesterov=group["nesterov"], clip=clip is not None,
                       adapt=group["layer_adaptation"], has_wd=group["weight_decay"] != 0)
+            lr, mom = self._lr(group), group["momentum"]  # once per group: a tensor lr syncs to read
+            c = [lr, mom, 1.0 - mom, group["trust_coefficient"], group["eps"], group["weight_decay"], lo, hi]
             idx_all: list[int] = []
             ratios: list[torch.Tensor] = []
             for (_dev, _dt, _t), idx in self._buckets(group).items():
                 ps = [group["params"][i] for i in idx]
-                mom = group["momentum"]
-                c = [self._lr(group), mom, 1.0 - mom, group["trust_coefficient"], group["eps"],
-                     group["weight_decay"], lo, hi]
                 tensors = (ps, [p.grad for p in ps],
                            [self.state[p]["momentum_buffer"] for p in ps], None)
                 if (not group["layer_adaptation"] and _dev.type in ("cpu", "cuda")
                         and ps[0].is_floating_point()):
                     # local lr 1 everywhere: momentum SGD; torch's fused kernel
                     torch._fused_sgd_(*tensors[:3], weight_decay=group["weight_decay"],
-                                      momentum=mom, lr=self._lr(group),
+                                      momentum=mom, lr=lr,
                                       dampening=mom if group["mode"] == "paper" else 0.0,
                                       nesterov=group["nesterov"], maximize=False,
                                       is_first_step=False)
