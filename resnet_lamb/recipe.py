@@ -206,18 +206,15 @@ class OptimizerSpec:
         from resnet_lamb.optim.registry import list_optimizers  # lazy (torch): after the plain checks
 
         self.name = _choice(self.name, p + "name", tuple(list_optimizers()), "optimizer")
-        try:  # the optimizer's own options, where the registry states them
-            from resnet_lamb.optim.registry import optimizer_options
-        except ImportError:  # pragma: no cover - an older registry
-            optimizer_options = None
-        if optimizer_options is not None:
-            accepted = tuple(sorted(optimizer_options(self.name)))
-            for key in self.kwargs:
-                if key not in accepted and key not in ("lr", "weight_decay", "params"):
-                    hint = difflib.get_close_matches(key, list(accepted), n=1)
-                    did = f" (did you mean {hint[0]}?)" if hint else ""
-                    raise RecipeError(f"{p}kwargs.{key}: unknown option for optimizer {self.name!r}{did}; "
-                                      f"allowed: {', '.join(accepted)}")
+        from resnet_lamb.optim.registry import optimizer_options
+
+        accepted = tuple(sorted(optimizer_options(self.name)))
+        for key in self.kwargs:
+            if key not in accepted and key not in ("lr", "weight_decay", "params"):
+                hint = difflib.get_close_matches(key, list(accepted), n=1)
+                did = f" (did you mean {hint[0]}?)" if hint else ""
+                raise RecipeError(f"{p}kwargs.{key}: unknown option for optimizer {self.name!r}{did}; "
+                                  f"allowed: {', '.join(accepted)}")
         for key, owner in (("lr", "base_lr, base_batch and scaling"), ("weight_decay", "model.optimizer.weight_decay"),
                            ("params", "param_rule")):
             if key in self.kwargs:

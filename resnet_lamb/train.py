@@ -286,13 +286,6 @@ def _cli_class():
             recipe = R.validate_recipe(as_dict, path)
             from resnet_lamb.model import ARCHS
 
-            from resnet_lamb.optim.registry import optimizer_options
-
-            accepted = optimizer_options(recipe.optimizer.name)
-            for key in recipe.optimizer.kwargs:
-                if key not in accepted:
-                    raise RecipeError(f"{path}: model.optimizer.kwargs.{key}: not an option of optimizer "
-                                      f"{recipe.optimizer.name!r}; accepted: {', '.join(sorted(accepted))}")
             if cfg.model.arch not in ARCHS:
                 raise RecipeError(f"model.arch: unknown architecture {cfg.model.arch!r}; choose one of {', '.join(ARCHS)}")
             root = cfg.data.get("root")
