@@ -44,6 +44,9 @@ class _FolderDataset(Dataset):
         from PIL import Image
 
         i, real = item
+        # label -1: padding or a file already known to be corrupt (seen before, or restored from a
+        # checkpoint); -2 - i: file i failed to decode just now, so the main process warns once
+        label = -1
         if i not in self.bad:
             path = self.split.path(i)
             try:
@@ -52,9 +55,10 @@ class _FolderDataset(Dataset):
                     img = img.convert("RGB")
                 return self.transform(img), int(self.split.labels[i]) if real else -1
             except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
-                self.bad.add(i)  # the main process warns (once per file, whichever worker saw it)
+                self.bad.add(i)
+                label = -2 - i
         img = Image.open(io.BytesIO(placeholder_jpeg())).convert("RGB")
-        return self.transform(img), -2 - i
+        return self.transform(img), label
 
 
 class _PlanBatchSampler:
@@ -130,7 +134,7 @@ class TorchvisionLoader:
         for x, y in self.loader:
             if (y < -1).any():
                 for i in (-2 - y[y < -1]).tolist():
-                    if i not in self._warned and i not in self.bad:
+                    if i not in self._warned:
                         self._warned.add(i)
                         warn_corrupt(self.split.path(i), "PIL cannot decode it")
                         self.on_skip(self.split.path(i))
