@@ -59,24 +59,15 @@ def parse_overrides(args: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def apply_overrides(cfg: dict, configs: list[str], flags: dict[str, str]) -> dict:
-    from resnet_lamb.recipe import deep_merge
+    from resnet_lamb.recipe import deep_merge, load_recipe, parse_value
 
     for path in configs:
-        if not Path(path).is_file():
-            fail(f"--config {path}: no such file")
-        extra = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(extra, dict):
-            fail(f"--config {path}: expected a mapping at the top level")
-        extra.pop("base", None)
-        cfg = deep_merge(cfg, extra)
+        cfg = deep_merge(cfg, load_recipe(path))  # RecipeError naming the file: missing, bad YAML
     for key, raw in flags.items():
         parts = key.split(".")
         if parts[0] not in ("trainer", "model", "data", "seed_everything") or key.endswith("+"):
             continue  # run.*, ckpt_path, callbacks+=...: nothing the plan reads
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = parse_value(raw)
         node = cfg
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
@@ -166,7 +157,6 @@ def main(argv: list[str]) -> int:
     world = nproc * nnodes
     try:
         cfg = apply_overrides(load_recipe(recipe_path), configs, flags)
-        cfg.pop("base", None)
         recipe = validate_recipe(cfg, recipe_path)
         plan = plan_recipe(recipe, world_size=world)
     except UserError as err:

@@ -46,6 +46,15 @@ _Loader.add_implicit_resolver(
 )
 
 
+def parse_value(raw: str) -> Any:
+    """A command-line value read as the recipe loader reads YAML (``1e-5`` is a float); text that
+    is not YAML stays text."""
+    try:
+        return yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError:
+        return raw
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

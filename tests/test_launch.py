@@ -322,3 +322,19 @@ def test_sweep_two_points_sequential(tmp_path, digits_root):
     for d in dirs:
         assert (root / d / "checkpoints" / "last.ckpt").is_file()
         assert (root / d / "config.yaml").is_file()
+
+
+def test_preflight_reads_overrides_as_fit_does(tmp_path):
+    """`1e-05` on the command line is a float for fit (jsonargparse) and so for the preflight;
+    a second --config file is merged with its own base chain."""
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("data:\n  micro_batch: 64\n")
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "preflight.py"),
+                          str(REPO / "recipes" / "imagenet" / "table3" / "adam.yaml"),
+                          "--model.optimizer.base_lr", "1e-05", "--config", str(extra)],
+                         capture_output=True, text=True, env={**os.environ, "NPROC": "2", "NNODES": "1"},
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[1:] if line.strip()}
+    assert float(lines["lr"]) == 1e-05
+    assert lines["micro_batch"] == "64" and lines["accumulation"] == "128"  # 16384 / (64 x 2)
