@@ -540,18 +540,11 @@ def _validate(cfg: dict, shown: str) -> Recipe:
 
 
 def count_train_images(root: "str | os.PathLike[str]") -> int:
-    """Number of files under ``root/train`` (files only, any depth; nothing is opened)."""
-    train = Path(root) / "train"
-    count = 0
-    stack = [str(train)]
-    while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=True):
-                    stack.append(entry.path)
-                elif entry.is_file(follow_symlinks=True):
-                    count += 1
-    return count
+    """Number of training images under ``root/train``, counted as the data module counts them
+    (:func:`resnet_lamb.data.folder.validate_root`: hidden files skipped; nothing is opened)."""
+    from resnet_lamb.data.folder import validate_root
+
+    return len(validate_root(root, ("train",)).splits["train"])
 
 
 def plan_recipe(recipe: Recipe, *, world_size: int = 1, micro_batch: Optional[int] = None,
@@ -572,10 +565,7 @@ def plan_recipe(recipe: Recipe, *, world_size: int = 1, micro_batch: Optional[in
             where = f"{root}/train does not exist" if root is not None else "data.root is not set"
             raise RecipeError(f"{recipe.path}: data.train_images: null and {where}; set data.train_images in the "
                               f"recipe or pass --train-images")
-        images = count_train_images(root)
-        if images == 0:
-            raise RecipeError(f"{recipe.path}: data.root: {root}/train holds no files; prepare the data "
-                              f"(resnet-lamb prepare) or set data.train_images / pass --train-images")
+        images = count_train_images(root)  # DataError naming the folder when train/ is empty
     try:
         return derive_plan(recipe.optimizer, recipe.schedule, global_batch=recipe.global_batch,
                            micro_batch=micro, world_size=world_size, train_images=images, epochs=recipe.epochs)

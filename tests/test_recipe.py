@@ -335,6 +335,7 @@ def test_train_images_counted_from_root(tmp_path):
         (tmp_path / "train" / wnid).mkdir(parents=True)
         for i in range(n):
             (tmp_path / "train" / wnid / f"{i}.JPEG").write_bytes(b"")
+    (tmp_path / "train" / "n01" / ".DS_Store").write_bytes(b"")  # skipped, as the data module skips it
     assert count_train_images(tmp_path) == 5
     cfg = edited(data__train_images=None, data__root=str(tmp_path))
     plan = plan_recipe(validate_recipe(cfg, "r.yaml"))
