@@ -18,10 +18,8 @@ import itertools
 import shlex
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
-import yaml
 
 PAPER_GRIDS = {  # key in the paper's tables -> recipe key it sweeps
     "lr": ("lr_tuning_grid_adaptive", "model.optimizer.base_lr"),
@@ -30,9 +28,10 @@ PAPER_GRIDS = {  # key in the paper's tables -> recipe key it sweeps
 
 
 def paper_grid(which: str) -> tuple[str, list[str]]:
+    from resnet_lamb.report import paper_tables
+
     table_key, recipe_key = PAPER_GRIDS[which]
-    tables = yaml.safe_load(resources.files("resnet_lamb.reference").joinpath("paper_tables.yaml").read_text())
-    return recipe_key, [f"{v:g}" for v in tables["imagenet_resnet50"][table_key]]
+    return recipe_key, [f"{v:g}" for v in paper_tables()[table_key]]
 
 
 def parse_grid(text: str) -> tuple[str, list[str]]:

@@ -295,7 +295,6 @@ def _cli_class():
                 validate_root(root)  # names the missing folder and how to make it, before the plan
             ws = world_size(cfg.trainer)
             plan = R.plan_recipe(recipe, world_size=ws)
-            self.plan = plan
             steps = int(plan.optimizer_steps)
             user_max = cfg.trainer.get("max_steps")
             if user_max is not None and 0 < user_max < steps:
@@ -325,7 +324,7 @@ def _cli_class():
                         f"run.name: {self.run_dir} already holds checkpoints; resume it with --ckpt_path last, "
                         f"start a new run with --run.name NEW, or delete the folder")
             if int(os.environ.get("RANK", "0")) == 0:
-                print(_format_plan(plan, ws, cfg), flush=True)
+                print(_format_plan(plan), flush=True)
 
         def instantiate_trainer(self, **kwargs):
             cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -497,12 +496,12 @@ def _wandb_logger(run_dir: Path, cfg: Any, resume: bool):
                        offline=(mode == "offline"))
 
 
-def _format_plan(plan: Any, ws: int, cfg: Any) -> str:
+def _format_plan(plan: Any) -> str:
     warm = f"{plan.warmup_steps} warmup steps ({plan.warmup_epochs:g} epochs)"
     return (f"resnet-lamb plan: {plan.optimizer} lr {plan.lr:.6g} ({plan.base_lr:g} x ({plan.global_batch}/"
             f"{plan.base_batch}) {plan.scaling}), {plan.schedule} schedule, {warm}, {plan.total_steps} total steps "
             f"(optimizer steps {plan.optimizer_steps} = {plan.epochs} epochs x {plan.steps_per_epoch}), accumulation "
-            f"{plan.accumulation} (global batch {plan.global_batch} = micro {plan.micro_batch} x {ws} devices x "
+            f"{plan.accumulation} (global batch {plan.global_batch} = micro {plan.micro_batch} x {plan.world_size} devices x "
             f"{plan.accumulation}), {plan.train_images} train images")
 
 
@@ -511,8 +510,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("fit", "validate"):
         raise UserError("usage: resnet-lamb fit|validate --config RECIPE [--key value ...]")
-    if any(a in ("-h", "--help") for a in argv[1:]) and not any(a.startswith(("--config", "-c")) for a in argv):
-        pass  # plain help needs no recipe
     _ARGV[:] = argv
     with tempfile.TemporaryDirectory(prefix="resnet-lamb-") as tmp:
         args = [argv[0], *_expand_recipe(argv[1:], tmp)]
@@ -526,17 +523,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_cli(RecipeCLI, LambModule, ImageDataModule, SaveConfig, args):
-    if True:
-        RecipeCLI(
-            LambModule, ImageDataModule,
-            args=args,
-            parser_class=_parser_class(),
-            save_config_callback=SaveConfig,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"num_sanity_val_steps": 0},
-            auto_configure_optimizers=False,
-            seed_everything_default=0,
-        )
+    RecipeCLI(
+        LambModule, ImageDataModule,
+        args=args,
+        parser_class=_parser_class(),
+        save_config_callback=SaveConfig,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"num_sanity_val_steps": 0},
+        auto_configure_optimizers=False,
+        seed_everything_default=0,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m resnet_lamb.train fit ...`
