@@ -19,7 +19,8 @@ optimizer + per-step schedule.
   author's ResNet-50 code clips at 1.0); ``None`` = off.
 * On CUDA the network runs channels_last (the CLI picks bf16-mixed there); fp32 on CPU.
 * A non-finite loss raises :class:`NonFiniteLossError` (a ``UserError``: one line, naming the
-  optimizer step) before the step is taken, so no checkpoint is written from a bad state.
+  optimizer step) before the step is taken, so no checkpoint is written from a bad state; it is
+  checked once per optimizer step (``on_before_optimizer_step``), not per micro-batch.
 """
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ class LambModule(pl.LightningModule):
         self.val_count = SumMetric()
         self.plan = None  # the resnet_lamb.recipe.Plan this run follows, set in configure_optimizers
         self._channels_last = False
+        self._step_loss: Optional[torch.Tensor] = None  # first non-finite loss of the step, if any
 
     # ---------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -156,19 +158,26 @@ class LambModule(pl.LightningModule):
         logits = self(images)
         loss_sum = self._loss_sum(logits, labels)
         loss = loss_sum / max(labels.numel(), 1)
-        if not torch.isfinite(loss.detach()):
-            total = self.plan.optimizer_steps if self.plan is not None else self.trainer.max_steps
-            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
-            raise NonFiniteLossError(
-                f"train/loss is {loss.item()} at optimizer step {self.global_step + 1} of {total} "
-                f"(epoch {self.current_epoch}, micro-batch {batch_idx}); run stopped, last good "
-                f"checkpoint: {ckpt}; lower model.optimizer.base_lr or set model.grad_clip_norm")
+        # the first non-finite loss of this optimizer step, checked once before the step: no host
+        # sync per micro-batch (on_before_optimizer_step)
+        prev = self._step_loss
+        self._step_loss = loss.detach() if prev is None else torch.where(torch.isfinite(prev), loss.detach(), prev)
         # logged: the mean over real samples (a padded last batch would otherwise look small)
         self.log("train/loss", loss_sum.detach() / (labels >= 0).sum().clamp(min=1), on_step=True,
                  on_epoch=False, prog_bar=True, batch_size=labels.numel())
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
                  on_epoch=False, batch_size=labels.numel())
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        loss, self._step_loss = self._step_loss, None
+        if loss is not None and not torch.isfinite(loss):
+            total = self.plan.optimizer_steps if self.plan is not None else self.trainer.max_steps
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise NonFiniteLossError(
+                f"train/loss is {loss.item()} at optimizer step {self.global_step + 1} of {total} "
+                f"(epoch {self.current_epoch}); run stopped before the step, last good checkpoint: "
+                f"{ckpt}; lower model.optimizer.base_lr or set model.grad_clip_norm")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if gradient_clip_val:  # trainer.gradient_clip_val still works if a user sets it
