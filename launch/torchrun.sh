@@ -106,7 +106,7 @@ done
 if [ "$rc" -ne 0 ] && [ "$stopped" -eq 1 ]; then
     echo "torchrun.sh: stopped by a signal; the run resumes from its last.ckpt when launched again" >&2
 elif [ "$rc" -ne 0 ]; then
-    hint="the first worker traceback above is the cause"
+    hint="the first failure torchrun reports above is the cause: a worker's traceback, or 'Signal N' for a killed one; launch the same command again to resume from the run's last.ckpt, or set MAX_RESTARTS to restart by itself"
     if [ "$NNODES" -gt 1 ]; then
         hint="$hint; a RendezvousTimeoutError means not all $NNODES nodes joined $RDZV_ENDPOINT (id $RDZV_ID) within RDZV_TIMEOUT=${RDZV_TIMEOUT}s: start every node with the same NNODES, RDZV_ENDPOINT and RDZV_ID"
     fi

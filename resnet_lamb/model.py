@@ -4,7 +4,9 @@ optimizer + per-step schedule.
 * ``arch``: any torchvision ResNet constructor (resnet18/34/50/101/152, wide_resnet*, resnext*),
   built with ``weights=None``.  ``small_input`` swaps the 7x7/2 stem + max-pool for a 3x3/1 conv
   and no pool (for 28-64 px proxies).  ``zero_init_residual`` zeroes each residual block's last
-  BatchNorm gamma (Goyal et al. 2017).
+  BatchNorm gamma (Goyal et al. 2017).  ``mlp``: the TensorFlow LAMB README's MNIST MLP
+  (784-512-512-10 at 28 px): the channel mean of the image, flattened, two ReLU hidden layers of
+  ``mlp_hidden`` units; its input size comes from ``image_size`` (the CLI links data.image_size).
 * Loss: cross-entropy with optional label smoothing.  Label -1 marks a padding sample (the data
   side pads the last batch so every image counts once); the loss is the sum over real samples
   divided by the micro-batch's row count, so an all-padding micro-batch contributes 0 (not NaN)
@@ -18,9 +20,26 @@ optimizer + per-step schedule.
 * ``grad_clip_norm``: global gradient-norm clipping before each optimizer step (the LAMB
   author's ResNet-50 code clips at 1.0); ``None`` = off.
 * On CUDA the network runs channels_last (the CLI picks bf16-mixed there); fp32 on CPU.
-* A non-finite loss raises :class:`NonFiniteLossError` (a ``UserError``: one line, naming the
-  optimizer step) before the step is taken, so no checkpoint is written from a bad state; it is
-  checked once per optimizer step (``on_before_optimizer_step``), not per micro-batch.
+* Non-finite values, checked once per optimizer step (``on_before_optimizer_step``, one host
+  sync, not per micro-batch): the step's loss and the global gradient norm (one fused
+  ``get_total_norm`` pass, reused by ``grad_clip_norm``'s clipping).  ``nonfinite: stop`` (default)
+  raises :class:`NonFiniteLossError` (NaN/Inf loss) or :class:`NonFiniteGradientError` (finite loss,
+  NaN/Inf gradient) before the step is taken: one line naming the optimizer step and, for a
+  gradient, the parameter where it first appeared (the non-finite gradient nearest the output,
+  which backward reaches first); no checkpoint is written from the bad state.  Only on failure are
+  the per-tensor checks made to find the name.  ``nonfinite: skip``: the step's gradients are
+  dropped and the optimizer does not step (weights, moments and the optimizer's own step counts
+  stay as they were); the step still counts: ``global_step`` and the LR schedule move on one step
+  (the skipped step's LR goes unused, so the schedule stays aligned with the data and the run ends
+  after the plan's steps); one warning line per skipped step, ``train/skipped_steps`` (running
+  total) logged every optimizer step and kept in checkpoints.  BatchNorm running statistics
+  updated by the skipped step's forward are kept.  Under fp16 with a GradScaler (``16-mixed``) the
+  gradient check is left to the scaler, which skips overflowing steps itself.
+* Checkpoints carry ``checkpoint["resnet_lamb"]["recipe"]`` (:func:`recipe_identity`: optimizer,
+  schedule, global batch, epochs); ``fit --ckpt_path`` refuses to resume with other values unless
+  ``--run.force_resume true`` (``resnet_lamb.train``).  A forced resume keeps the weights, the
+  step count and the data position; it starts a fresh optimizer state when the optimizer's name
+  or param_rule changed, and the LR follows the new recipe from the restored step on.
 """
 from __future__ import annotations
 
@@ -41,20 +60,67 @@ from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
          "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
-         "resnext101_64x4d")
+         "resnext101_64x4d", "mlp")
 
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN/Inf: the run stops, the last good checkpoint stays."""
 
 
+class NonFiniteGradientError(UserError):
+    """A gradient became NaN/Inf (loss finite): the run stops, the last good checkpoint stays."""
+
+
+NONFINITE = ("stop", "skip")
+
+
+def recipe_identity(optimizer: OptimizerSpec, schedule: ScheduleSpec, global_batch: int,
+                    epochs: int) -> dict[str, Any]:
+    """The recipe keys a resumed run must share with its checkpoint, flat (``section.key``), as
+    plain JSON-like values.  ``kwargs.impl`` (eager / compiled: the same state dicts) is left out;
+    micro batch and world size are not part of it (they change only the accumulation)."""
+    import dataclasses
+    import json
+
+    out: dict[str, Any] = {}
+    for prefix, spec in (("model.optimizer.", optimizer), ("model.schedule.", schedule)):
+        for f in dataclasses.fields(spec):
+            value = getattr(spec, f.name)
+            if f.name == "kwargs":
+                value = {k: v for k, v in sorted(dict(value or {}).items()) if k != "impl"}
+            out[prefix + f.name] = value
+    out["data.global_batch"] = int(global_batch)
+    out["trainer.max_epochs"] = int(epochs)
+    return json.loads(json.dumps(out, default=str))
+
+
+class MLP(nn.Sequential):
+    """Grayscale (channel mean) image, flattened -> ReLU hidden layers -> class logits."""
+
+    def __init__(self, image_size: int, hidden: tuple[int, ...], num_classes: int):
+        sizes = [image_size * image_size, *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+        super().__init__(*layers, nn.Linear(sizes[-1], num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(images.mean(dim=1))
+
+
 def build_resnet(arch: str = "resnet50", num_classes: int = 1000, small_input: bool = False,
-                 zero_init_residual: bool = False) -> nn.Module:
-    """A torchvision ResNet with random weights; ``small_input``: 3x3 stride-1 stem, no max-pool."""
+                 zero_init_residual: bool = False, image_size: Optional[int] = None,
+                 mlp_hidden: tuple[int, ...] = (512, 512)) -> nn.Module:
+    """A torchvision ResNet with random weights; ``small_input``: 3x3 stride-1 stem, no max-pool.
+    ``arch="mlp"``: :class:`MLP` over ``image_size`` x ``image_size`` inputs."""
     if arch not in ARCHS:
         raise RecipeError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise RecipeError(f"model.num_classes: must be a positive integer, got {num_classes!r}")
+    if arch == "mlp":
+        if not isinstance(image_size, int) or image_size < 1:
+            raise RecipeError("model.image_size: the mlp needs the input size; set data.image_size")
+        return MLP(image_size, tuple(mlp_hidden), num_classes)
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
                                             zero_init_residual=zero_init_residual)
     if small_input:
@@ -102,8 +168,14 @@ class LambModule(pl.LightningModule):
         trust_ratio_every: int = 100,
         optimizer: Optional[OptimizerSpec] = None,
         schedule: Optional[ScheduleSpec] = None,
+        image_size: Optional[int] = None,
+        mlp_hidden: tuple[int, ...] = (512, 512),
+        nonfinite: str = "stop",
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE:
+            raise RecipeError(f"model.nonfinite: expected one of {', '.join(NONFINITE)}, got {nonfinite!r}; "
+                              "stop (default) ends the run at a NaN/Inf loss or gradient, skip skips such steps")
         if not 0.0 <= label_smoothing < 1.0:
             raise RecipeError(f"model.label_smoothing: must be in [0, 1), got {label_smoothing}")
         if grad_clip_norm is not None and not grad_clip_norm > 0:
@@ -117,7 +189,7 @@ class LambModule(pl.LightningModule):
         self.grad_clip_norm = grad_clip_norm
         self.trust_ratio_every = trust_ratio_every
         self.num_classes = num_classes
-        self.model = build_resnet(arch, num_classes, small_input, zero_init_residual)
+        self.model = build_resnet(arch, num_classes, small_input, zero_init_residual, image_size, mlp_hidden)
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=-1)
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro", ignore_index=-1)
@@ -126,6 +198,11 @@ class LambModule(pl.LightningModule):
         self.plan = None  # the resnet_lamb.recipe.Plan this run follows, set in configure_optimizers
         self._channels_last = False
         self._step_loss: Optional[torch.Tensor] = None  # first non-finite loss of the step, if any
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite: skip)
+        self._grad_norm: Optional[torch.Tensor] = None  # this step's gradient norm, for the clipping
+        self._skip_step = False
+        self._recipe_changed = False  # a forced resume with another recipe (on_load_checkpoint)
 
     # ---------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -171,19 +248,68 @@ class LambModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         loss, self._step_loss = self._step_loss, None
+        self._skip_step = False
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # fp16 + GradScaler: inf gradients are the scaler's business (it skips those steps itself)
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+        norm = None
+        if params and scaler is None:  # the order and function clip_grad_norm_ uses: same norm
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, False, None)
+        self._grad_norm = norm
+        bad = None if norm is None else ~torch.isfinite(norm)
+        if loss is not None:
+            bad = ~torch.isfinite(loss) if bad is None else bad | ~torch.isfinite(loss)
+        if bad is None or not bool(bad):  # the step's one host sync
+            if self.nonfinite == "skip":
+                self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            return
+        total = self.plan.optimizer_steps if self.plan is not None else self.trainer.max_steps
+        where = f"at optimizer step {self.global_step + 1} of {total} (epoch {self.current_epoch})"
         if loss is not None and not torch.isfinite(loss):
-            total = self.plan.optimizer_steps if self.plan is not None else self.trainer.max_steps
+            what, error = f"train/loss is {loss.item()} {where}", NonFiniteLossError
+        else:
+            what, error = f"non-finite gradient {where}: {self._first_nonfinite(params)}", NonFiniteGradientError
+        if self.nonfinite == "stop":
             ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
-            raise NonFiniteLossError(
-                f"train/loss is {loss.item()} at optimizer step {self.global_step + 1} of {total} "
-                f"(epoch {self.current_epoch}); run stopped before the step, last good checkpoint: "
-                f"{ckpt}; lower model.optimizer.base_lr or set model.grad_clip_norm")
+            raise error(f"{what}; run stopped before the step, last good checkpoint: {ckpt}; lower "
+                        "model.optimizer.base_lr or set model.grad_clip_norm (model.nonfinite: skip skips such steps)")
+        self.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every tensor and its state alone
+        self._skip_step = True
+        self.skipped_steps += 1
+        if self.trainer.is_global_zero:
+            import sys
+
+            print(f"resnet-lamb: warning: {what}; step skipped (model.nonfinite: skip), "
+                  f"{self.skipped_steps} skipped so far", file=sys.stderr, flush=True)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
+    def _first_nonfinite(self, params: list) -> str:
+        """Failure path only: the non-finite gradient nearest the output (backward reaches it first)."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        order = {key: i for i, key in enumerate(names)}  # registration (forward) order
+        bad = [p for p in params if not bool(torch.isfinite(p.grad).all())]
+        if not bad:
+            return "every gradient tensor is finite, their global norm overflowed"
+        first = max(bad, key=lambda p: order.get(id(p), -1))
+        kind = "nan" if bool(torch.isnan(first.grad).any()) else "inf"
+        return (f"{kind} first in {names.get(id(first), '?')} ({len(bad)} of {len(params)} gradient "
+                "tensors non-finite)")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self._skip_step:
+            return
         if gradient_clip_val:  # trainer.gradient_clip_val still works if a user sets it
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         if self.grad_clip_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
+            from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+            plugin = self.trainer.precision_plugin
+            if self._grad_norm is not None and not gradient_clip_val and type(plugin) in (Precision, MixedPrecision):
+                # clip_grad_norm_ without computing the norm a second time
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip_norm, self._grad_norm)
+            else:
+                self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
 
     # ---------------------------------------------------------------------------- eval
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -242,10 +368,62 @@ class LambModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = _rng_state()
+        checkpoint["resnet_lamb"] = {"recipe": self._recipe_identity(), "skipped_steps": self.skipped_steps}
+
+    def _recipe_identity(self) -> Optional[dict[str, Any]]:
+        dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        if getattr(dm, "global_batch", None) is None:
+            return None
+        return recipe_identity(self.optimizer_spec, self.schedule_spec, dm.global_batch, self.trainer.max_epochs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng = checkpoint.get("rng_states")
         self._epoch_boundary(checkpoint)
+        ours = checkpoint.get("resnet_lamb") or {}
+        self.skipped_steps = int(ours.get("skipped_steps", 0))
+        saved, now = ours.get("recipe"), self._recipe_identity()
+        self._forced = None
+        fitting = str(getattr(getattr(self._trainer, "state", None), "fn", "fit")) in ("fit", "TrainerFn.FITTING")
+        if not fitting or saved is None or now is None or saved == now or not checkpoint.get("optimizer_states"):
+            return
+        # a forced resume (``--run.force_resume``; the CLI refuses otherwise): the new recipe's
+        # hyperparameters and LRs at the restored step; the saved optimizer state only for the same
+        # optimizer and parameter groups (another optimizer's state would not load)
+        same = all(saved.get(k) == now.get(k) for k in ("model.optimizer.name", "model.optimizer.param_rule"))
+        scheds = checkpoint.get("lr_schedulers") or []
+        self._forced = {"optimizer_states": checkpoint["optimizer_states"] if same else None,
+                        "last_epoch": [s.get("last_epoch") for s in scheds]}
+        checkpoint["optimizer_states"], checkpoint["lr_schedulers"] = [], []
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if getattr(self._trainer, "is_global_zero", True):
+            import sys
+
+            print(f"resnet-lamb: resuming with another recipe ({', '.join(changed)}): "
+                  f"{'optimizer state kept' if same else 'fresh optimizer state'}, the new LR schedule from the "
+                  "restored step", file=sys.stderr, flush=True)
+
+    def _apply_forced_resume(self) -> None:
+        forced, self._forced = getattr(self, "_forced", None), None
+        if not forced:
+            return
+        for i, opt in enumerate(self.trainer.optimizers):
+            if forced["optimizer_states"] and i < len(forced["optimizer_states"]):
+                new = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                opt.load_state_dict(forced["optimizer_states"][i])
+                for g, hyper in zip(opt.param_groups, new):
+                    g.update(hyper)  # the new recipe's weight decay, betas, ...
+        for cfg, last in zip(self.trainer.lr_scheduler_configs, forced["last_epoch"]):
+            s = cfg.scheduler
+            if last is None or not hasattr(s, "lr_lambdas"):
+                continue
+            s.last_epoch = last
+            for g, base, fn in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+                lr = base * fn(last)
+                if torch.is_tensor(g["lr"]):
+                    g["lr"].fill_(lr)
+                else:
+                    g["lr"] = lr
+            s._last_lr = [float(g["lr"]) for g in s.optimizer.param_groups]
 
     def _epoch_boundary(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints are written after an epoch's last micro-batch (at its validation).  When the
@@ -272,3 +450,4 @@ class LambModule(pl.LightningModule):
         if state is not None:
             _set_rng_state(state)
             self._pending_rng = None
+        self._apply_forced_resume()

@@ -1,12 +1,37 @@
-"""`resnet-lamb report RUN_DIR_OR_GLOB... --out DIR`: the paper's tables and plots from local run folders.
+"""`resnet-lamb report RUN_DIR_OR_GLOB... [--wandb ENTITY/PROJECT] --out DIR`: the paper's tables and plots.
 
     resnet-lamb report runs/lamb-bs* runs/adam-goyal --out reports/
     resnet-lamb report runs --out reports/          # a folder of run folders: every run in it
+    resnet-lamb report runs/tiny/wandb/offline-run-20250101_120000-abcd1234 --out reports/
+    resnet-lamb report runs --wandb me/resnet-lamb --out reports/   # plus the project's W&B runs
 
-Each run folder is read from its ``config.yaml`` (the resolved config ``fit`` saved, ``expected``
-included) and ``csv/metrics.csv``; nothing else (W&B files are not read in this version).
-LR and warmup epochs come from the saved recipe through :func:`resnet_lamb.recipe.validate_recipe`
-and :func:`resnet_lamb.recipe.plan_recipe`, so they are the numbers ``resnet-lamb plan`` prints.
+Where each run's numbers come from (first that is usable wins):
+
+* **Config** (optimizer, schedule, batch, epochs, ``expected``): the run folder's ``config.yaml``
+  (the resolved config ``fit`` saved); without one, the config W&B recorded (the model's and
+  datamodule's hyperparameters: optimizer, schedule, global batch, but no ``trainer.max_epochs``
+  nor ``expected``, so such a run has no epoch count and no expected accuracy).
+  LR and warmup epochs come from the saved recipe through :func:`resnet_lamb.recipe.validate_recipe`
+  and :func:`resnet_lamb.recipe.plan_recipe` (from a W&B config, through the same
+  ``scale_lr`` / ``scale_warmup_epochs``), so they are the numbers ``resnet-lamb plan`` prints.
+* **Metrics** (val top-1/top-5 per epoch, trust ratios, last step): ``csv/metrics.csv``.  Only when
+  that file is unusable (missing, empty, cut mid-line, a missing column, a bad value) and the
+  folder holds W&B logs (``wandb/offline-run-*/run-*.wandb``, or ``wandb/run-*/run-*.wandb`` of
+  an online run) are the metrics read from those logs instead, all of them (resumed attempts in
+  time order; an attempt's rows replace the earlier attempt's from its first step on, as the
+  CSV logger does); the run's status then says so.  A readable CSV is never merged with W&B.
+* A W&B run folder named directly (``runs/NAME/wandb/offline-run-*``) is read from its
+  ``run-*.wandb`` only, its config from ``runs/NAME/config.yaml`` when that exists.
+* ``--wandb ENTITY/PROJECT``: every run of that project through the W&B API (``wandb.Api``,
+  ``run.config``, ``run.scan_history``), next to the local folders; config as above from the W&B
+  config; a run whose W&B state is not ``finished`` is "in progress".  No API key or no network
+  is one error line (a UserError) within about :data:`API_TIMEOUT_S` seconds.
+
+The ``.wandb`` file is W&B's transaction log: a 7-byte header (``:W&B``, 0xBEE1, version 0) then
+the LevelDB log format (32 KiB blocks of CRC-32-checked chunks) around protobuf
+``wandb_internal_pb2.Record`` messages.  wandb 0.31 ships the protobuf classes but no Python
+reader (the ``DataStore`` of older versions is gone; wandb-core reads it), so
+:func:`wandb_records` is a small reader of its own; a cut or corrupt tail (a killed run) ends it.
 
 ``DIR/report.md`` holds, in order:
 
@@ -20,8 +45,11 @@ and :func:`resnet_lamb.recipe.plan_recipe`, so they are the numbers ``resnet-lam
   the paper's top-1 (``table3_16k``) and the difference.
 * **Other runs**, grouped by optimizer x global batch, each with its recipe's ``expected``.
 * **Incomplete runs**: folders that cannot be read (no config, a CSV cut mid-line, a missing
-  metric column), each with the reason.  A run with fewer validated epochs than
-  ``trainer.max_epochs`` that has not reached ``trainer.max_steps`` either is "in progress".
+  metric column, and no readable W&B log to fall back on), each with the reason.  A run with
+  fewer validated epochs than ``trainer.max_epochs`` that has not reached ``trainer.max_steps``
+  either is "in progress"; without ``max_epochs`` (a W&B config), a run whose W&B log has no exit
+  record or whose W&B state is not ``finished`` is.  The status of a run not read from
+  ``config.yaml`` + ``csv/metrics.csv`` says where it was read from.
 
 ``DIR/*.png`` (matplotlib, Agg): top-1 and top-5 against epoch, one figure per global batch and one
 per optimizer (a line per run), and for each run that logged ``optim/trust_ratio/<param>`` a
@@ -33,10 +61,13 @@ import argparse
 import csv
 import glob
 import importlib.resources
+import json
 import math
 import os
 import re
+import struct
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -47,6 +78,8 @@ from resnet_lamb.errors import RecipeError, UserError
 
 TRUST_PREFIX = "optim/trust_ratio/"
 REQUIRED_COLUMNS = ("epoch", "step", "val/top1", "val/top5")
+WANDB_STEP = "trainer/global_step"        # Lightning's step key in W&B history (the CSV's "step")
+API_TIMEOUT_S = 10                        # seconds per W&B API request
 
 
 @dataclass
@@ -55,7 +88,7 @@ class Run:
 
     name: str
     path: Path
-    status: str = "complete"               # complete | in progress | incomplete
+    status: str = "complete"               # complete | in progress | failed | incomplete
     reason: str = ""                       # why incomplete / in progress
     optimizer: str = "?"
     schedule: str = "?"
@@ -69,6 +102,7 @@ class Run:
     trust_layers: list = field(default_factory=list)  # layer names
     trust_steps: list = field(default_factory=list)   # optimizer steps
     trust_values: list = field(default_factory=list)  # one list per step, a value per layer (nan = missing)
+    source: str = ""                       # "" = config.yaml + csv/metrics.csv; else what was read instead
 
     @property
     def final(self) -> tuple:
@@ -88,9 +122,14 @@ def paper_tables() -> dict:
     return yaml.safe_load(text)["imagenet_resnet50"]
 
 
+def _is_run_dir(p: Path) -> bool:
+    return (p / "config.yaml").exists() or (p / "csv").exists() or bool(wandb_logs(p))
+
+
 def find_run_dirs(patterns: list) -> list:
-    """Run folders named by paths or globs; a folder without config.yaml/csv that holds run
-    folders stands for all of them. A path or glob that names nothing is a UserError."""
+    """Run folders named by paths or globs (a W&B run folder ``wandb/offline-run-*`` is one too); a
+    folder that is none of these but holds some stands for all of them (``runs``, ``runs/NAME/wandb``).
+    A path or glob that names nothing is a UserError."""
     found: list = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -100,8 +139,8 @@ def find_run_dirs(patterns: list) -> list:
                             f"(\"runs/lamb-*\") or a folder of run folders (runs)")
         for m in matches:
             p = Path(m)
-            if not (p / "config.yaml").exists() and not (p / "csv").exists():
-                subs = sorted(d for d in p.iterdir() if (d / "config.yaml").exists() or (d / "csv").exists())
+            if not _is_run_dir(p):
+                subs = sorted(d for d in p.iterdir() if d.is_dir() and not d.is_symlink() and _is_run_dir(d))
                 if subs:
                     found += subs
                     continue
@@ -113,11 +152,11 @@ def find_run_dirs(patterns: list) -> list:
     return unique
 
 
-def read_config(run: Run) -> None:
+def read_config(run: Run, path: Optional[Path] = None) -> None:
     """Optimizer, batch, epochs, expected and the plan's LR / warmup from config.yaml."""
     from resnet_lamb import recipe as R
 
-    path = run.path / "config.yaml"
+    path = run.path / "config.yaml" if path is None else path
     if not path.is_file():
         raise ValueError("no config.yaml")
     try:
@@ -146,11 +185,48 @@ def read_config(run: Run) -> None:
     run.max_steps = trainer.get("max_steps")
 
 
-def _number(text: str, line: int, column: str) -> float:
+def _number(value, where: str, column: str) -> float:
     try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"csv/metrics.csv line {line}: {column} = {text!r} is not a number") from None
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {column} = {value!r} is not a number") from None
+
+
+class _History:
+    """What the report keeps of a metrics history, fed one row at a time (a dict of the CSV's
+    column names: ``epoch``, ``step``, ``val/top1``, ``val/top5``, ``optim/trust_ratio/<param>``;
+    absent = not logged in that row), from csv/metrics.csv, a .wandb log or the W&B API alike."""
+
+    def __init__(self) -> None:
+        self.by_epoch: dict = {}   # epoch (1-based) -> (step, top1, top5)
+        self.trust: list = []      # (step, {layer: value})
+        self.last_step: Optional[int] = None
+
+    def restart_at(self, step: int) -> None:
+        """A resumed attempt logs again from ``step`` on: drop what the earlier attempt logged there."""
+        self.by_epoch = {e: v for e, v in self.by_epoch.items() if v[0] is None or v[0] < step}
+        self.trust = [t for t in self.trust if t[0] < step]
+
+    def add(self, row: dict, where: str) -> None:
+        step = int(_number(row["step"], where, "step")) if row.get("step") is not None else None
+        if step is not None:
+            self.last_step = step
+        if row.get("val/top1") is not None or row.get("val/top5") is not None:
+            epoch = int(_number(row.get("epoch"), where, "epoch"))
+            self.by_epoch[epoch + 1] = (step, _number(row.get("val/top1"), where, "val/top1"),
+                                        _number(row.get("val/top5"), where, "val/top5"))
+        trust = {k[len(TRUST_PREFIX):]: _number(v, where, k) for k, v in row.items()
+                 if k.startswith(TRUST_PREFIX) and v is not None}
+        if trust:
+            self.trust.append((int(_number(row.get("step"), where, "step")), trust))
+
+    def finish(self, run: Run, layers: Optional[list] = None) -> Optional[int]:
+        """Fill ``run``'s val / trust fields (layers: the CSV's column order, else sorted); the last step."""
+        run.val = [(e, *self.by_epoch[e][1:]) for e in sorted(self.by_epoch)]
+        run.trust_layers = list(layers) if layers is not None else sorted({k for _, d in self.trust for k in d})
+        run.trust_steps = [step for step, _ in self.trust]
+        run.trust_values = [[d.get(k, math.nan) for k in run.trust_layers] for _, d in self.trust]
+        return self.last_step
 
 
 def read_metrics(run: Run) -> Optional[int]:
@@ -166,48 +242,271 @@ def read_metrics(run: Run) -> Optional[int]:
         f.seek(size - 1)
         if f.read(1) != b"\n":
             raise ValueError(f"csv/metrics.csv is truncated: its last line is cut off (at byte {size})")
+    history = _History()
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader)
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise ValueError(f"csv/metrics.csv has no {', '.join(missing)} column")
-        col = {name: i for i, name in enumerate(header)}
-        trust = [(name[len(TRUST_PREFIX):], i) for i, name in enumerate(header) if name.startswith(TRUST_PREFIX)]
-        run.trust_layers = [name for name, _ in trust]
-        by_epoch: dict = {}
-        last_step = None
         for row in reader:
             line = reader.line_num
             if len(row) != len(header):
                 raise ValueError(f"csv/metrics.csv line {line} has {len(row)} fields, the header {len(header)}")
-            if row[col["step"]]:
-                last_step = int(_number(row[col["step"]], line, "step"))
-            if row[col["val/top1"]] or row[col["val/top5"]]:
-                epoch = int(_number(row[col["epoch"]], line, "epoch"))
-                by_epoch[epoch + 1] = (_number(row[col["val/top1"]], line, "val/top1"),
-                                       _number(row[col["val/top5"]], line, "val/top5"))
-            if trust and any(row[i] for _, i in trust):
-                run.trust_steps.append(int(_number(row[col["step"]], line, "step")))
-                run.trust_values.append([_number(row[i], line, header[i]) if row[i] else math.nan for _, i in trust])
-    run.val = [(e, *by_epoch[e]) for e in sorted(by_epoch)]
-    return last_step
+            history.add({name: value for name, value in zip(header, row) if value}, f"csv/metrics.csv line {line}")
+    return history.finish(run, [name[len(TRUST_PREFIX):] for name in header if name.startswith(TRUST_PREFIX)])
 
 
-def load_run(path: Path) -> Run:
-    """A :class:`Run` from a folder; never raises: what cannot be read makes it "incomplete"."""
-    run = Run(name=path.name, path=path)
+# ------------------------------------------------------------------------------ W&B
+_LOG_HEADER, _LOG_BLOCK = 7, 32768  # LevelDB log format: chunk header (crc32, length, type), block size
+
+
+def wandb_records(path: Path):
+    """The ``wandb_internal_pb2.Record`` messages of a ``run-*.wandb`` transaction log, in order.
+    A file that is not a W&B log is a ValueError; a cut or corrupt tail just ends the records."""
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        head = f.read(_LOG_HEADER)
+        ident, magic, version = struct.unpack("<4sHB", head) if len(head) == _LOG_HEADER else (b"", 0, 0)
+        if ident != b":W&B" or magic != 0xBEE1 or version != 0:
+            raise ValueError(f"{path.name} is not a W&B transaction log (version 0)")
+        pending, block, offset = b"", head + f.read(_LOG_BLOCK - _LOG_HEADER), _LOG_HEADER
+        while block:
+            while offset + _LOG_HEADER <= len(block):
+                crc, length, kind = struct.unpack_from("<IHB", block, offset)
+                if kind == 0 and length == 0:  # zero padding at a block's end
+                    break
+                chunk = block[offset + _LOG_HEADER:offset + _LOG_HEADER + length]
+                if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
+                    return  # a cut or corrupt tail
+                offset += _LOG_HEADER + length
+                if kind in (1, 2):      # FULL, FIRST
+                    pending = chunk
+                elif kind in (3, 4):    # MIDDLE, LAST
+                    pending += chunk
+                else:
+                    return
+                if kind in (1, 4):
+                    record = wandb_internal_pb2.Record()
+                    try:
+                        record.ParseFromString(pending)
+                    except Exception:  # noqa: BLE001 - protobuf's DecodeError: a damaged record ends the log
+                        return
+                    yield record
+                    pending = b""
+            if len(block) < _LOG_BLOCK:
+                return
+            block, offset = f.read(_LOG_BLOCK), 0
+
+
+def wandb_logs(folder: Path) -> list:
+    """The ``run-*.wandb`` files of a W&B run folder named directly, else of ``folder/wandb/*run-*/``
+    (offline and online runs, resumed attempts included), oldest attempt first."""
+    direct = sorted(folder.glob("run-*.wandb"))
+    if direct:
+        return direct
+    files = [f for f in folder.glob("wandb/*run-*/run-*.wandb") if not f.parent.is_symlink()]
+    return sorted(files, key=lambda f: f.parent.name.split("run-", 1)[-1])  # run-<time>-<id>
+
+
+def _wandb_row(item: dict) -> dict:
+    """A W&B history row (keys as logged) as a CSV-style row: Lightning's trainer/global_step is the
+    CSV's ``step``; W&B's own ``_step``, ``_runtime``, ``_timestamp`` are dropped."""
+    row = {k: v for k, v in item.items() if not k.startswith("_") and k != WANDB_STEP and v is not None}
+    if item.get(WANDB_STEP) is not None:
+        row["step"] = item[WANDB_STEP]
+    return row
+
+
+def read_wandb_logs(files: list) -> tuple:
+    """(history, config, W&B's name of the run, whether the last attempt ended with an exit record)
+    from a run's .wandb files, oldest attempt first."""
+    history, cfg, name, ended = _History(), {}, None, False
+    for n, path in enumerate(files):
+        first, ended = True, False
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                item = {(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+                row = _wandb_row(item)
+                if first and n and row.get("step") is not None:
+                    history.restart_at(int(_number(row["step"], path.name, "step")))
+                first = first and row.get("step") is None
+                history.add(row, f"{path.parent.name}/{path.name} history step {record.history.step.num}")
+            elif kind == "config":
+                cfg.update({u.key or ".".join(u.nested_key): json.loads(u.value_json) for u in record.config.update})
+            elif kind == "run":
+                name = record.run.display_name or name
+                cfg.update({u.key: json.loads(u.value_json) for u in record.run.config.update if u.key})
+            elif kind == "exit":
+                ended = True
+    return history, cfg, name, ended
+
+
+def _wandb_metrics(run: Run, history: _History, files: list) -> Optional[int]:
+    if not history.by_epoch and not history.trust and history.last_step is None:
+        raise ValueError(f"{files[-1].parent.name}/{files[-1].name} holds no metrics history")
+    return history.finish(run)
+
+
+def config_from_wandb(run: Run, cfg: dict) -> None:
+    """Optimizer, schedule, batch and the plan's LR / warmup from the config W&B recorded: Lightning
+    logs the model's and datamodule's hyperparameters flat (``optimizer``, ``schedule``,
+    ``global_batch``, ...); ``model`` / ``data`` / ``trainer`` / ``expected`` sections are used when
+    present (a full config logged by hand). LR and warmup come from the recipe's own rules."""
+    from resnet_lamb import recipe as R
+    from resnet_lamb.optim.schedules import scale_lr, scale_warmup_epochs
+
+    model = cfg["model"] if isinstance(cfg.get("model"), dict) else cfg
+    data = cfg["data"] if isinstance(cfg.get("data"), dict) else cfg
+    trainer = cfg["trainer"] if isinstance(cfg.get("trainer"), dict) else {}
+    opt, sched = model.get("optimizer"), model.get("schedule")
+    if not isinstance(opt, dict) or not isinstance(data.get("global_batch"), int):
+        raise ValueError("the W&B config has no optimizer or global_batch (not a resnet-lamb run?)")
     try:
-        read_config(run)
-        last_step = read_metrics(run)
-    except (ValueError, OSError, csv.Error, StopIteration) as err:
-        run.status, run.reason = "incomplete", str(err) or type(err).__name__
-        return run
+        optimizer = R.OptimizerSpec(**{k: v for k, v in opt.items() if k in R.OPTIMIZER_KEYS})
+        schedule = R.ScheduleSpec(**{k: v for k, v in (sched or {}).items() if k in R.SCHEDULE_KEYS})
+    except RecipeError as err:
+        raise ValueError(f"W&B config: {err}") from None
+    run.optimizer, run.schedule, run.global_batch = optimizer.name, schedule.name, data["global_batch"]
+    run.max_epochs, run.max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    run.expected = cfg.get("expected") if isinstance(cfg.get("expected"), dict) else {}
+    run.lr = scale_lr(optimizer.base_lr, optimizer.base_batch, run.global_batch, optimizer.scaling)
+    run.warmup_epochs = scale_warmup_epochs(schedule.warmup_epochs, optimizer.base_batch, run.global_batch,
+                                            schedule.warmup_scaling)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def wandb_api(project: str):
+    """``wandb.Api`` with a short timeout; a UserError (one line: the problem and the fix) when no
+    API key is configured or the server does not answer. Never prompts for a key."""
+    fix = "run `wandb login` or set WANDB_API_KEY, or report local folders only (drop --wandb)"
+    try:
+        import wandb
+    except ImportError as err:
+        raise UserError(f"--wandb {project}: the wandb package cannot be imported ({_one_line(err)}); "
+                        f"`pip install wandb`, or report local folders only (drop --wandb)") from None
+    base = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    try:  # wandb 0.31's own lookup (env, netrc, settings) without its interactive prompt
+        from wandb.sdk.lib import wbauth
+    except ImportError:  # another wandb layout: wandb.Api() decides (and may prompt on a terminal)
+        wbauth = None
+    if wbauth is not None:
+        try:
+            auth = wbauth.authenticate_session(host=base, source="resnet-lamb report", no_offline=True,
+                                               prompt=False, update_session=False)
+        except Exception as err:  # noqa: BLE001 - a malformed key or netrc
+            raise UserError(f"--wandb {project}: cannot use the W&B credentials for {base} "
+                            f"({_one_line(err)}); {fix}") from None
+        if auth is None:
+            raise UserError(f"--wandb {project}: no W&B API key configured for {base}; {fix}")
+    try:
+        return wandb.Api(timeout=API_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 - wandb's CommError, AuthenticationError, ...
+        raise UserError(f"--wandb {project}: the W&B API at {base} did not answer ({_one_line(err)}); check the "
+                        f"network and the key, {fix}") from None
+
+
+def read_wandb_api(project: str, api=None) -> list:
+    """Every run of W&B project ENTITY/PROJECT as a :class:`Run`: config from ``run.config``,
+    validation rows and trust-ratio rows from ``run.scan_history`` (two scans: it returns only the
+    rows holding every key asked for), status from ``run.state``. A network or API failure is a
+    UserError naming the project."""
+    if project.count("/") != 1 or not all(project.split("/")):
+        raise UserError(f"--wandb {project}: expected ENTITY/PROJECT, e.g. --wandb my-team/resnet-lamb")
+    api = wandb_api(project) if api is None else api
+    fetched = []
+    try:  # the network part: plain data out of the API first
+        for r in api.runs(project):
+            summary = r.summary  # the last value of every key logged: which trust ratios exist
+            keys = list(summary.keys())
+            trust_keys = sorted(k for k in keys if k.startswith(TRUST_PREFIX))
+            last = summary[WANDB_STEP] if WANDB_STEP in keys else None
+            val = list(r.scan_history(keys=["epoch", WANDB_STEP, "val/top1", "val/top5"]))
+            trust = list(r.scan_history(keys=[WANDB_STEP, *trust_keys])) if trust_keys else []
+            fetched.append((r.name or r.id, r.id, r.state, dict(r.config), last, val + trust))
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - wandb's CommError, requests', ...
+        raise UserError(f"--wandb {project}: reading the runs failed ({_one_line(err)}); check the project name, "
+                        "the network and `wandb login` / WANDB_API_KEY, or report local folders only "
+                        "(drop --wandb)") from None
+    runs = []
+    for name, run_id, state, cfg, last, rows in fetched:
+        run = Run(name=name, path=Path(f"wandb:{project}/{run_id}"), source=f"W&B API {project}")
+        try:
+            config_from_wandb(run, cfg)
+            history = _History()
+            for row in sorted((_wandb_row(item) for item in rows), key=lambda row: row.get("step", -1)):
+                history.add(row, f"W&B run {project}/{run_id}")
+            last_step = history.finish(run)
+        except ValueError as err:
+            run.status, run.reason = "incomplete", str(err)
+        else:
+            _set_progress(run, int(last) if isinstance(last, (int, float)) else last_step,
+                          None if state == "finished" else f"W&B state {state}")
+        runs.append(run)
+    return runs
+
+
+def _set_progress(run: Run, last_step: Optional[int], unfinished: Optional[str] = None) -> None:
+    """"in progress" when fewer epochs than max_epochs were validated and max_steps was not reached,
+    or when ``unfinished`` (a W&B run not finished) says so."""
     max_steps = run.max_steps
     stopped = isinstance(max_steps, int) and max_steps > 0 and last_step is not None and last_step >= max_steps - 1
     if run.max_epochs and len(run.val) < run.max_epochs and not stopped:
         run.status = "in progress"
         run.reason = f"{len(run.val)} of {run.max_epochs} epochs validated"
+    elif unfinished and not run.max_epochs:
+        run.status, run.reason = "in progress", f"{unfinished}, {len(run.val)} epochs validated"
+
+
+def load_run(path: Path) -> Run:
+    """A :class:`Run` from a folder (a run folder, or a W&B run folder named directly); never raises:
+    what cannot be read makes it "incomplete". Precedence: the module docstring."""
+    logs = wandb_logs(path)
+    direct = bool(logs) and logs[0].parent == path
+    home = path.parent.parent if direct and path.parent.name == "wandb" else path
+    run = Run(name=path.name, path=path)
+    errors = (ValueError, OSError, csv.Error, StopIteration)
+    wandb, ended = None, True
+    try:
+        has_config = (home / "config.yaml").is_file()
+        if has_config or not logs:
+            read_config(run, home / "config.yaml")
+        if direct:
+            wandb = read_wandb_logs(logs)
+            last_step, run.source = _wandb_metrics(run, wandb[0], logs), "W&B log"
+            # NAME:ID (the W&B run id), apart from the run folder's own row
+            run.name = f"{home.name if home is not path else wandb[2] or path.name}:{path.name.rsplit('-', 1)[-1]}"
+        else:
+            try:
+                last_step = read_metrics(run)
+            except errors as err:
+                if not logs:
+                    raise
+                try:
+                    wandb = read_wandb_logs(logs)
+                    last_step = _wandb_metrics(run, wandb[0], logs)
+                except errors as wandb_err:
+                    raise ValueError(f"{_one_line(err)}; W&B log: {_one_line(wandb_err)}") from None
+                run.source = f"W&B log ({_one_line(err)})"
+        if not has_config:
+            wandb = wandb or read_wandb_logs(logs)
+            config_from_wandb(run, wandb[1])
+            run.source = run.source or "W&B config (no config.yaml)"
+        ended = wandb is None or wandb[3]
+    except errors as err:
+        run.status, run.reason = "incomplete", str(err) or type(err).__name__
+        return run
+    _set_progress(run, last_step, None if ended else "no W&B exit record (killed, or still running)")
+    failed = home / "failed.txt"  # written by fit when it died of an error (resnet_lamb.telemetry.RunStatus)
+    if failed.is_file():
+        run.status, run.reason = "failed", " ".join(failed.read_text(errors="replace").split())
     return run
 
 
@@ -240,7 +539,8 @@ def _epochs(run: Run) -> str:
 
 
 def _status(run: Run) -> str:
-    return run.status if not run.reason else f"{run.status} ({run.reason})"
+    notes = [n for n in (run.reason, run.source and f"from {run.source}") if n]
+    return f"{run.status} ({'; '.join(notes)})" if notes else run.status
 
 
 def _table(header: list, rows: list) -> list:
@@ -300,6 +600,39 @@ def other_sections(runs: list) -> list:
     return lines
 
 
+def grid_table(runs: list) -> list:
+    """Final top-1 by optimizer (rows) x global batch (columns); runs sharing a cell (seeds) are
+    averaged, with half their range and count; failed runs (failed.txt) are counted, not averaged."""
+    cells: dict = {}
+    failed: dict = {}
+    for run in runs:
+        if run.status == "failed":  # e.g. a NaN loss: its last validated top-1 is not a result
+            failed[(run.optimizer, run.global_batch or 0)] = failed.get((run.optimizer, run.global_batch or 0), 0) + 1
+            cells.setdefault((run.optimizer, run.global_batch or 0), [])
+        elif run.final[0] is not None:
+            cells.setdefault((run.optimizer, run.global_batch or 0), []).append(run.final[0])
+    batches = sorted({b for _, b in cells})
+    rows = []
+    for opt in sorted({o for o, _ in cells}):
+        row = [opt]
+        for b in batches:
+            v, bad = cells.get((opt, b)), failed.get((opt, b), 0)
+            text = ("failed" if bad else "-") if not v else _f(sum(v) / len(v)) if len(v) == 1 \
+                else f"{sum(v) / len(v):.4f} ±{(max(v) - min(v)) / 2:.4f} (n={len(v)})"
+            row.append(text + (f", {bad} failed" if bad and v else ""))
+        rows.append(row)
+    return _table(["optimizer, batch →", *map(str, batches)], rows)
+
+
+def _sources(runs: list) -> str:
+    """Where the runs' numbers were read from, with counts (see the module docstring)."""
+    kinds = (("", "local CSV logs (csv/metrics.csv) and config.yaml"),
+             ("W&B config", "csv/metrics.csv and, without config.yaml, the config W&B recorded"),
+             ("W&B log", "W&B run logs (run-*.wandb)"), ("W&B API", "the W&B API"))
+    counts = [(text, sum(r.source.startswith(key) if key else not r.source for r in runs)) for key, text in kinds]
+    return "Read from " + "; ".join(f"{text}: {n} runs" for i, (text, n) in enumerate(counts) if n or not i) + "."
+
+
 def render_report(runs: list, paper: dict, figures: list) -> str:
     readable = [r for r in runs if r.status != "incomplete"]
     t5, used5 = table5_rows(readable, paper)
@@ -308,8 +641,9 @@ def render_report(runs: list, paper: dict, figures: list) -> str:
     lines = ["# resnet-lamb report", "",
              f"{len(runs)} run folders: {sum(r.status == 'complete' for r in runs)} complete, "
              f"{sum(r.status == 'in progress' for r in runs)} in progress, "
+             f"{sum(r.status == 'failed' for r in runs)} failed, "
              f"{sum(r.status == 'incomplete' for r in runs)} incomplete. Accuracies are fractions; "
-             "diff = final - paper. Read from local CSV logs (csv/metrics.csv) and config.yaml.", "",
+             f"diff = final - paper. {_sources(runs)}", "",
              "## Table 5: LAMB, untuned, sqrt LR scaling, linear-epoch warmup", ""]
     lines += _table(["run", "status", "batch", "LR", "warmup epochs", "epochs", "final top-1", "final top-5",
                      "best top-1", "best top-5", "paper top-1", "paper top-5", "diff top-1", "diff top-5"], t5)
@@ -317,6 +651,9 @@ def render_report(runs: list, paper: dict, figures: list) -> str:
     lines += _table(["run", "status", "optimizer", "LR", "warmup epochs", "epochs", "final top-1", "best top-1",
                      "paper top-1", "diff top-1"], t3)
     lines += ["", "## Other runs (optimizer x global batch)"]
+    if others:
+        lines += ["", "Final top-1 (mean over runs sharing a cell, ± half their range):", ""]
+        lines += grid_table(others)
     lines += other_sections(others) if others else ["", "(none)"]
     bad = [r for r in runs if r.status == "incomplete"]
     if bad:
@@ -403,25 +740,28 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="resnet-lamb report",
         description="Write DIR/report.md (the paper's Tables 5 and 3, other runs) and DIR/*.png "
-                    "(accuracy curves, trust-ratio heatmaps) from run folders' csv/metrics.csv and config.yaml.")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_GLOB", help="run folders, globs or a folder of runs")
+                    "(accuracy curves, trust-ratio heatmaps) from run folders' csv/metrics.csv and config.yaml "
+                    "(their W&B logs where the CSV is unusable) and, with --wandb, a W&B project's runs.")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR_OR_GLOB",
+                        help="run folders, globs, a folder of runs, or W&B run folders (wandb/offline-run-*)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None,
-                        help="not read in this version: only local CSV logs are")
+                        help="also report this W&B project's runs, read through the W&B API (needs a key and "
+                             "the network)")
     args = parser.parse_args(sys.argv[2:] if argv is None else argv)
-    if args.wandb:
-        print(f"resnet-lamb report: --wandb {args.wandb}: only local CSV logs are read in this version; "
-              "continuing with them", file=sys.stderr)
+    if not args.runs and not args.wandb:
+        parser.error("give run folders (RUN_DIR_OR_GLOB), --wandb ENTITY/PROJECT, or both")
     dirs = find_run_dirs(args.runs)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder; choose another path")
+    remote = read_wandb_api(args.wandb) if args.wandb else []
     out.mkdir(parents=True, exist_ok=True)
-    runs = [load_run(d) for d in dirs]
+    runs = [load_run(d) for d in dirs] + remote
     figures = write_figures(runs, out)
     (out / "report.md").write_text(render_report(runs, paper_tables(), figures))
     for run in runs:
-        if run.status != "complete":
+        if run.status != "complete" or run.source.startswith("W&B log ("):
             print(f"resnet-lamb report: {run.path}: {_status(run)}", file=sys.stderr)
     print(f"resnet-lamb report: {len(runs)} runs -> {out / 'report.md'} and {len(figures)} figures")
     return 0

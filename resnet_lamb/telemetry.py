@@ -6,6 +6,9 @@
   from ``optimizer.trust_ratios()`` (the ratios the last step used), straight to every logger
   so the cadence does not depend on ``trainer.log_every_n_steps``.  Optimizers without
   ``trust_ratios`` are skipped.
+* :class:`RunStatus` writes ``<run folder>/failed.txt`` (one line: the error) when a fit dies of
+  an exception, and removes it when a fit of that folder finishes, so ``report`` can tell a
+  failed run (a diverged optimizer, say) from one still in progress.
 * :func:`progress_bar`: Lightning's ``RichProgressBar`` on a terminal; on a pipe or CI log a
   :class:`LineProgress` that prints one plain line every N optimizer steps (rich draws nothing
   useful into a non-terminal until each bar finishes).
@@ -92,6 +95,27 @@ class TrustRatios(Callback):
         self.last = {f"optim/trust_ratio/{n}": v for n, v in zip(names, values)}
         for logger in trainer.loggers:
             logger.log_metrics(self.last, step=step - 1)
+
+
+class RunStatus(Callback):
+    """``failed.txt`` in the run folder while the last fit of it ended in an exception."""
+
+    def __init__(self, run_dir: str):
+        from pathlib import Path
+
+        self.path = Path(run_dir) / "failed.txt"
+
+    @rank_zero_only
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        message = " ".join(str(exception).split()) or type(exception).__name__
+        try:
+            self.path.write_text(f"{type(exception).__name__}: {message}\n")
+        except OSError:  # a full or read-only disk: the error itself still reaches the user
+            pass
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class LineProgress(ProgressBar):

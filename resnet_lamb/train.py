@@ -18,9 +18,15 @@ What happens, in order:
 4. Precision: bf16-mixed on CUDA, 32-true on CPU, unless the recipe says otherwise.
 5. Run folder ``<run.root>/<run.name>/`` (name defaults to the recipe's file stem):
    ``config.yaml`` (the full resolved config), ``csv/metrics.csv`` (always), ``wandb/`` (W&B;
-   offline when ``WANDB_MODE=offline`` or when no API key is configured), ``checkpoints/``
-   (``last.ckpt`` + the best by ``val/top1``, each written to a temp file in the same folder,
-   fsynced and ``os.replace``d).
+   offline when ``WANDB_MODE=offline``, when no API key is configured or when the server does not
+   answer a 5 s connection check), ``checkpoints/`` (``last.ckpt`` + the best by ``val/top1``, each
+   written to a temp file in the same folder, fsynced and ``os.replace``d; a write that fails on an
+   OSError (disk full) stops the run with one line, the older files intact). A run folder that
+   cannot be written is one line before anything is built.
+6. ``fit`` start-up: temp files of an interrupted checkpoint write (``checkpoints/.tmp-*.ckpt``)
+   are removed; ``--ckpt_path`` resuming with another recipe (optimizer, schedule, global batch or
+   epochs, :func:`check_resume`) is refused with one line naming the keys unless
+   ``--run.force_resume true``; another world size or micro batch is fine (same global batch).
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from typing import Any, Optional
 
 import yaml
 
-from resnet_lamb.errors import RecipeError, UserError
+from resnet_lamb.errors import DataError, RecipeError, UserError
 
 RUN_DEFAULTS = {"name": None, "project": "resnet-lamb", "tags": [], "root": "runs", "wandb": True}
 
@@ -42,8 +48,9 @@ RUN_DEFAULTS = {"name": None, "project": "resnet-lamb", "tags": [], "root": "run
 _ARGV: list[str] = []
 
 
-def _qualify(key: str) -> str:
-    """jsonargparse names a bad field of a nested dataclass without its section; add it back."""
+def _qualify(key: str, value: Any = None) -> str:
+    """jsonargparse names a bad field of a nested dataclass without its section; add it back
+    (``value``, the rejected value, tells ``model.schedule.name`` from ``model.optimizer.name``)."""
     if "." in key:
         return key
     for a in _ARGV:
@@ -53,9 +60,12 @@ def _qualify(key: str) -> str:
     from resnet_lamb.recipe import SPEC_KEYS
 
     owners = [sec for sec, fields in SPEC_KEYS.items() if key in fields]
-    if len(owners) > 1:  # e.g. `name`: the section the command line mentions, else the optimizer
+    if len(owners) > 1:  # `name`: the section the command line mentions, else the recipe's section
+        # holding the rejected value, else the optimizer
         flagged = [sec for sec in owners if any(a.startswith(f"--{sec}.{key}") for a in _ARGV)]
-        owners = flagged or owners
+        stated = [sec for sec in owners if value is not None and any(
+            str(_stated(cfg, f"{sec}.{key}")) == str(value) for cfg in _RECIPE.get("stated", []))]
+        owners = flagged or stated or owners
     return f"{owners[0]}.{key}" if owners else key
 
 
@@ -73,7 +83,9 @@ def _one_line(message: str) -> str:
                f"(`resnet-lamb fit --help` lists the options)"
     bad = re.search(r'(?:Parser key|Key) "([^"]+)":?\s*(.*)', msg)
     if bad:
-        key, rest = _qualify(bad.group(1)), bad.group(2)
+        rest = bad.group(2)
+        got = re.search(r"(?:Given|Got) value:\s*(.*?)(?:\s+Given value type:.*)?$", rest)
+        key = _qualify(bad.group(1), got.group(1) if got else None)
         types = []
         found = re.findall(r"Expected an? (<class '[^']+'>|typing\.Literal\[[^\]]*\]|\S+?)\.?(?=\s|$)", rest)
         for t in found:
@@ -82,7 +94,6 @@ def _one_line(message: str) -> str:
             t = {"NoneType": "null"}.get(t, t)
             if t not in types:
                 types.append(t)
-        got = re.search(r"(?:Given|Got) value:\s*(.*?)(?:\s+Given value type:.*)?$", rest)
         if types:
             value = got.group(1) if got else "?"
             return f"{key}: expected {' or '.join(types)}, got {value!r}; fix the value"
@@ -108,7 +119,14 @@ def _parser_class():
 
 
 # ------------------------------------------------------------------------------------ recipe
-_RECIPE: dict[str, Any] = {"path": None}
+_RECIPE: dict[str, Any] = {"path": None, "stated": []}  # stated: the --config files as written (merged)
+
+
+def _stated(cfg: Any, dotted: str) -> Any:
+    """``cfg[a][b]...`` for ``"a.b..."``, None where absent."""
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
 
 
 def _expand_recipe(args: list[str], tmpdir: str) -> list[str]:
@@ -128,11 +146,14 @@ def _expand_recipe(args: list[str], tmpdir: str) -> list[str]:
             continue
         if done:
             if Path(path).is_file():
-                _check_spec_keys(load_recipe(path), path)
+                extra = load_recipe(path)
+                _check_spec_keys(extra, path)
+                _RECIPE["stated"].append(extra)
             out += ["--config", path]
             continue
         merged = load_recipe(path)  # RecipeError naming the file when missing / bad YAML / bad base
         _check_spec_keys(merged, path)
+        _RECIPE["stated"].append(merged)
         merged.pop("base", None)
         _RECIPE["path"] = path
         tmp = Path(tmpdir) / Path(path).name
@@ -150,6 +171,90 @@ def _check_spec_keys(cfg: dict, path: str) -> None:
         check_spec_keys(cfg)
     except RecipeError as err:
         raise RecipeError(f"{path}: {err}") from None
+
+
+def _check_stated(path: str) -> None:
+    """``model.optimizer.name`` and ``base_lr`` must be stated (in a --config file or a flag), as
+    ``plan`` requires: jsonargparse would silently fill in the OptimizerSpec defaults."""
+    if not _RECIPE["path"]:
+        return
+    for key, what in (("name", "the optimizer, one of resnet_lamb.optim.list_optimizers()"),
+                      ("base_lr", "the peak LR at model.optimizer.base_batch")):
+        dotted = f"model.optimizer.{key}"
+        if any(_stated(cfg, dotted) is not None for cfg in _RECIPE["stated"]):
+            continue
+        if any(a.split("=", 1)[0] in (f"--{dotted}", "--model.optimizer", "--model") for a in _ARGV):
+            continue
+        raise RecipeError(f"{path}: {dotted}: missing; set {what}")
+
+
+def _check_counts(cfg: Any, folder: Any) -> None:
+    """Counts the recipe states against the folder (the data module checks them again), before anything is built."""
+    found = {"train_images": len(folder.splits["train"]), "val_images": len(folder.splits["val"]),
+             "num_classes": len(folder.classes)}
+    for key in found:
+        given = cfg.data.get(key)
+        if given is not None and given != found[key]:
+            raise DataError(f"data.{key}: {given} given but {folder.root} holds {found[key]}; "
+                            f"set data.{key}: {found[key]} (or null to count it)")
+    if cfg.data.get("num_classes") is None and cfg.model.get("num_classes") != found["num_classes"]:
+        raise RecipeError(f"model.num_classes: {cfg.model.get('num_classes')} but {folder.root} holds "
+                          f"{found['num_classes']} class folders; set model.num_classes: {found['num_classes']}")
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run folder takes config.yaml, logs and checkpoints: one line before any compute when it cannot."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise UserError(f"run.root: cannot write the run folder {run_dir} ({err.strerror or err}); pass a "
+                        f"writable --run.root or fix the folder's permissions") from None
+
+
+def _remove_partial_checkpoints(ck_dir: Path) -> None:
+    """Temp files of a checkpoint write that a kill interrupted (``.tmp-*.ckpt``, never loaded:
+    Lightning's ``last`` lookup and the checks here skip dot files) are removed at the next start."""
+    for p in sorted(ck_dir.glob(".tmp-*.ckpt")) if ck_dir.is_dir() else []:
+        try:
+            p.unlink()
+            print(f"resnet-lamb: removed {p}, a checkpoint write that was interrupted", file=sys.stderr)
+        except OSError:
+            pass
+
+
+def _resume_path(ckpt_path: Any, run_dir: Path) -> Optional[Path]:
+    """The file ``fit --ckpt_path`` will load (``last``: the run folder's last.ckpt), None if none."""
+    if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(str(ckpt_path))
+    return path if path.is_file() else None
+
+
+def check_resume(ckpt: Path, recipe: Any, force: bool = False) -> None:
+    """Resuming continues the checkpoint's run: the optimizer (name, LR rule, weight decay, param
+    rule, kwargs but ``impl``), the schedule, the global batch and the epoch count must be the
+    checkpoint's (``resnet_lamb.model.recipe_identity``); a different world size or micro batch
+    only changes the accumulation.  Otherwise one line naming the keys, unless ``force``."""
+    import torch
+
+    from resnet_lamb.model import recipe_identity
+
+    try:
+        ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        saved = (ckpt_dict.get("resnet_lamb") or {}).get("recipe")
+    except Exception as err:  # noqa: BLE001 - truncated or not a checkpoint: say which file
+        raise UserError(f"ckpt_path: {ckpt} does not load as a checkpoint ({type(err).__name__}: "
+                        f"{str(err)[:120]}); pass an intact one with --ckpt_path PATH") from None
+    if not saved:
+        return  # written before checkpoints recorded their recipe
+    now = recipe_identity(recipe.optimizer, recipe.schedule, recipe.global_batch, recipe.epochs)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff and not force:
+        shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
+        raise RecipeError(f"ckpt_path: {ckpt} was trained with another recipe ({shown}); resume with the "
+                          "checkpoint's values, or pass --run.force_resume true to continue with the new ones")
 
 
 def world_size(trainer_cfg: Any) -> int:
@@ -200,22 +305,54 @@ def _wandb_key_configured() -> bool:
 
         path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
         if os.path.isfile(path):
-            host = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("//")[-1].split("/")[0]
+            host = _wandb_url().split("//")[-1].split("/")[0].split(":")[0]
             return netrc.netrc(path).authenticators(host) is not None
     except Exception:  # noqa: BLE001 - an unreadable netrc means no key
         return False
     return False
 
 
+def _wandb_url() -> str:
+    """The W&B server: WANDB_BASE_URL, else the installed wandb's default."""
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"]
+    try:
+        import wandb
+
+        return str(wandb.Settings().base_url)
+    except Exception:  # noqa: BLE001
+        return "https://api.wandb.ai"
+
+
+def _wandb_reachable(url: str, timeout: float = 5.0) -> bool:
+    """A TCP connect to the server: wandb.init would otherwise wait up to its init_timeout (90 s)
+    and then fail the run on a machine without internet."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url if "//" in url else "https://" + url)
+    try:
+        with socket.create_connection((u.hostname, u.port or (80 if u.scheme == "http" else 443)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def wandb_mode() -> str:
-    """Honour WANDB_MODE; with it unset and no API key, go offline (one line says so)."""
+    """Honour WANDB_MODE; with it unset and no API key, or a key but no route to the W&B server,
+    go offline (one line says so)."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
         return mode
+    sync = "(sync later with `wandb sync runs/<name>/wandb/offline-run-*`)"
     if not _wandb_key_configured():
         os.environ["WANDB_MODE"] = "offline"
-        print("resnet-lamb: no W&B API key configured; logging to W&B offline "
-              "(sync later with `wandb sync runs/<name>/wandb/offline-run-*`)", file=sys.stderr)
+        print(f"resnet-lamb: no W&B API key configured; logging to W&B offline {sync}", file=sys.stderr)
+        return "offline"
+    url = _wandb_url()
+    if not _wandb_reachable(url):
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"resnet-lamb: W&B server {url} unreachable; logging to W&B offline {sync}", file=sys.stderr)
         return "offline"
     return "online"
 
@@ -227,7 +364,7 @@ def _cli_class():
 
     from resnet_lamb.data import ImageDataModule
     from resnet_lamb.model import LambModule
-    from resnet_lamb.telemetry import Throughput, TrustRatios, progress_bar
+    from resnet_lamb.telemetry import RunStatus, Throughput, TrustRatios, progress_bar
 
     class SaveConfig(SaveConfigCallback):
         """Writes the resolved config to ``<run dir>/config.yaml`` (not the first logger's dir)."""
@@ -252,6 +389,12 @@ def _cli_class():
             kwargs.setdefault("dump_header", [f"resnet-lamb; lightning.pytorch=={pl.__version__}"])
             return super().init_parser(**kwargs)
 
+        def _parse_ckpt_path(self) -> None:
+            """Lightning's replaces the model config by the checkpoint's hyperparameters when
+            ``--ckpt_path`` is a file (not for ``last``), silently overriding the recipe and the
+            command line.  Here the recipe is what runs, and check_resume refuses a checkpoint
+            trained with another one."""
+
         def _set_seed(self) -> None:  # Lightning's, without the "Seed set to N" line
             from lightning.fabric.utilities.seed import seed_everything
 
@@ -271,6 +414,9 @@ def _cli_class():
             parser.add_argument("--run.tags", type=list[str], default=[], help="W&B tags")
             parser.add_argument("--run.root", type=str, default=RUN_DEFAULTS["root"], help="folder of run folders")
             parser.add_argument("--run.wandb", type=bool, default=True, help="log to W&B as well as CSV")
+            parser.add_argument("--run.force_resume", type=bool, default=False,
+                                help="resume --ckpt_path with another optimizer, schedule, global batch or "
+                                     "epoch count than the checkpoint's (refused otherwise)")
 
         # -- before anything is built: validate, plan, trainer numbers
         def before_instantiate_classes(self) -> None:
@@ -284,17 +430,26 @@ def _cli_class():
             if as_dict.get("expected") is None:
                 as_dict.pop("expected", None)
             recipe = R.validate_recipe(as_dict, path)
+            _check_stated(path)
+            from resnet_lamb.data.datamodule import BACKENDS
             from resnet_lamb.model import ARCHS
 
             if cfg.model.arch not in ARCHS:
                 raise RecipeError(f"model.arch: unknown architecture {cfg.model.arch!r}; choose one of {', '.join(ARCHS)}")
-            root = cfg.data.get("root")
-            if cfg.data.get("backend") != "synthetic" and root and not (Path(root) / "train").is_dir():
+            backend = cfg.data.get("backend")
+            if backend not in BACKENDS:
+                raise RecipeError(f"data.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+            root, images = cfg.data.get("root"), None
+            if backend != "synthetic" and root:
                 from resnet_lamb.data.folder import validate_root
 
-                validate_root(root)  # names the missing folder and how to make it, before the plan
+                # every layout error (missing folder, empty class, differing classes, non-image file,
+                # broken symlink, unreadable folder) as one line before anything is built: listings only
+                folder = validate_root(root)
+                images = None if recipe.train_images is not None else len(folder.splits["train"])
+                _check_counts(cfg, folder)
             ws = world_size(cfg.trainer)
-            plan = R.plan_recipe(recipe, world_size=ws)
+            plan = R.plan_recipe(recipe, world_size=ws, train_images=images)
             steps = int(plan.optimizer_steps)
             user_max = cfg.trainer.get("max_steps")
             if user_max is not None and 0 < user_max < steps:
@@ -307,6 +462,8 @@ def _cli_class():
                 # one class count for both (Lightning refuses differing hparams of the same name);
                 # the datamodule checks it against the folder
                 cfg.data.num_classes = cfg.model.num_classes
+            if cfg.model.get("image_size") is None:
+                cfg.model.image_size = cfg.data.image_size  # the mlp's input size
             import torch
 
             gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator") or "auto") in ("auto", "gpu", "cuda")
@@ -317,9 +474,17 @@ def _cli_class():
             if cfg.run.name is None:
                 cfg.run.name = Path(path).stem if _RECIPE["path"] else "run"
             self.run_dir = Path(cfg.run.root) / cfg.run.name
+            if int(os.environ.get("RANK", "0")) == 0:
+                _check_writable(self.run_dir)  # config, logs and checkpoints go there: fail now, not at epoch 1
             if sub == "fit":
                 ck_dir = self.run_dir / "checkpoints"
-                if not cfg.get("ckpt_path") and ck_dir.is_dir() and any(ck_dir.glob("*.ckpt")):
+                if int(os.environ.get("RANK", "0")) == 0:
+                    _remove_partial_checkpoints(ck_dir)
+                resume = _resume_path(cfg.get("ckpt_path"), self.run_dir)
+                if resume is not None:
+                    check_resume(resume, recipe, force=bool(cfg.run.get("force_resume")))
+                if not cfg.get("ckpt_path") and ck_dir.is_dir() and any(
+                        not p.name.startswith(".") for p in ck_dir.glob("*.ckpt")):
                     raise RecipeError(
                         f"run.name: {self.run_dir} already holds checkpoints; resume it with --ckpt_path last, "
                         f"start a new run with --run.name NEW, or delete the folder")
@@ -340,7 +505,7 @@ def _cli_class():
             if config.get("enable_progress_bar", True) is not False:
                 callbacks.append(progress_bar(every=max(int(config.get("log_every_n_steps") or 50), 1)))
             if self.subcommand == "fit":
-                callbacks += [Throughput(), TrustRatios(self.model.trust_ratio_every)]
+                callbacks += [Throughput(), TrustRatios(self.model.trust_ratio_every), RunStatus(str(self.run_dir))]
                 if config.get("enable_checkpointing", True) is not False:
                     callbacks.append(_checkpoint_class()(
                         dirpath=str(self.run_dir / "checkpoints"), monitor="val/top1", mode="max",
@@ -361,6 +526,10 @@ def _cli_class():
     return RecipeCLI, LambModule, ImageDataModule, SaveConfig
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, read-only folder): the run stops, older files stay."""
+
+
 def _atomic_io_class():
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -377,9 +546,10 @@ def _atomic_io_class():
             import torch
 
             folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=folder)
+            tmp = None
             try:
+                os.makedirs(folder, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=folder)
                 umask = os.umask(0)
                 os.umask(umask)
                 os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
@@ -388,9 +558,15 @@ def _atomic_io_class():
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
+            except BaseException as err:
+                if tmp is not None and os.path.exists(tmp):
                     os.unlink(tmp)
+                oserr = err if isinstance(err, OSError) else err.__cause__ or err.__context__
+                if isinstance(oserr, OSError):  # disk full, read-only, quota: stop with one line
+                    raise CheckpointWriteError(
+                        f"{path}: cannot write checkpoint ({oserr.strerror or oserr}); run stopped, the "
+                        f"checkpoints already in {folder} are intact; free space there and resume with "
+                        "--ckpt_path last") from None
                 raise
             try:
                 dfd = os.open(folder, os.O_RDONLY)
@@ -434,7 +610,8 @@ def _csv_logger_class():
                     w = csv.DictWriter(f, fieldnames=self.metrics_keys)
                     w.writeheader()
                     w.writerows(rows)
-            self._trimmed = True
+            if self.metrics:  # a save with nothing buffered (Lightning makes some) has no step to trim from
+                self._trimmed = True
             super().save()
 
     from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -511,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in ("fit", "validate"):
         raise UserError("usage: resnet-lamb fit|validate --config RECIPE [--key value ...]")
     _ARGV[:] = argv
+    _RECIPE.update(path=None, stated=[])
     with tempfile.TemporaryDirectory(prefix="resnet-lamb-") as tmp:
         args = [argv[0], *_expand_recipe(argv[1:], tmp)]
         RecipeCLI, LambModule, ImageDataModule, SaveConfig = _cli_class()

@@ -1,4 +1,4 @@
-"""Data: ``ImageDataModule`` (DALI | torchvision | synthetic), folder checks, ``prepare``.
+"""Data: ``ImageDataModule`` (DALI | torchvision | memory | synthetic), folder checks, ``prepare``.
 
 Imports are lazy so ``resnet-lamb prepare`` does not pay for Lightning or DALI.
 """

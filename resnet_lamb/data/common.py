@@ -43,5 +43,13 @@ def placeholder_jpeg() -> bytes:
 
 
 def warn_corrupt(path: str, why: str) -> None:
+    fix = "replace the file"
+    try:  # only on a failure: tell an unreadable file (permissions) from a corrupt one
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        why, fix = "permission denied", "make it readable by this user (chmod a+r)"
+    except OSError as err:
+        why = err.strerror or why
     print(f"resnet-lamb: warning: {path}: corrupt or unreadable image ({why}); skipped for the rest "
-          "of the run (label -1); replace the file", file=sys.stderr, flush=True)
+          f"of the run (label -1); {fix}", file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""``ImageDataModule``: one LightningDataModule over the backends (dali | torchvision | synthetic | auto).
+"""``ImageDataModule``: one LightningDataModule over the backends (dali | torchvision | memory |
+synthetic | auto).
 
 Batches: ``(images, labels)``, images float (B, 3, H, W) normalised with ImageNet mean/std (NHWC
 memory when ``channels_last``), labels int64 (B,), label -1 = padding or a skipped corrupt image.
@@ -29,7 +30,7 @@ import lightning as L
 from resnet_lamb.data.common import torch_dtype
 from resnet_lamb.errors import DataError, RecipeError
 
-BACKENDS = ("dali", "torchvision", "synthetic", "auto")
+BACKENDS = ("dali", "torchvision", "memory", "synthetic", "auto")
 # ImageNet-1k sizes, used by the synthetic backend when the counts are not given
 IMAGENET = {"train_images": 1281167, "val_images": 50000, "num_classes": 1000}
 
@@ -54,7 +55,8 @@ class ImageDataModule(L.LightningDataModule):
     ):
         """
         Args:
-            backend: dali | torchvision | synthetic | auto (dali when importable, else torchvision).
+            backend: dali | torchvision | memory | synthetic | auto (dali when importable, else
+                torchvision). memory: a small data set decoded once into RAM, no augmentation (proxies).
             root: folder with train/<class>/* and val/<class>/* (not needed for synthetic).
             global_batch: images per optimizer step across all devices (the paper's batch).
             micro_batch: images per device per forward.
@@ -220,6 +222,10 @@ class ImageDataModule(L.LightningDataModule):
                 from resnet_lamb.data.dali import DaliLoader
 
                 loader = DaliLoader(py_workers=self.py_workers, **kw)
+            elif self.backend == "memory":
+                from resnet_lamb.data.memory import MemoryLoader
+
+                loader = MemoryLoader(**kw)
             else:
                 from resnet_lamb.data.torchvision import TorchvisionLoader
 

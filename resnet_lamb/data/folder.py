@@ -6,9 +6,16 @@ image is the index of its folder's name in that list.
 
 Start-up checks (:func:`validate_root`, cheap: directory listings only, no image is opened):
 a missing root, a root without ``train/`` or ``val/``, a split without class folders, an empty
-class folder, class folders that differ between train and val, and a file whose extension is not
-an image extension each raise :class:`resnet_lamb.errors.DataError` with one line naming the path.
+class folder, class folders that differ between train and val, a file whose extension is not
+an image extension, a folder or a broken symlink (missing target, symlink loop) inside a class
+folder, a class folder that is a symlink to a folder containing it, and a folder this user cannot
+list each raise :class:`resnet_lamb.errors.DataError` with one line naming the path. Only symlinked
+files cost a ``stat`` each; regular files are typed by the listing itself.
 Files and folders whose names start with ``.`` are ignored.
+
+Unreadable files (permission denied) are not found at start-up (that needs a syscall per file);
+at decode time they are skipped and counted like corrupt images, the warning says "permission
+denied" and how to fix it.
 
 Corrupt images (a file with an image extension that does not decode) are found at decode time,
 not at start-up: reading every byte of 1.28M files before the first step would take many minutes.
@@ -54,9 +61,44 @@ class Folder:
     splits: dict[str, Split] = field(default_factory=dict)
 
 
+def _listing(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder`` (hidden ones dropped); an unreadable folder is a one-line DataError."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except PermissionError:
+        raise DataError(f"{folder}: permission denied; make the data readable by this user "
+                        f"(chmod -R a+rX {folder})") from None
+    except OSError as err:
+        raise DataError(f"{folder}: cannot list it ({err.strerror or err})") from None
+
+
+def _kind(e: os.DirEntry) -> str:
+    """file | dir | broken (a symlink to nothing, or a symlink loop) | other (fifo, socket...)."""
+    try:
+        if e.is_file():
+            return "file"
+        if e.is_dir():
+            return "dir"
+    except OSError:  # ELOOP: DirEntry.is_file only swallows ENOENT
+        pass
+    return "broken" if e.is_symlink() else "other"
+
+
 def _list_classes(split_dir: Path) -> list[str]:
-    with os.scandir(split_dir) as it:
-        names = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    names = []
+    for e in _listing(split_dir):
+        kind = _kind(e)
+        if kind == "broken":
+            raise DataError(f"{e.path}: broken symlink (its target is missing or it is a symlink loop); "
+                            "fix or remove it")
+        if kind == "dir" and e.is_symlink():
+            target = os.path.realpath(e.path)
+            if os.path.commonpath([target, os.path.realpath(split_dir)]) == target:  # points at or above itself
+                raise DataError(f"{e.path}: symlink loop (points to {target}, which contains it); "
+                                "remove the link")
+        if kind == "dir":
+            names.append(e.name)
     if not names:
         raise DataError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image>.JPEG "
                         "(`resnet-lamb prepare` writes this layout)")
@@ -68,15 +110,24 @@ def _scan_split(split_dir: Path, classes: list[str]) -> Split:
     labels: list[int] = []
     for label, name in enumerate(classes):
         cdir = split_dir / name
-        with os.scandir(cdir) as it:
-            files = sorted(e.name for e in it if not e.name.startswith("."))
-        if not files:
+        entries = _listing(cdir)
+        if not entries:
             raise DataError(f"{cdir}: empty class folder; put its images there or remove the folder "
                             "from train/ and val/")
-        for f in files:
-            if not f.lower().endswith(IMG_EXTENSIONS):
-                raise DataError(f"{cdir / f}: not an image file (extensions read: "
+        for e in entries:
+            # is_file() costs nothing for a regular file (the listing's d_type) and one stat for a symlink
+            kind = _kind(e)
+            if kind != "file":
+                if kind == "broken":
+                    raise DataError(f"{e.path}: broken symlink (its target is missing or it is a symlink "
+                                    "loop); fix or remove it")
+                what = "a folder" if kind == "dir" else "not a regular file"
+                raise DataError(f"{e.path}: {what} inside a class folder; images go directly in "
+                                f"{split_dir.name}/<class>/, move it out of the data folder")
+            if not e.name.lower().endswith(IMG_EXTENSIONS):
+                raise DataError(f"{e.path}: not an image file (extensions read: "
                                 f"{' '.join(IMG_EXTENSIONS)}); move it out of the data folder")
+        files = [e.name for e in entries]
         paths += [f"{name}/{f}" for f in files]
         labels += [label] * len(files)
     return Split(split_dir, np.array(paths, dtype="S"), np.array(labels, dtype=np.int64))

@@ -1,0 +1,281 @@
+"""The proxy large-batch study: LAMB, LARS, Adam, AdamW and momentum SGD on Fashion-MNIST at batch
+128 ... 16384, the same epoch budget at every batch, each optimizer from one base setting at batch
+128 scaled by its recipe's rule (recipes/proxy/). Runs on a 2-core CPU.
+
+    .venv/bin/python benchmarks/proxy_large_batch.py                       # the committed study
+    .venv/bin/python benchmarks/proxy_large_batch.py --tune                # the base-LR grid at 128
+    .venv/bin/python benchmarks/proxy_large_batch.py --batches 16384 --compare benchmarks/results/proxy-fashion-mnist/summary.json
+
+Every run is an ordinary `resnet-lamb fit` (in this process, one after another) into
+``--runs/<optimizer>-bs<batch>-seed<seed>``; a finished run is not run again and an interrupted one
+resumes from its last.ckpt, so the study can be stopped and restarted. Then `resnet-lamb report`
+writes report.md and the PNGs into ``--out``, and this script adds README.md (command, date,
+machine, wall time, the table, the answer at the largest batch), accuracy_vs_batch.png and
+summary.json (final top-1 per run; ``--compare`` prints the largest difference against one).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing
+import os
+import platform
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIMIZERS = ("lamb", "lars", "adam", "adamw", "momentum")
+BATCHES = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+TUNE_FACTORS = (1 / 3, 1.0, 3.0)
+TUNE_LABELS = ("base_lr / 3", "base_lr", "base_lr x 3")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/fashion-mnist", help="prepared Fashion-MNIST (made when missing)")
+    p.add_argument("--runs", default="runs/proxy", help="folder of the run folders")
+    p.add_argument("--out", default="benchmarks/results/proxy-fashion-mnist", help="report folder")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="recipes/proxy/<name>.yaml, comma-separated")
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--seeds", default="0", help="seeds of the whole grid, comma-separated")
+    p.add_argument("--extra-seeds", default="1,2", help="more seeds at the two largest batches (noise at the answer)")
+    p.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs (default: the recipe's)")
+    p.add_argument("--tune", action="store_true", help="instead: base_lr x 1/3, 1, 3 at batch 128 for each optimizer")
+    p.add_argument("--wandb", action="store_true", help="log to W&B as well (offline unless WANDB_MODE says otherwise)")
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side (worker processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (results are bit-reproducible "
+                                                          "for the same value)")
+    p.add_argument("--compare", default=None, metavar="SUMMARY_JSON", help="print the largest top-1 difference to it")
+    return p.parse_args(argv)
+
+
+def diverged(run_dir: Path) -> str | None:
+    """The run's one-line error when it stopped on a NaN/Inf loss (``failed.txt``), else None."""
+    path = run_dir / "failed.txt"
+    text = path.read_text().strip() if path.is_file() else ""
+    return text if text.startswith("NonFiniteLossError") else None
+
+
+def final_top1(run_dir: Path):
+    """(validated epochs, final top-1) from csv/metrics.csv, or (0, None)."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        return 0, None
+    rows = [r for r in csv.DictReader(path.open()) if r.get("val/top1")]
+    return len(rows), (float(rows[-1]["val/top1"]) if rows else None)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    os.chdir(ROOT)
+
+
+def _fit_job(job: tuple) -> tuple:
+    recipe, name, runs, *rest = job
+    return name, fit(Path(recipe), name, Path(runs), *rest)
+
+
+def outcome(run_dir: Path) -> str:
+    top1 = final_top1(run_dir)[1]
+    return "diverged" if diverged(run_dir) else f"top-1 {top1:.4f}"
+
+
+def fit(recipe: Path, name: str, runs: Path, batch: int, seed: int, epochs: int, extra: list, wandb: bool) -> float:
+    """One `resnet-lamb fit`, resumed when its folder holds a checkpoint; returns its wall seconds."""
+    from resnet_lamb.cli import main as cli
+
+    run_dir = runs / name
+    args = ["fit", "--config", str(recipe), "--data.global_batch", str(batch), "--data.micro_batch", str(batch),
+            "--seed_everything", str(seed), "--trainer.max_epochs", str(epochs), "--run.root", str(runs),
+            "--run.name", name, "--run.wandb", str(wandb).lower(), *extra]
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        args += ["--ckpt_path", "last"]
+    start = time.perf_counter()
+    try:
+        rc = cli(args)
+    except SystemExit as exc:
+        rc = exc.code
+    if rc and not diverged(run_dir):
+        raise SystemExit(f"proxy study: resnet-lamb {' '.join(args)} exited {rc}")
+    return time.perf_counter() - start
+
+
+def recipe_epochs(recipe: Path) -> int:
+    from resnet_lamb.recipe import load_recipe
+
+    return int(load_recipe(recipe)["trainer"]["max_epochs"])
+
+
+def base_lr(recipe: Path) -> float:
+    from resnet_lamb.recipe import load_recipe
+
+    return float(load_recipe(recipe)["model"]["optimizer"]["base_lr"])
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def plot_vs_batch(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for opt, cells in summary["grid"].items():
+        xs = sorted(int(b) for b in cells)
+        ys = [cells[str(b)]["mean"] for b in xs]
+        line, = ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=opt)
+        bad = [x for x, y in zip(xs, ys) if y is None]
+        if bad:  # diverged: drawn at chance level
+            ax.plot(bad, [0.1] * len(bad), linestyle="none", marker="x", markersize=9, color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({int(b) for c in summary["grid"].values() for b in c}))
+    ax.set_xticklabels([str(x) for x in ax.get_xticks()], rotation=45)
+    ax.set_xlabel("global batch")
+    ax.set_ylabel("final val top-1 (x: diverged, NaN loss)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def study_readme(summary: dict, tune: bool) -> str:
+    grid = summary["grid"]
+    columns = list(TUNE_LABELS) if tune else sorted({c for cells in grid.values() for c in cells}, key=int)
+    def cell(c):
+        if c is None:
+            return "-"
+        lr = f" (lr {c['lr']:.3g})" if "lr" in c else ""
+        if c["mean"] is None:
+            return "diverged" + (f" ({c['diverged']}/{c['n']})" if c["n"] > 1 else "") + lr
+        text = f"{c['mean']:.4f}" if c["n"] == 1 else f"{c['mean']:.4f} ±{c['half_range']:.4f} (n={c['n']})"
+        return text + lr + (f", {c['diverged']}/{c['n']} diverged" if c["diverged"] else "")
+
+    lines = ["# Proxy large-batch study" + (": base-LR grid at batch 128" if tune else ""), "",
+             f"- command: `{summary['command']}`", f"- date: {summary['date']}", f"- machine: {summary['machine']}",
+             f"- wall time of this invocation: {summary['wall_s_this_invocation']} s "
+             f"({len(summary['run_wall_s'])} runs trained, the others were already done)",
+             f"- {summary['jobs']} runs side by side, {summary['threads_per_run']} torch thread(s) each",
+             f"- seeds: {summary['seeds']} for every cell"
+             + ("" if tune else f", plus {summary['extra_seeds_at_largest_batches']} at the two largest batches"),
+             "", "Final val top-1 (mean over seeds ± half their range):", "",
+             "| optimizer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {opt} | " + " | ".join(cell(cells.get(c)) for c in columns) + " |" for opt, cells in grid.items()]
+    if not tune:
+        big = columns[-1]
+        at = {opt: cells[big]["mean"] for opt, cells in grid.items() if big in cells}
+        ranked = sorted(at.items(), key=lambda kv: 1.0 if kv[1] is None else -kv[1])
+        lines += ["", f"At the largest batch ({big}): " + ", ".join(
+                      f"{o} {'diverged' if v is None else f'{v:.4f}'}" for o, v in ranked) + ".",
+                  "", "![final top-1 vs batch](accuracy_vs_batch.png)", "",
+                  "Per-run tables, curves and trust-ratio heatmaps: [report.md](report.md)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.chdir(ROOT)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    data, runs, out = Path(args.data), Path(args.runs), Path(args.out)
+    if not (data / "train").is_dir():
+        from resnet_lamb.data.prepare import main as prepare
+
+        prepare(["fashion-mnist", "--out", str(data)])
+    optimizers = [o for o in args.optimizers.split(",") if o]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    extra_seeds = [int(s) for s in args.extra_seeds.split(",") if s]
+    jobs = []  # (optimizer, recipe, batch, seed, name, extra args)
+    for opt in optimizers:
+        recipe = ROOT / "recipes" / "proxy" / f"{opt}.yaml"
+        if not recipe.is_file():
+            raise SystemExit(f"proxy study: {recipe} does not exist; choose from {', '.join(OPTIMIZERS)}")
+        if args.tune:
+            lr = base_lr(recipe)
+            for f, label in zip(TUNE_FACTORS, TUNE_LABELS):
+                jobs.append((opt, recipe, 128, seeds[0], f"tune-{opt}-lr{lr * f:.3g}",
+                             ["--model.optimizer.base_lr", repr(lr * f), label]))
+            continue
+        for b in batches:
+            for s in seeds + [s for s in extra_seeds if s not in seeds and b in sorted(batches)[-2:]]:
+                jobs.append((opt, recipe, b, s, f"{opt}-bs{b}-seed{s}", []))
+    started = time.perf_counter()
+    todo = []
+    for opt, recipe, b, s, name, extra in jobs:
+        epochs = args.epochs or recipe_epochs(recipe)
+        if final_top1(runs / name)[0] >= epochs or diverged(runs / name):
+            print(f"{name}: done before ({outcome(runs / name)})", flush=True)
+        else:
+            todo.append((str(recipe), name, str(runs), b, s, epochs, extra[:2], args.wandb))
+    todo.sort(key=lambda job: job[3])  # small batches first: they take longest, so the pool ends even
+    walls = {}
+    # `--jobs` worker processes of `--threads` torch threads each: on 2 cores two 1-thread runs side
+    # by side beat one 2-thread run (OpenMP scales poorly at these sizes and spins when the cores are
+    # shared); a worker keeps its decoded data set across its runs
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(args.threads,)) as pool:
+        for i, (name, seconds) in enumerate(pool.map(_fit_job, todo), 1):
+            walls[name] = seconds
+            print(f"[{i}/{len(todo)}] {name}: {outcome(runs / name)} in {seconds:.0f} s "
+                  f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+    wall = time.perf_counter() - started
+
+    names = [j[4] for j in jobs]
+    out.mkdir(parents=True, exist_ok=True)
+    from resnet_lamb.report import main as report
+
+    report([str(runs / n) for n in names] + ["--out", str(out)])
+    grid: dict = {}  # optimizer -> batch (or base_lr when tuning) -> runs and their mean
+    for opt, _, b, s, name, extra in jobs:
+        column = extra[2] if args.tune else str(b)
+        # a run stopped by a NaN/Inf loss counts as diverged (None), not as a top-1
+        top1 = None if diverged(runs / name) else final_top1(runs / name)[1]
+        cell = grid.setdefault(opt, {}).setdefault(column, {"runs": {}})
+        cell["runs"][name] = top1
+        if args.tune:
+            cell["lr"] = float(extra[1])
+    for cells in grid.values():
+        for cell in cells.values():
+            v = [x for x in cell["runs"].values() if x is not None]
+            cell.update(n=len(cell["runs"]), diverged=len(cell["runs"]) - len(v),
+                        mean=sum(v) / len(v) if v else None, half_range=(max(v) - min(v)) / 2 if v else None)
+    command = shlex.join(["python", os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)])
+    summary = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "machine": machine(), "wall_s_this_invocation": round(wall), "run_wall_s": {k: round(v, 1) for k, v in walls.items()},
+               "jobs": args.jobs, "threads_per_run": args.threads, "seeds": seeds, "extra_seeds_at_largest_batches": extra_seeds, "grid": grid}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "README.md").write_text(study_readme(summary, args.tune))
+    if not args.tune:
+        plot_vs_batch(summary, out / "accuracy_vs_batch.png", "Fashion-MNIST MLP, equal epochs: final top-1 vs batch")
+    print(f"proxy study: {len(jobs)} runs, {wall:.0f} s; {out / 'report.md'}, {out / 'summary.json'}")
+    if args.compare:
+        ref = json.loads(Path(args.compare).read_text())["grid"]
+        diffs = [abs(v - ref[o][c]["runs"][n]) for o, cells in grid.items() for c, cell in cells.items()
+                 for n, v in cell["runs"].items() if n in ref.get(o, {}).get(c, {}).get("runs", {})]
+        print(f"proxy study: {len(diffs)} runs compared with {args.compare}: largest |top-1 difference| "
+              f"{max(diffs) if diffs else float('nan'):.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Issue 7, item 3: malformed recipes.
+
+One table, one row per fault. Every row goes through `resnet-lamb fit` (in this process, the CLI's
+own entry point): exit status 2, exactly one stderr line ``resnet-lamb: error: ...`` naming the key
+and the problem, nothing built (no network, no data loader, no run folder), well under a second.
+The rows that ``plan`` checks (everything but LightningCLI's own keys and flags) also go through
+`resnet-lamb plan`. A few rows run as real processes, both commands side by side, to show the
+"within seconds" a user sees, imports included.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli, tiny_recipe, write_recipe
+
+FIT_SECONDS = 5.0  # in-process, after the first import of Lightning (measured: 0.1-0.3 s a row)
+PROCESS_SECONDS = 60.0  # a fresh process (torch + Lightning imports), six at once on 2 busy cores (measured 6-15 s)
+
+DROP = object()  # delete the key
+RAW = "raw"  # the recipe file is this text
+
+
+def _edit(**changes) -> dict:
+    """tiny_recipe(None) with ``a__b__c=value`` changes (``DROP`` deletes)."""
+    recipe = tiny_recipe(None)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = recipe
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is DROP:
+            node.pop(leaf)
+        else:
+            node[leaf] = value
+    return recipe
+
+
+# id: (recipe dict | (RAW, text) | None = no file, fit flags, what `fit` says, what `plan` says or None)
+# `plan` reads the recipe alone: LightningCLI's keys (data.bogus, model.arch, data.backend...) are
+# fit's to check; for rows with flags there is no `plan` equivalent.
+ROWS = {
+    # unknown keys
+    "unknown-top-level-key": (_edit(bogus=1), [],
+                              "bogus: unknown key (not an option of the recipe's top level)",
+                              "bogus: unknown top-level key; allowed: base, expected, seed_everything"),
+    "unknown-model-key-flag": (_edit(), ["--model.foo", "1"], "model.foo: unknown key (not an option of model)", None),
+    "unknown-data-key": (_edit(data__bogus=1), [], "data.bogus: unknown key (not an option of data)", None),
+    "unknown-optimizer-key": (_edit(model__optimizer__nme="lamb"), [],
+                              "model.optimizer.nme: unknown key (did you mean name?); allowed: name, base_lr",
+                              "model.optimizer.nme: unknown key (did you mean name?)"),
+    "mistyped-key": (_edit(model__optimizer__base_lrr=0.1), [],
+                     "model.optimizer.base_lrr: unknown key (did you mean base_lr?); allowed: name, base_lr, base_batch",
+                     "model.optimizer.base_lrr: unknown key (did you mean base_lr?); allowed: name, base_lr, base_batch"),
+    "unknown-schedule-key": (_edit(model__schedule__powr=2.0), [], "model.schedule.powr: unknown key (did you mean power?)",
+                             "model.schedule.powr: unknown key (did you mean power?)"),
+    # wrong types
+    "wrong-type-epochs": (_edit(trainer__max_epochs="two"), [], "trainer.max_epochs: expected int or null, got 'two'",
+                          "trainer.max_epochs: expected a positive integer, got 'two'"),
+    "wrong-type-epochs-flag": (_edit(), ["--trainer.max_epochs", "abc"],
+                               "trainer.max_epochs: expected int or null, got 'abc'", None),
+    "wrong-type-batch": (_edit(data__global_batch="512x"), [], "data.global_batch: expected int, got '512x'",
+                         "data.global_batch: expected a positive integer, got '512x'"),
+    "wrong-type-lr": (_edit(model__optimizer__base_lr="fast"), [], "model.optimizer.base_lr: expected float, got 'fast'",
+                      "model.optimizer.base_lr: expected a positive finite number, got 'fast'"),
+    "negative-lr-flag": (_edit(), ["--model.optimizer.base_lr", "-1"],
+                         "model.optimizer.base_lr: expected a positive finite number, got -1.0", None),
+    # unknown names
+    "unknown-optimizer": (_edit(model__optimizer__name="lamm"), [],
+                          "model.optimizer.name: unknown optimizer 'lamm' (did you mean 'lamb'?); choose one of lamb, ",
+                          "model.optimizer.name: unknown optimizer 'lamm' (did you mean 'lamb'?); choose one of lamb, "),
+    "unknown-optimizer-flag": (_edit(), ["--model.optimizer.name", "lamm"],
+                               "model.optimizer.name: unknown optimizer 'lamm' (did you mean 'lamb'?)", None),
+    "unknown-optimizer-option-flag": (_edit(), ["--model.optimizer.kwargs", '{"momentum": 0.9}'],
+                                      "model.optimizer.kwargs.momentum: unknown option for optimizer 'lamb'", None),
+    "unknown-backend": (_edit(data__backend="dalli"), [],
+                        "data.backend: unknown backend 'dalli'; choose one of dali, torchvision", None),
+    "unknown-schedule": (_edit(model__schedule__name="cosine"), [],
+                         "model.schedule.name: expected one of 'poly', 'goyal', 'constant', got 'cosine'",
+                         "model.schedule.name: unknown schedule 'cosine'; choose one of poly, goyal, constant"),
+    "unknown-schedule-flag": (_edit(), ["--model.schedule.name", "pol"],
+                              "model.schedule.name: expected one of 'poly', 'goyal', 'constant', got 'pol'", None),
+    "unknown-arch-flag": (_edit(), ["--model.arch", "resnet7"],
+                          "model.arch: unknown architecture 'resnet7'; choose one of resnet18, ", None),
+    # batch sizes
+    "negative-batch": (_edit(data__global_batch=-32), [], "data.global_batch: expected a positive integer, got -32",
+                       "data.global_batch: expected a positive integer, got -32"),
+    "zero-micro-batch": (_edit(data__micro_batch=0), [], "data.micro_batch: expected a positive integer, got 0",
+                         "data.micro_batch: expected a positive integer, got 0"),
+    "micro-over-global": (_edit(data__micro_batch=64), [],
+                          "data.micro_batch: 64 is larger than data.global_batch 32; valid data.micro_batch values "
+                          "for world size 1: 1, 2, 4, 8, 16, 32",
+                          "data.micro_batch: 64 is larger than data.global_batch 32"),
+    "non-dividing": (_edit(data__micro_batch=12), [],
+                     "data.global_batch: 32 is not divisible by data.micro_batch 12 x world size 1 = 12; valid "
+                     "data.micro_batch values for world size 1: 1, 2, 4, 8, 16, 32",
+                     "data.global_batch: 32 is not divisible by data.micro_batch 12 x world size 1 = 12"),
+    "non-dividing-flag": (_edit(), ["--data.micro_batch", "12"],
+                          "data.global_batch: 32 is not divisible by data.micro_batch 12", None),
+    # schedule and LR
+    "warmup-longer-than-training": (
+        _edit(model__schedule__warmup_epochs=3, model__schedule__warmup_scaling="none"), [],
+        "model.schedule.warmup_epochs: 3 epochs, longer than training (trainer.max_epochs 2); shorten the warmup",
+        "model.schedule.warmup_epochs: 3 epochs, longer than training (trainer.max_epochs 2)"),
+    "warmup-scaled-past-training": (
+        _edit(model__schedule__warmup_epochs=0.5, model__optimizer__base_batch=4), [],
+        "model.schedule.warmup_epochs: 0.5 epochs at model.optimizer.base_batch 4 scale linearly to 4 epochs at "
+        "data.global_batch 32, longer than training (trainer.max_epochs 2)",
+        "scale linearly to 4 epochs at data.global_batch 32, longer than training"),
+    "missing-base-lr": (_edit(model__optimizer__base_lr=DROP), [],
+                        "model.optimizer.base_lr: missing; set the peak LR at model.optimizer.base_batch",
+                        "model.optimizer.base_lr: missing; set the peak LR at model.optimizer.base_batch"),
+    "missing-optimizer-name": (_edit(model__optimizer__name=DROP), [],
+                               "model.optimizer.name: missing; set the optimizer",
+                               "model.optimizer.name: missing; set the optimizer"),
+    # expected accuracies
+    "expected-top1-percent": (_edit(expected={"top1": 76.96}), [],
+                              "expected.top1: expected a fraction in [0, 1], got 76.96 (accuracies are fractions: "
+                              "write 0.7696)",
+                              "expected.top1: expected a fraction in [0, 1], got 76.96"),
+    "expected-top5-negative": (_edit(expected={"top5": -0.1}), [], "expected.top5: expected a fraction in [0, 1], got -0.1",
+                               "expected.top5: expected a fraction in [0, 1], got -0.1"),
+    # the file itself
+    "yaml-syntax-error": ((RAW, "trainer: {max_epochs: 2}\nmodel: {optimizer: {name: lamb\n"), [],
+                          "r.yaml:3:1: YAML syntax error: while parsing a flow mapping expected ',' or '}'",
+                          "r.yaml:3:1: YAML syntax error"),
+    "empty-file": ((RAW, ""), [], "r.yaml: empty recipe; expected a YAML mapping", "r.yaml: empty recipe"),
+    "comment-only-file": ((RAW, "# nothing here\n"), [], "r.yaml: empty recipe", "r.yaml: empty recipe"),
+    "missing-base": ((RAW, "base: ../nowhere/base.yaml\n" + yaml.safe_dump(tiny_recipe(None))), [],
+                     "r.yaml: base: ", "not found; fix the base path"),
+    "missing-file": (None, [], "r.yaml: recipe file not found", "r.yaml: recipe file not found"),
+}
+
+
+def _write(folder: Path, row) -> Path:
+    recipe = ROWS[row][0]
+    path = folder / "r.yaml"
+    if recipe is None:
+        return path
+    if isinstance(recipe, tuple):
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(recipe[1])
+        return path
+    return write_recipe(path, recipe)
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("resnet-lamb: error: "), lines[0]
+    return lines[0]
+
+
+def test_the_matrix_covers_the_issue():
+    """Issue 7 item 3's list, each kind at least once, and at least 15 rows."""
+    kinds = ["unknown-top-level-key", "wrong-type-batch", "unknown-optimizer", "unknown-backend", "unknown-schedule",
+             "negative-batch", "zero-micro-batch", "micro-over-global", "non-dividing", "warmup-longer-than-training",
+             "missing-base-lr", "expected-top1-percent", "yaml-syntax-error", "empty-file"]
+    assert set(kinds) <= set(ROWS) and len(ROWS) >= 15
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_fit_refuses_a_malformed_recipe_in_one_line(row, tmp_path, capsys, untouched):
+    _, flags, says, _ = ROWS[row]
+    path = _write(tmp_path, row)
+    runs = tmp_path / "runs"
+    capsys.readouterr()
+    start = time.perf_counter()
+    rc = run_cli("fit", "--config", str(path), "--run.root", str(runs), "--run.wandb", "false", *flags)
+    took = time.perf_counter() - start
+    out = capsys.readouterr()
+    assert rc == 2
+    line = _one_error_line(out.err)
+    assert says in line, line
+    assert out.out == "", "the plan is printed only for a valid recipe"
+    assert not untouched, f"built before the error: {untouched}"
+    assert not runs.exists(), "no run folder for a refused recipe"
+    assert took < FIT_SECONDS, f"{took:.2f} s"
+
+
+PLAN_ROWS = [row for row, (_, flags, _, plan_says) in ROWS.items() if plan_says is not None and not flags]
+
+
+@pytest.mark.parametrize("row", PLAN_ROWS)
+def test_plan_refuses_a_malformed_recipe_in_one_line(row, tmp_path, capsys, monkeypatch):
+    from resnet_lamb.cli import main
+
+    path = _write(tmp_path, row)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    rc = main(["plan", "--config", path.name])
+    out = capsys.readouterr()
+    assert rc == 2
+    line = _one_error_line(out.err)
+    assert line.startswith("resnet-lamb: error: r.yaml") and ROWS[row][3] in line, line
+    assert out.out == ""
+
+
+SCRIPT = Path(sys.executable).with_name("resnet-lamb")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "resnet_lamb"]
+PROCESS_ROWS = ["mistyped-key", "non-dividing", "yaml-syntax-error"]
+
+
+def test_a_real_process_exits_within_seconds(tmp_path):
+    """`resnet-lamb fit` and `plan` as a user runs them, for a few rows at once: exit 2, one line, seconds."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    procs = {}
+    for row in PROCESS_ROWS:
+        folder = tmp_path / row
+        _write(folder, row)
+        for command in ("fit", "plan"):
+            extra = ["--run.root", str(folder / "runs"), "--run.wandb", "false"] if command == "fit" else []
+            procs[row, command] = (time.perf_counter(), subprocess.Popen(
+                [*COMMAND, command, "--config", "r.yaml", *extra], cwd=folder, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for (row, command), (start, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=PROCESS_SECONDS * 2)
+        took = time.perf_counter() - start
+        assert proc.returncode == 2, (row, command, stderr[-2000:])
+        line = _one_error_line(stderr)
+        says = ROWS[row][2] if command == "fit" else ROWS[row][3]
+        assert says in line, line
+        assert stdout == ""
+        assert took < PROCESS_SECONDS, f"{command} {row}: {took:.1f} s"
+        assert not (tmp_path / row / "runs").exists()
