@@ -55,10 +55,10 @@ def parse_args(argv=None):
 
 
 def diverged(run_dir: Path) -> str | None:
-    """The run's one-line error when it stopped on a NaN/Inf loss (``failed.txt``), else None."""
+    """The run's one-line error when it stopped on a NaN/Inf loss or gradient (``failed.txt``), else None."""
     path = run_dir / "failed.txt"
     text = path.read_text().strip() if path.is_file() else ""
-    return text if text.startswith("NonFiniteLossError") else None
+    return text if text.startswith(("NonFiniteLossError", "NonFiniteGradientError")) else None
 
 
 def final_top1(run_dir: Path):
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     grid: dict = {}  # optimizer -> batch (or base_lr when tuning) -> runs and their mean
     for opt, _, b, s, name, extra in jobs:
         column = extra[2] if args.tune else str(b)
-        # a run stopped by a NaN/Inf loss counts as diverged (None), not as a top-1
+        # a run stopped by a NaN/Inf loss or gradient counts as diverged (None), not as a top-1
         top1 = None if diverged(runs / name) else final_top1(runs / name)[1]
         cell = grid.setdefault(opt, {}).setdefault(column, {"runs": {}})
         cell["runs"][name] = top1

@@ -35,11 +35,11 @@ reader (the ``DataStore`` of older versions is gone; wandb-core reads it), so
 
 ``DIR/report.md`` holds, in order:
 
-* **Table 5** (LAMB, poly schedule, at a batch of the paper's Table 5): one row per run with
+* **Table 5** (ResNet-50 on 1000 classes, LAMB, poly schedule, at a batch of the paper's Table 5): one row per run with
   batch, LR, warmup epochs, validated epochs / max_epochs, final and best top-1 / top-5, the
   paper's top-1 / top-5 (``table5_lamb`` of ``resnet_lamb/reference/paper_tables.yaml``, matched by
   global batch) and the difference final - paper.
-* **Table 3** (global batch 16384): one row per run whose optimizer has a Table 3 row: the key is
+* **Table 3** (ResNet-50 on 1000 classes, global batch 16384): one row per run whose optimizer has a Table 3 row: the key is
   the optimizer name (``sgd`` -> ``momentum``), plus ``_goyal`` when the schedule is ``goyal``
   (momentum's row already is Goyal et al.'s recipe); columns: the row, LR, final and best top-1,
   the paper's top-1 (``table3_16k``) and the difference.
@@ -91,6 +91,8 @@ class Run:
     status: str = "complete"               # complete | in progress | failed | incomplete
     reason: str = ""                       # why incomplete / in progress
     optimizer: str = "?"
+    arch: str = "?"
+    num_classes: Optional[int] = None
     schedule: str = "?"
     global_batch: Optional[int] = None
     max_epochs: Optional[int] = None
@@ -103,6 +105,11 @@ class Run:
     trust_steps: list = field(default_factory=list)   # optimizer steps
     trust_values: list = field(default_factory=list)  # one list per step, a value per layer (nan = missing)
     source: str = ""                       # "" = config.yaml + csv/metrics.csv; else what was read instead
+
+    @property
+    def imagenet(self) -> bool:
+        """ResNet-50 on 1000 classes: a run the paper's ImageNet tables can be set beside."""
+        return self.arch == "resnet50" and self.num_classes == 1000
 
     @property
     def final(self) -> tuple:
@@ -168,6 +175,7 @@ def read_config(run: Run, path: Optional[Path] = None) -> None:
     trainer, model, data = cfg.get("trainer") or {}, cfg.get("model") or {}, cfg.get("data") or {}
     run.optimizer = str((model.get("optimizer") or {}).get("name", "?"))
     run.schedule = str((model.get("schedule") or {}).get("name", "poly"))
+    run.arch, run.num_classes = str(model.get("arch", "?")), model.get("num_classes")
     run.global_batch = data.get("global_batch")
     run.max_epochs = trainer.get("max_epochs")
     run.expected = cfg.get("expected") or {}
@@ -370,6 +378,7 @@ def config_from_wandb(run: Run, cfg: dict) -> None:
     except RecipeError as err:
         raise ValueError(f"W&B config: {err}") from None
     run.optimizer, run.schedule, run.global_batch = optimizer.name, schedule.name, data["global_batch"]
+    run.arch, run.num_classes = str(model.get("arch", "?")), model.get("num_classes")
     run.max_epochs, run.max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
     run.expected = cfg.get("expected") if isinstance(cfg.get("expected"), dict) else {}
     run.lr = scale_lr(optimizer.base_lr, optimizer.base_batch, run.global_batch, optimizer.scaling)
@@ -502,10 +511,10 @@ def load_run(path: Path) -> Run:
         ended = wandb is None or wandb[3]
     except errors as err:
         run.status, run.reason = "incomplete", str(err) or type(err).__name__
-        return run
-    _set_progress(run, last_step, None if ended else "no W&B exit record (killed, or still running)")
+    else:
+        _set_progress(run, last_step, None if ended else "no W&B exit record (killed, or still running)")
     failed = home / "failed.txt"  # written by fit when it died of an error (resnet_lamb.telemetry.RunStatus)
-    if failed.is_file():
+    if failed.is_file() and run.optimizer != "?":  # a failed run with no validated epoch is failed too
         run.status, run.reason = "failed", " ".join(failed.read_text(errors="replace").split())
     return run
 
@@ -556,7 +565,7 @@ def table5_rows(runs: list, paper: dict) -> tuple:
     rows, used = [], []
     for run in runs:
         ref = by_batch.get(run.global_batch)
-        if run.optimizer != "lamb" or run.schedule != "poly" or ref is None:
+        if run.optimizer != "lamb" or run.schedule != "poly" or ref is None or not run.imagenet:
             continue
         (f1, f5), (b1, b5) = run.final, run.best
         rows.append([run.name, _status(run), run.global_batch, _lr(run), _warm(run), _epochs(run), _f(f1), _f(f5),
@@ -570,7 +579,7 @@ def table3_rows(runs: list, paper: dict) -> tuple:
     rows, used = [], []
     for run in runs:
         key = table3_key(run)
-        if run.global_batch != 16384 or key not in table3:
+        if run.global_batch != 16384 or key not in table3 or not run.imagenet:
             continue
         label = key.replace("_goyal", "+")
         (f1, _), (b1, _) = run.final, run.best

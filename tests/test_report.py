@@ -42,7 +42,7 @@ def _copy_run(src, dst, **edits):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """runs/{tiny (real), lamb-bs512, adam-goyal-16k, sgd-16k, running, truncated, no-top5}."""
+    """runs/{tiny (real), lamb-bs512, lamb-bs512-resnet18, adam-goyal-16k, sgd-16k, running, truncated, no-top5}."""
     tmp = tmp_path_factory.mktemp("report")
     recipe = tiny_recipe(None, expected={"top1": 0.5, "source": "test expectation"})
     path = write_recipe(tmp / "tiny.yaml", recipe)
@@ -53,9 +53,12 @@ def runs(tmp_path_factory):
 
     wandb.finish()  # what the end of a `resnet-lamb fit` process does (atexit): the log's exit record
     root, tiny = tmp / "runs", tmp / "runs" / "tiny"
-    _copy_run(tiny, root / "lamb-bs512", **{"data.global_batch": 512, "model.optimizer.base_batch": 512,
-                                            "model.optimizer.base_lr": 0.005, "model.schedule.warmup_epochs": 0.3125})
-    goyal = {"model.schedule.name": "goyal", "model.schedule.warmup_epochs": 0.0,
+    bs512 = {"data.global_batch": 512, "model.optimizer.base_batch": 512, "model.optimizer.base_lr": 0.005,
+             "model.schedule.warmup_epochs": 0.3125}
+    imagenet = {"model.arch": "resnet50", "model.num_classes": 1000}  # only such runs sit beside the paper
+    _copy_run(tiny, root / "lamb-bs512", **bs512, **imagenet)
+    _copy_run(tiny, root / "lamb-bs512-resnet18", **bs512)
+    goyal = {**imagenet, "model.schedule.name": "goyal", "model.schedule.warmup_epochs": 0.0,
              "model.schedule.warmup_scaling": "none", "data.global_batch": 16384, "model.optimizer.kwargs": {},
              "model.optimizer.base_batch": 16384}
     _copy_run(tiny, root / "adam-goyal-16k", **{**goyal, "model.optimizer.name": "adam",
@@ -98,6 +101,7 @@ def test_tables_show_the_papers_numbers(report):
     assert f"{t3['adam_goyal']:.4f}" in rows["adam-goyal-16k"] and "adam+" in rows["adam-goyal-16k"]
     assert f"{t3['momentum']:.4f}" in rows["sgd-16k"] and "momentum" in rows["sgd-16k"]
     assert text.index("## Table 3") < text.index("adam-goyal-16k") < text.index("## Other runs")
+    assert text.index("## Other runs") < text.index("lamb-bs512-resnet18")  # a proxy is not set beside ImageNet
     # the real run: other runs, grouped by optimizer x batch, with its recipe's expected
     assert "### lamb, global batch 32" in text
     assert "0.5000" in rows["tiny"] and "test expectation" in rows["tiny"] and "| complete |" in rows["tiny"]
