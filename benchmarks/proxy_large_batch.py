@@ -134,27 +134,35 @@ def machine() -> str:
 
 
 def plot_vs_batch(summary: dict, path: Path, title: str) -> None:
+    """Left: every optimizer (x: diverged, drawn at chance). Right: those that kept above 0.5 at
+    every batch, zoomed, with the seeds' half range as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    batches = sorted({int(b) for c in summary["grid"].values() for b in c})
     for opt, cells in summary["grid"].items():
         xs = sorted(int(b) for b in cells)
         ys = [cells[str(b)]["mean"] for b in xs]
-        line, = ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=opt)
+        line, = axes[0].plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=opt)
         bad = [x for x, y in zip(xs, ys) if y is None]
         if bad:  # diverged: drawn at chance level
-            ax.plot(bad, [0.1] * len(bad), linestyle="none", marker="x", markersize=9, color=line.get_color())
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({int(b) for c in summary["grid"].values() for b in c}))
-    ax.set_xticklabels([str(x) for x in ax.get_xticks()], rotation=45)
-    ax.set_xlabel("global batch")
-    ax.set_ylabel("final val top-1 (x: diverged, NaN loss)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+            axes[0].plot(bad, [0.1] * len(bad), linestyle="none", marker="x", markersize=9, color=line.get_color())
+        if all(y is not None and y > 0.5 for y in ys):
+            axes[1].errorbar(xs, ys, yerr=[cells[str(b)]["half_range"] or 0.0 for b in xs], marker="o", capsize=3,
+                             label=opt, color=line.get_color())
+    for ax, what in zip(axes, ("all optimizers (x: diverged, NaN/Inf)", "zoom: those above 0.5 at every batch")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches)
+        ax.set_xticklabels([str(b) for b in batches], rotation=45)
+        ax.set_xlabel("global batch")
+        ax.set_ylabel("final val top-1")
+        ax.set_title(what, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -173,8 +181,8 @@ def study_readme(summary: dict, tune: bool) -> str:
 
     lines = ["# Proxy large-batch study" + (": base-LR grid at batch 128" if tune else ""), "",
              f"- command: `{summary['command']}`", f"- date: {summary['date']}", f"- machine: {summary['machine']}",
-             f"- wall time of this invocation: {summary['wall_s_this_invocation']} s "
-             f"({len(summary['run_wall_s'])} runs trained, the others were already done)",
+             (f"- wall time: {summary['wall_s']} s ({summary['wall_s'] / 60:.1f} min) for {summary['runs_trained']} runs"
+              if summary["runs_trained"] else "- wall time: not recorded (the runs were trained by earlier invocations)"),
              f"- {summary['jobs']} runs side by side, {summary['threads_per_run']} torch thread(s) each",
              f"- seeds: {summary['seeds']} for every cell"
              + ("" if tune else f", plus {summary['extra_seeds_at_largest_batches']} at the two largest batches"),
@@ -260,9 +268,17 @@ def main(argv=None) -> int:
             cell.update(n=len(cell["runs"]), diverged=len(cell["runs"]) - len(v),
                         mean=sum(v) / len(v) if v else None, half_range=(max(v) - min(v)) / 2 if v else None)
     command = shlex.join(["python", os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)])
-    summary = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "machine": machine(), "wall_s_this_invocation": round(wall), "run_wall_s": {k: round(v, 1) for k, v in walls.items()},
-               "jobs": args.jobs, "threads_per_run": args.threads, "seeds": seeds, "extra_seeds_at_largest_batches": extra_seeds, "grid": grid}
+    # wall time and per-run times add up over invocations (a resumed study; a rebuild trains nothing)
+    old = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    old = old if old.get("command") == command else {}
+    run_wall = {**(old.get("run_wall_s") or {}), **{k: round(v, 1) for k, v in walls.items()}}
+    summary = {"command": command,
+               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if walls or not old else old["date"],
+               "machine": machine() if walls or not old else old["machine"],
+               "wall_s": round(wall) + (old.get("wall_s", 0) if len(walls) < len(jobs) else 0),
+               "runs_trained": len(run_wall), "run_wall_s": run_wall, "jobs": args.jobs,
+               "threads_per_run": args.threads, "seeds": seeds, "extra_seeds_at_largest_batches": extra_seeds,
+               "grid": grid}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "README.md").write_text(study_readme(summary, args.tune))
     if not args.tune:
@@ -270,10 +286,12 @@ def main(argv=None) -> int:
     print(f"proxy study: {len(jobs)} runs, {wall:.0f} s; {out / 'report.md'}, {out / 'summary.json'}")
     if args.compare:
         ref = json.loads(Path(args.compare).read_text())["grid"]
-        diffs = [abs(v - ref[o][c]["runs"][n]) for o, cells in grid.items() for c, cell in cells.items()
+        pairs = [(v, ref[o][c]["runs"][n]) for o, cells in grid.items() for c, cell in cells.items()
                  for n, v in cell["runs"].items() if n in ref.get(o, {}).get(c, {}).get("runs", {})]
-        print(f"proxy study: {len(diffs)} runs compared with {args.compare}: largest |top-1 difference| "
-              f"{max(diffs) if diffs else float('nan'):.6f}")
+        # diverged (None) on both sides agrees; on one side only it is a difference of 1
+        diffs = [0.0 if a is None and b is None else 1.0 if a is None or b is None else abs(a - b) for a, b in pairs]
+        print(f"proxy study: {len(diffs)} runs compared with {args.compare}: {sum(d == 0 for d in diffs)} identical, "
+              f"largest |top-1 difference| {max(diffs) if diffs else float('nan'):.6f}")
     return 0
 
 
