@@ -6,7 +6,7 @@ optimizer + per-step schedule.
   and no pool (for 28-64 px proxies).  ``zero_init_residual`` zeroes each residual block's last
   BatchNorm gamma (Goyal et al. 2017).  ``mlp``: the TensorFlow LAMB README's MNIST MLP
   (784-512-512-10 at 28 px): the channel mean of the image, flattened, two ReLU hidden layers of
-  ``mlp_hidden`` units; its input size comes from ``image_size`` (the CLI links data.image_size).
+  ``mlp_hidden`` units; its ``input_size`` is the image size (the CLI copies data.image_size).
 * Loss: cross-entropy with optional label smoothing.  Label -1 marks a padding sample (the data
   side pads the last batch so every image counts once); the loss is the sum over real samples
   divided by the micro-batch's row count, so an all-padding micro-batch contributes 0 (not NaN)
@@ -97,8 +97,8 @@ def recipe_identity(optimizer: OptimizerSpec, schedule: ScheduleSpec, global_bat
 class MLP(nn.Sequential):
     """Grayscale (channel mean) image, flattened -> ReLU hidden layers -> class logits."""
 
-    def __init__(self, image_size: int, hidden: tuple[int, ...], num_classes: int):
-        sizes = [image_size * image_size, *hidden]
+    def __init__(self, input_size: int, hidden: tuple[int, ...], num_classes: int):
+        sizes = [input_size * input_size, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for a, b in zip(sizes, sizes[1:]):
             layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
@@ -109,18 +109,19 @@ class MLP(nn.Sequential):
 
 
 def build_resnet(arch: str = "resnet50", num_classes: int = 1000, small_input: bool = False,
-                 zero_init_residual: bool = False, image_size: Optional[int] = None,
+                 zero_init_residual: bool = False, input_size: Optional[int] = None,
                  mlp_hidden: tuple[int, ...] = (512, 512)) -> nn.Module:
     """A torchvision ResNet with random weights; ``small_input``: 3x3 stride-1 stem, no max-pool.
-    ``arch="mlp"``: :class:`MLP` over ``image_size`` x ``image_size`` inputs."""
+    ``arch="mlp"``: :class:`MLP` over ``input_size`` x ``input_size`` images."""
     if arch not in ARCHS:
         raise RecipeError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise RecipeError(f"model.num_classes: must be a positive integer, got {num_classes!r}")
     if arch == "mlp":
-        if not isinstance(image_size, int) or image_size < 1:
-            raise RecipeError("model.image_size: the mlp needs the input size; set data.image_size")
-        return MLP(image_size, tuple(mlp_hidden), num_classes)
+        if not isinstance(input_size, int) or input_size < 1:
+            raise RecipeError("model.input_size: the mlp needs the image size; set data.image_size (the CLI "
+                              "copies it) or model.input_size")
+        return MLP(input_size, tuple(mlp_hidden), num_classes)
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
                                             zero_init_residual=zero_init_residual)
     if small_input:
@@ -168,7 +169,7 @@ class LambModule(pl.LightningModule):
         trust_ratio_every: int = 100,
         optimizer: Optional[OptimizerSpec] = None,
         schedule: Optional[ScheduleSpec] = None,
-        image_size: Optional[int] = None,
+        input_size: Optional[int] = None,
         mlp_hidden: tuple[int, ...] = (512, 512),
         nonfinite: str = "stop",
     ) -> None:
@@ -189,7 +190,7 @@ class LambModule(pl.LightningModule):
         self.grad_clip_norm = grad_clip_norm
         self.trust_ratio_every = trust_ratio_every
         self.num_classes = num_classes
-        self.model = build_resnet(arch, num_classes, small_input, zero_init_residual, image_size, mlp_hidden)
+        self.model = build_resnet(arch, num_classes, small_input, zero_init_residual, input_size, mlp_hidden)
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=-1)
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro", ignore_index=-1)

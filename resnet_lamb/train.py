@@ -462,8 +462,8 @@ def _cli_class():
                 # one class count for both (Lightning refuses differing hparams of the same name);
                 # the datamodule checks it against the folder
                 cfg.data.num_classes = cfg.model.num_classes
-            if cfg.model.get("image_size") is None:
-                cfg.model.image_size = cfg.data.image_size  # the mlp's input size
+            if cfg.model.get("input_size") is None:
+                cfg.model.input_size = cfg.data.image_size  # the mlp's input size
             import torch
 
             gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator") or "auto") in ("auto", "gpu", "cuda")

@@ -92,3 +92,23 @@ def test_a_diverged_run_leaves_failed_txt(fit, digits_root):
     report = load_run(run)
     assert report.status == "failed" and report.reason == text.strip()
     assert grid_table([report])[-1] == "| sgd | failed |"
+
+
+def test_module_and_datamodule_built_by_hand_share_no_conflicting_hparams(tmp_path):
+    """Lightning refuses a fit when the module and the datamodule log the same hparam with other
+    values; the MLP's size is ``model.input_size``, not a second ``image_size``."""
+    import lightning.pytorch as pl
+
+    from resnet_lamb.data import ImageDataModule
+    from resnet_lamb.model import LambModule
+    from resnet_lamb.recipe import OptimizerSpec
+
+    dm = ImageDataModule(backend="synthetic", global_batch=8, micro_batch=8, image_size=16, workers=0,
+                         train_images=16, val_images=8, num_classes=10)
+    for arch, kw in (("resnet18", {}), ("mlp", {"input_size": 16})):
+        model = LambModule(arch=arch, num_classes=10, trust_ratio_every=0,
+                           optimizer=OptimizerSpec(name="lamb", base_lr=0.01, base_batch=8), **kw)
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=dm)
+        assert trainer.global_step == 2  # 16 images, batch 8
