@@ -297,6 +297,35 @@ class LayerwiseOptimizer(Optimizer):
         self._progress = 0
         super().__init__(params, defaults)
 
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        """One update of every group, bucket by bucket (:meth:`_buckets`); keeps each bucket's
+        ratios (0-dim views, no sync) for :meth:`trust_ratios`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            ctx = self._group_constants(group)
+            idx_all: list[int] = []
+            ratios: list[torch.Tensor] = []
+            for (dev, _dt, t), idx in self._buckets(group).items():
+                ratios.append(self._bucket_step(group, ctx, [group["params"][i] for i in idx], dev, t))
+                idx_all.extend(idx)
+            if idx_all:
+                self._last_ratios[gi] = (idx_all, ratios[0] if len(ratios) == 1
+                                         else torch.cat([r.to(ratios[0].device) for r in ratios]))
+        return loss
+
+    def _group_constants(self, group: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - overridden
+        """What a group's buckets share; reads the lr once (a tensor lr costs a device sync)."""
+        raise NotImplementedError
+
+    def _bucket_step(self, group: dict[str, Any], ctx: dict[str, Any], ps: list[torch.Tensor],
+                     dev: torch.device, t: float) -> torch.Tensor:  # pragma: no cover - overridden
+        """Update the bucket's tensors ``ps`` (step ``t`` after this one); returns their ratios."""
+        raise NotImplementedError
+
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
         _check_common(group)
 
@@ -501,44 +530,24 @@ class Lamb(LayerwiseOptimizer):
             raise ValueError(f"bias_correction must be True or False; got "
                              f"{group['bias_correction']!r}")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            lr = self._lr(group)  # once per group: a tensor lr costs a device sync to read
-            b1, b2 = group["betas"]
-            clip = group["trust_clip"]
-            lo, hi = (clip if clip is not None else (0.0, 0.0))
-            kw = dict(norm_ord=_NORMS[group["norm"]], clip=clip is not None, nesterov=group["nesterov"],
-                      adapt=group["layer_adaptation"], has_wd=group["weight_decay"] != 0)
-            idx_all: list[int] = []
-            ratios: list[torch.Tensor] = []
-            for (_dev, _dt, t), idx in self._buckets(group).items():
-                ps = [group["params"][i] for i in idx]
-                st = [self.state[p] for p in ps]
-                c = lamb_coefficients(lr, t, b1, b2, group["eps"],
-                                      group["weight_decay"], lo, hi, group["bias_correction"],
-                                      group["nesterov"])
-                tensors = (ps, [p.grad for p in ps], [s["exp_avg"] for s in st],
-                           [s["exp_avg_sq"] for s in st])
-                if (not group["layer_adaptation"] and group["nesterov"] is None
-                        and group["bias_correction"] and _dev.type == "cpu" and self._fast_cpu
-                        and ps[0].is_floating_point()):
-                    # ratio 1 everywhere: LAMB is exactly AdamW here; torch's fused kernel
-                    torch._fused_adamw_(*tensors, [], [s["step"] for s in st],
-                                        lr=lr, beta1=b1, beta2=b2,
-                                        weight_decay=group["weight_decay"], eps=group["eps"],
-                                        amsgrad=False, maximize=False)
-                    ratios.append(torch.ones(len(ps), device=_dev))
-                    idx_all.extend(idx)
-                    continue
-                ratios.append(self._run_bucket(_lamb_bucket, _lamb_tensor, _lamb_list, tensors, c,
-                                               True, split=True, **kw))
-                idx_all.extend(idx)
-            if idx_all:
-                self._last_ratios[gi] = (idx_all, ratios[0] if len(ratios) == 1
-                                         else torch.cat([r.to(ratios[0].device) for r in ratios]))
-        return loss
+    def _group_constants(self, group: dict[str, Any]) -> dict[str, Any]:
+        clip = group["trust_clip"]
+        return dict(lr=self._lr(group), clip=clip if clip is not None else (0.0, 0.0),
+                    kw=dict(norm_ord=_NORMS[group["norm"]], clip=clip is not None, nesterov=group["nesterov"],
+                            adapt=group["layer_adaptation"], has_wd=group["weight_decay"] != 0))
+
+    def _bucket_step(self, group, ctx, ps, dev, t):
+        lr, (lo, hi) = ctx["lr"], ctx["clip"]
+        b1, b2 = group["betas"]
+        st = [self.state[p] for p in ps]
+        tensors = (ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st])
+        if (not group["layer_adaptation"] and group["nesterov"] is None and group["bias_correction"]
+                and dev.type == "cpu" and self._fast_cpu and ps[0].is_floating_point()):
+            # ratio 1 everywhere: LAMB is exactly AdamW here; torch's fused kernel
+            torch._fused_adamw_(*tensors, [], [s["step"] for s in st], lr=lr, beta1=b1, beta2=b2,
+                                weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                                maximize=False)
+            return torch.ones(len(ps), device=dev)
+        c = lamb_coefficients(lr, t, b1, b2, group["eps"], group["weight_decay"], lo, hi,
+                              group["bias_correction"], group["nesterov"])
+        return self._run_bucket(_lamb_bucket, _lamb_tensor, _lamb_list, tensors, c, True, split=True, **ctx["kw"])

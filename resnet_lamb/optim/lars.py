@@ -5,7 +5,7 @@ MLPerf form.  Same machinery (eager foreach / compiled, trust_ratios()) as
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -179,46 +179,26 @@ class Lars(LayerwiseOptimizer):
         if group["nesterov"] and group["mode"] != "classic":
             raise ValueError("nesterov=True needs mode='classic' (Algorithm 1 has no Nesterov form)")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            clip = group["trust_clip"]
-            lo, hi = (clip if clip is not None else (0.0, 0.0))
-            kw = dict(mode=group["mode"], nesterov=group["nesterov"], clip=clip is not None,
-                      adapt=group["layer_adaptation"], has_wd=group["weight_decay"] != 0)
-            lr, mom = self._lr(group), group["momentum"]  # once per group: a tensor lr syncs to read
-            c = [lr, mom, 1.0 - mom, group["trust_coefficient"], group["eps"], group["weight_decay"], lo, hi]
-            idx_all: list[int] = []
-            ratios: list[torch.Tensor] = []
-            for (_dev, _dt, _t), idx in self._buckets(group).items():
-                ps = [group["params"][i] for i in idx]
-                tensors = (ps, [p.grad for p in ps],
-                           [self.state[p]["momentum_buffer"] for p in ps], None)
-                if (not group["layer_adaptation"] and _dev.type in ("cpu", "cuda")
-                        and ps[0].is_floating_point()):
-                    # local lr 1 everywhere: momentum SGD; torch's fused kernel
-                    torch._fused_sgd_(*tensors[:3], weight_decay=group["weight_decay"],
-                                      momentum=mom, lr=lr,
-                                      dampening=mom if group["mode"] == "paper" else 0.0,
-                                      nesterov=group["nesterov"], maximize=False,
-                                      is_first_step=False)
-                    ratios.append(torch.ones(len(ps), device=_dev))
-                    idx_all.extend(idx)
-                    continue
-                if (group["mode"] == "classic" and self._fast_cpu and _dev.type == "cpu"
-                        and ps[0].is_floating_point()):
-                    ratios.append(_classic_cpu(*tensors[:3], c, nesterov=group["nesterov"],
-                                               clip=clip is not None))
-                    idx_all.extend(idx)
-                    continue
-                ratios.append(self._run_bucket(_lars_bucket, _lars_tensor, _lars_list, tensors, c,
-                                               False, split=group["mode"] == "paper", **kw))
-                idx_all.extend(idx)
-            if idx_all:
-                self._last_ratios[gi] = (idx_all, ratios[0] if len(ratios) == 1
-                                         else torch.cat([r.to(ratios[0].device) for r in ratios]))
-        return loss
+    def _group_constants(self, group: dict[str, Any]) -> dict[str, Any]:
+        clip = group["trust_clip"]
+        lo, hi = clip if clip is not None else (0.0, 0.0)
+        lr, mom = self._lr(group), group["momentum"]
+        return dict(lr=lr, c=[lr, mom, 1.0 - mom, group["trust_coefficient"], group["eps"], group["weight_decay"],
+                              lo, hi],
+                    kw=dict(mode=group["mode"], nesterov=group["nesterov"], clip=clip is not None,
+                            adapt=group["layer_adaptation"], has_wd=group["weight_decay"] != 0))
+
+    def _bucket_step(self, group, ctx, ps, dev, t):
+        c, kw = ctx["c"], ctx["kw"]
+        tensors = (ps, [p.grad for p in ps], [self.state[p]["momentum_buffer"] for p in ps], None)
+        if not group["layer_adaptation"] and dev.type in ("cpu", "cuda") and ps[0].is_floating_point():
+            # local lr 1 everywhere: momentum SGD; torch's fused kernel
+            mom = group["momentum"]
+            torch._fused_sgd_(*tensors[:3], weight_decay=group["weight_decay"], momentum=mom, lr=ctx["lr"],
+                              dampening=mom if group["mode"] == "paper" else 0.0, nesterov=group["nesterov"],
+                              maximize=False, is_first_step=False)
+            return torch.ones(len(ps), device=dev)
+        if group["mode"] == "classic" and self._fast_cpu and dev.type == "cpu" and ps[0].is_floating_point():
+            return _classic_cpu(*tensors[:3], c, nesterov=group["nesterov"], clip=kw["clip"])
+        return self._run_bucket(_lars_bucket, _lars_tensor, _lars_list, tensors, c, False,
+                                split=group["mode"] == "paper", **kw)
