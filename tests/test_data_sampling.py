@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from resnet_lamb.data.sampling import epoch_plan
+from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank
 
 
 @pytest.mark.parametrize("n,global_batch,micro_batch,world", [
@@ -20,6 +20,7 @@ def test_every_image_once_per_epoch_across_ranks(n, global_batch, micro_batch, w
         for rank in range(world):
             index, real = epoch_plan(n, global_batch, micro_batch, world, rank, epoch=epoch, seed=3)
             assert len(index) == len(real) == steps * accum * micro_batch  # same batch count on every rank
+            assert micro_batches_per_rank(n, global_batch, micro_batch, world) * micro_batch == len(index)
             assert index.min() >= 0 and index.max() < n  # padding repeats a real image ...
             seen.append(index[real])  # ... but only real positions count
         seen = np.concatenate(seen)

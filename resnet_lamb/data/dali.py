@@ -38,7 +38,6 @@ mode for non-image bytes, truncated and damaged JPEGs). The loader then decodes 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 
 from resnet_lamb.data.common import MEAN, STD, placeholder_jpeg, val_resize, warn_corrupt
-from resnet_lamb.data.sampling import epoch_plan
+from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank
 
 
 PIPELINES_BUILT = 0  # torchvision's DataLoader spawns (not forks) its workers once DALI threads run here
@@ -68,7 +67,7 @@ class _Source:
         self.root, self.paths, self.labels, self.n = str(root), paths, labels, n
         self.plan_kw, self.start, self.bad = plan_kw, start, frozenset(bad)
         self.stop = stop  # stream position where the source ends (StopIteration); None: endless
-        self.per_rank = len(epoch_plan(n, **plan_kw, epoch=0)[0])
+        self.per_rank = micro_batches_per_rank(n, **plan_kw) * plan_kw["micro_batch"]
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def file_at(self, pos: int) -> tuple[int, bool]:
@@ -184,8 +183,7 @@ class DaliLoader:
         self.plan_kw = dict(global_batch=global_batch if train else micro_batch * world_size,
                             micro_batch=micro_batch, world_size=world_size, rank=rank,
                             seed=seed, shuffle=train)
-        self.n_batches = math.ceil(n / self.plan_kw["global_batch"]) * (self.plan_kw["global_batch"]
-                                                                          // (micro_batch * world_size))
+        self.n_batches = micro_batches_per_rank(n, **self.plan_kw)
         self.seed, self.rank, self.workers = seed, rank, workers
         self.channels_last, self.dtype, self.prefetch = channels_last, dtype, max(1, prefetch)
         self.device_id = torch.cuda.current_device() if torch.cuda.is_available() else None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from resnet_lamb.data.common import MEAN, STD, warn_corrupt
-from resnet_lamb.data.sampling import epoch_plan
+from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank
 
 _CACHE: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
 
@@ -70,7 +70,7 @@ class MemoryLoader:
         self.channels_last, self.dtype = channels_last, dtype
         self.epoch_fn, self.on_skip = epoch_fn, on_skip or (lambda path: None)
         self.bad: set[int] = set()  # filled from a checkpoint before the first pass
-        self.length = len(epoch_plan(n, **self.plan_kw, epoch=0)[0]) // micro_batch
+        self.length = micro_batches_per_rank(n, **self.plan_kw)
         self._epochs = 0
         self._labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
         self._mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255

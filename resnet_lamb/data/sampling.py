@@ -50,5 +50,7 @@ def epoch_plan(n: int, global_batch: int, micro_batch: int, world_size: int, ran
     return index.reshape(-1).copy(), real.reshape(-1).copy()
 
 
-def batches_per_epoch(n: int, global_batch: int) -> int:
-    return math.ceil(n / global_batch)
+def micro_batches_per_rank(n: int, global_batch: int, micro_batch: int, world_size: int, **_) -> int:
+    """Micro-batches each rank yields per epoch: ``ceil(n / global_batch) * accumulation`` (the
+    length of :func:`epoch_plan` / ``micro_batch``); extra keywords (rank, seed, ...) are ignored."""
+    return math.ceil(n / global_batch) * (global_batch // (micro_batch * world_size))

@@ -6,16 +6,16 @@ yielded ``len()`` times per pass.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from resnet_lamb.data.sampling import micro_batches_per_rank
 
 
 class SyntheticLoader:
     def __init__(self, *, train, n, global_batch, micro_batch, world_size, image_size, num_classes, channels_last,
                  dtype, seed=0, **_):
-        g = global_batch if train else micro_batch * world_size
-        self.n_batches = math.ceil(n / g) * (g // (micro_batch * world_size))
+        self.n_batches = micro_batches_per_rank(n, global_batch if train else micro_batch * world_size, micro_batch,
+                                                world_size)
         self.shape = (micro_batch, 3, image_size, image_size)
         self.num_classes, self.channels_last, self.dtype, self.seed = num_classes, channels_last, dtype, seed
         self._batch = None

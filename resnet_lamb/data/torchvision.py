@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from resnet_lamb.data.common import MEAN, STD, placeholder_jpeg, val_resize, warn_corrupt
-from resnet_lamb.data.sampling import epoch_plan
+from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank
 
 
 def transforms(train: bool, image_size: int):
@@ -65,7 +65,7 @@ class _PlanBatchSampler:
     def __init__(self, n, plan_kw, micro_batch):
         self.n, self.plan_kw, self.micro_batch = n, plan_kw, micro_batch
         self.epoch = 0
-        self.length = len(epoch_plan(n, **plan_kw, epoch=0)[0]) // micro_batch
+        self.length = micro_batches_per_rank(n, **plan_kw)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
