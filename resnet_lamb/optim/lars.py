@@ -14,6 +14,13 @@ from resnet_lamb.optim.lamb import LayerwiseOptimizer, _check_common, trust_rati
 _MODES = ("paper", "classic")
 
 
+def local_lr(w_norm: torch.Tensor, g_norm: torch.Tensor, tc, wd, eps, cl) -> torch.Tensor:
+    """Classic LARS's local lr, ``tc * phi(||x||) / (||g|| + wd*||x|| + eps)``, 1 where a norm is 0;
+    ``cl`` = (lower, upper) clamps ||x|| (phi) or is None. Vectors (a bucket) or 0-dim tensors."""
+    num = w_norm if cl is None else torch.clamp(w_norm, *cl)
+    return torch.where((w_norm > 0) & (g_norm > 0), tc * num / (g_norm + wd * w_norm + eps), 1.0)
+
+
 def _lars_bucket(params, grads, bufs, _unused, c: list[float], *, mode: str,
                  nesterov: bool, clip: bool, adapt: bool, has_wd: bool) -> torch.Tensor:
     """Eager multi-tensor form. ``c`` = [lr, momentum, 1-momentum, tc, eps, wd, lo, hi]."""
@@ -36,9 +43,7 @@ def _lars_bucket(params, grads, bufs, _unused, c: list[float], *, mode: str,
     if adapt:
         w_norm = torch.stack(torch._foreach_norm(params)).float()
         g_norm = torch.stack(torch._foreach_norm(grads)).float()
-        ok = (w_norm > 0) & (g_norm > 0)
-        ratio = torch.where(ok, tc * (w_norm if cl is None else w_norm.clamp(lo, hi))
-                            / (g_norm + wd * w_norm + eps), 1.0)
+        ratio = local_lr(w_norm, g_norm, tc, wd, eps, cl)
     else:
         ratio = torch.ones(len(params), device=params[0].device)
     scale = list(ratio.to(params[0].dtype).unbind(0))
@@ -81,9 +86,7 @@ def _lars_tensor(p, g, buf, _unused, _scratch, c: torch.Tensor, *, mode: str, ne
         return ratio
     if adapt:
         wn, gn = torch.sqrt((p * p).sum()).float(), torch.sqrt((g * g).sum()).float()
-        ok = (wn > 0) & (gn > 0)
-        num = wn if cl is None else torch.clamp(wn, lo, hi)
-        ratio = torch.where(ok, tc * num / (gn + wd * wn + eps), 1.0).float()
+        ratio = local_lr(wn, gn, tc, wd, eps, cl).float()
         d = d * ratio.to(p.dtype)
     else:
         ratio = torch.ones((), device=p.device)
@@ -105,9 +108,7 @@ def _classic_cpu(params, grads, bufs, c: list[float], *, nesterov: bool, clip: b
     lr, mom, _omm, tc, eps, wd, lo, hi = c
     w_norm = torch.stack(torch._foreach_norm(params)).float()
     g_norm = torch.stack(torch._foreach_norm(grads)).float()
-    num = w_norm.clamp(lo, hi) if clip else w_norm
-    ok = (w_norm > 0) & (g_norm > 0)
-    ratio = torch.where(ok, tc * num / (g_norm + wd * w_norm + eps), 1.0)
+    ratio = local_lr(w_norm, g_norm, tc, wd, eps, (lo, hi) if clip else None)
     for p, g, b, r in zip(params, grads, bufs, ratio.tolist()):
         torch._fused_sgd_([p], [g], [b], weight_decay=wd * r, momentum=mom, lr=lr,
                           dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False,
