@@ -203,7 +203,8 @@ class LambModule(pl.LightningModule):
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite: skip)
         self._grad_norm: Optional[torch.Tensor] = None  # this step's gradient norm, for the clipping
         self._skip_step = False
-        self._recipe_changed = False  # a forced resume with another recipe (on_load_checkpoint)
+        self._pending_rng: Optional[dict[str, Any]] = None  # restored at on_train_start
+        self._forced: Optional[dict[str, Any]] = None  # a forced resume's saved state (on_load_checkpoint)
 
     # ---------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -404,7 +405,7 @@ class LambModule(pl.LightningModule):
                   "restored step", file=sys.stderr, flush=True)
 
     def _apply_forced_resume(self) -> None:
-        forced, self._forced = getattr(self, "_forced", None), None
+        forced, self._forced = self._forced, None
         if not forced:
             return
         for i, opt in enumerate(self.trainer.optimizers):
@@ -447,8 +448,7 @@ class LambModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # restored here, not in on_load_checkpoint: nothing between this hook and the first batch
         # draws random numbers differently in a resumed run than in an uninterrupted one
-        state = getattr(self, "_pending_rng", None)
-        if state is not None:
-            _set_rng_state(state)
+        if self._pending_rng is not None:
+            _set_rng_state(self._pending_rng)
             self._pending_rng = None
         self._apply_forced_resume()

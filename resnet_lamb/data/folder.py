@@ -74,7 +74,8 @@ def _listing(folder: Path) -> list[os.DirEntry]:
 
 
 def _kind(e: os.DirEntry) -> str:
-    """file | dir | broken (a symlink to nothing, or a symlink loop) | other (fifo, socket...)."""
+    """file | dir | other (fifo, socket...); a broken symlink (missing target, symlink loop) is a
+    one-line DataError."""
     try:
         if e.is_file():
             return "file"
@@ -82,16 +83,15 @@ def _kind(e: os.DirEntry) -> str:
             return "dir"
     except OSError:  # ELOOP: DirEntry.is_file only swallows ENOENT
         pass
-    return "broken" if e.is_symlink() else "other"
+    if e.is_symlink():
+        raise DataError(f"{e.path}: broken symlink (its target is missing or it is a symlink loop); fix or remove it")
+    return "other"
 
 
 def _list_classes(split_dir: Path) -> list[str]:
     names = []
     for e in _listing(split_dir):
         kind = _kind(e)
-        if kind == "broken":
-            raise DataError(f"{e.path}: broken symlink (its target is missing or it is a symlink loop); "
-                            "fix or remove it")
         if kind == "dir" and e.is_symlink():
             target = os.path.realpath(e.path)
             if os.path.commonpath([target, os.path.realpath(split_dir)]) == target:  # points at or above itself
@@ -118,9 +118,6 @@ def _scan_split(split_dir: Path, classes: list[str]) -> Split:
             # is_file() costs nothing for a regular file (the listing's d_type) and one stat for a symlink
             kind = _kind(e)
             if kind != "file":
-                if kind == "broken":
-                    raise DataError(f"{e.path}: broken symlink (its target is missing or it is a symlink "
-                                    "loop); fix or remove it")
                 what = "a folder" if kind == "dir" else "not a regular file"
                 raise DataError(f"{e.path}: {what} inside a class folder; images go directly in "
                                 f"{split_dir.name}/<class>/, move it out of the data folder")
