@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from resnet_lamb.data.common import MEAN, STD, placeholder_jpeg, val_resize, warn_corrupt
-from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank
+from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 
 
 PIPELINES_BUILT = 0  # torchvision's DataLoader spawns (not forks) its workers once DALI threads run here
@@ -180,9 +180,7 @@ class DaliLoader:
                  workers, channels_last, dtype, prefetch=2, py_workers=None, epoch_fn=None, on_skip=None):
         self.split, self.train, self.n = split, train, n
         self.micro_batch, self.image_size = micro_batch, image_size
-        self.plan_kw = dict(global_batch=global_batch if train else micro_batch * world_size,
-                            micro_batch=micro_batch, world_size=world_size, rank=rank,
-                            seed=seed, shuffle=train)
+        self.plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed)
         self.n_batches = micro_batches_per_rank(n, **self.plan_kw)
         self.seed, self.rank, self.workers = seed, rank, workers
         self.channels_last, self.dtype, self.prefetch = channels_last, dtype, max(1, prefetch)

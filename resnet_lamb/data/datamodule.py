@@ -176,10 +176,6 @@ class ImageDataModule(L.LightningDataModule):
     def steps_per_epoch(self) -> int:
         return math.ceil(self.train_images / self.global_batch)
 
-    @property
-    def val_batches(self) -> int:
-        return math.ceil(self.val_images / (self.micro_batch * self.world_size))
-
     # ---- Lightning hooks -------------------------------------------------------------------------
     def prepare_data(self):
         self.validate()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from resnet_lamb.data.common import MEAN, STD, warn_corrupt
-from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank
+from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 
 _CACHE: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
 
@@ -46,15 +46,15 @@ def decode_split(split, size: int, workers: int) -> tuple[torch.Tensor, list[int
     key = (str(split.root), size)
     if key not in _CACHE:
         paths = [split.path(i) for i in range(len(split))]
-        out = torch.zeros((len(paths), size, size, 3), dtype=torch.uint8)
+        out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
         bad = []
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
-            for i, arr in enumerate(pool.map(lambda p: _decode(p, size), paths, chunksize=256)):
+            for i, arr in enumerate(pool.map(lambda p: _decode(p, size), paths)):
                 if arr is None:
                     bad.append(i)
                 else:
-                    out[i] = torch.from_numpy(arr)
-        _CACHE[key] = (out.permute(0, 3, 1, 2).contiguous(), bad)
+                    out[i] = torch.from_numpy(arr).permute(2, 0, 1)
+        _CACHE[key] = (out, bad)
     return _CACHE[key]
 
 
@@ -63,8 +63,7 @@ class MemoryLoader:
 
     def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
                  workers, channels_last, dtype, epoch_fn=None, on_skip=None, **_):
-        self.plan_kw = dict(global_batch=global_batch if train else micro_batch * world_size,
-                            micro_batch=micro_batch, world_size=world_size, rank=rank, seed=seed, shuffle=train)
+        self.plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed)
         self.split, self.n, self.train, self.micro_batch = split, n, train, micro_batch
         self.image_size, self.workers = image_size, workers
         self.channels_last, self.dtype = channels_last, dtype
@@ -86,8 +85,8 @@ class MemoryLoader:
                 self.bad.add(i)
                 warn_corrupt(self.split.path(i), "PIL cannot decode it")
                 self.on_skip(self.split.path(i))
-        epoch = self.epoch_fn() if (self.train and self.epoch_fn) else self._epochs
-        index, real = epoch_plan(self.n, **self.plan_kw, epoch=epoch if self.train else 0)
+        epoch = (self.epoch_fn() if self.epoch_fn else self._epochs) if self.train else 0
+        index, real = epoch_plan(self.n, **self.plan_kw, epoch=epoch)
         index, real = torch.from_numpy(index), torch.from_numpy(real)
         if self.bad:
             real &= ~torch.isin(index, torch.tensor(sorted(self.bad)))

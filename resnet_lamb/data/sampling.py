@@ -50,6 +50,13 @@ def epoch_plan(n: int, global_batch: int, micro_batch: int, world_size: int, ran
     return index.reshape(-1).copy(), real.reshape(-1).copy()
 
 
+def plan_kwargs(train: bool, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int) -> dict:
+    """:func:`epoch_plan`'s arguments for a split: training steps the global batch over a shuffled
+    permutation; validation takes one micro-batch per rank at a time, in file order."""
+    return dict(global_batch=global_batch if train else micro_batch * world_size, micro_batch=micro_batch,
+                world_size=world_size, rank=rank, seed=seed, shuffle=train)
+
+
 def micro_batches_per_rank(n: int, global_batch: int, micro_batch: int, world_size: int, **_) -> int:
     """Micro-batches each rank yields per epoch: ``ceil(n / global_batch) * accumulation`` (the
     length of :func:`epoch_plan` / ``micro_batch``); extra keywords (rank, seed, ...) are ignored."""

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from resnet_lamb.data.sampling import micro_batches_per_rank
+from resnet_lamb.data.sampling import micro_batches_per_rank, plan_kwargs
 
 
 class SyntheticLoader:
     def __init__(self, *, train, n, global_batch, micro_batch, world_size, image_size, num_classes, channels_last,
                  dtype, seed=0, **_):
-        self.n_batches = micro_batches_per_rank(n, global_batch if train else micro_batch * world_size, micro_batch,
-                                                world_size)
+        self.n_batches = micro_batches_per_rank(n, **plan_kwargs(train, global_batch, micro_batch, world_size, 0, seed))
         self.shape = (micro_batch, 3, image_size, image_size)
         self.num_classes, self.channels_last, self.dtype, self.seed = num_classes, channels_last, dtype, seed
         self._batch = None

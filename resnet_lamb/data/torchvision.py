@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from resnet_lamb.data.common import MEAN, STD, placeholder_jpeg, val_resize, warn_corrupt
-from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank
+from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 
 
 def transforms(train: bool, image_size: int):
@@ -107,8 +107,7 @@ class TorchvisionLoader:
 
     def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
                  workers, channels_last, dtype, prefetch=2, epoch_fn=None, on_skip=None):
-        plan_kw = dict(global_batch=global_batch if train else micro_batch * world_size, micro_batch=micro_batch,
-                       world_size=world_size, rank=rank, seed=seed, shuffle=train)
+        plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed)
         self._sampler = _PlanBatchSampler(n, plan_kw, micro_batch)
         self.split, self.train, self.dtype = split, train, dtype
         self._dataset = _FolderDataset(split, transforms(train, image_size))
