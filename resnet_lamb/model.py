@@ -94,6 +94,11 @@ def recipe_identity(optimizer: OptimizerSpec, schedule: ScheduleSpec, global_bat
     return json.loads(json.dumps(out, default=str))
 
 
+def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys of two :func:`recipe_identity` dicts whose values differ, sorted."""
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
+
 class MLP(nn.Sequential):
     """Grayscale (channel mean) image, flattened -> ReLU hidden layers -> class logits."""
 
@@ -396,7 +401,7 @@ class LambModule(pl.LightningModule):
         self._forced = {"optimizer_states": checkpoint["optimizer_states"] if same else None,
                         "last_epoch": [s.get("last_epoch") for s in scheds]}
         checkpoint["optimizer_states"], checkpoint["lr_schedulers"] = [], []
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        changed = recipe_changes(saved, now)
         if getattr(self._trainer, "is_global_zero", True):
             import sys
 

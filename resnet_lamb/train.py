@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 import yaml
 
-from resnet_lamb.errors import DataError, RecipeError, UserError
+from resnet_lamb.errors import RecipeError, UserError
 
 RUN_DEFAULTS = {"name": None, "project": "resnet-lamb", "tags": [], "root": "runs", "wandb": True}
 
@@ -154,7 +154,6 @@ def _expand_recipe(args: list[str], tmpdir: str) -> list[str]:
         merged = load_recipe(path)  # RecipeError naming the file when missing / bad YAML / bad base
         _check_spec_keys(merged, path)
         _RECIPE["stated"].append(merged)
-        merged.pop("base", None)
         _RECIPE["path"] = path
         tmp = Path(tmpdir) / Path(path).name
         tmp.write_text(yaml.safe_dump(merged, sort_keys=False))
@@ -189,17 +188,15 @@ def _check_stated(path: str) -> None:
 
 
 def _check_counts(cfg: Any, folder: Any) -> None:
-    """Counts the recipe states against the folder (the data module checks them again), before anything is built."""
-    found = {"train_images": len(folder.splits["train"]), "val_images": len(folder.splits["val"]),
-             "num_classes": len(folder.classes)}
-    for key in found:
-        given = cfg.data.get(key)
-        if given is not None and given != found[key]:
-            raise DataError(f"data.{key}: {given} given but {folder.root} holds {found[key]}; "
-                            f"set data.{key}: {found[key]} (or null to count it)")
-    if cfg.data.get("num_classes") is None and cfg.model.get("num_classes") != found["num_classes"]:
+    """Counts the recipe states against the folder, before anything is built (the data module
+    reuses this listing: ``RecipeCLI.instantiate_classes``)."""
+    from resnet_lamb.data.datamodule import check_counts
+
+    check_counts(folder, {k: cfg.data.get(k) for k in ("train_images", "val_images", "num_classes")}, folder.root)
+    classes = len(folder.classes)
+    if cfg.data.get("num_classes") is None and cfg.model.get("num_classes") != classes:
         raise RecipeError(f"model.num_classes: {cfg.model.get('num_classes')} but {folder.root} holds "
-                          f"{found['num_classes']} class folders; set model.num_classes: {found['num_classes']}")
+                          f"{classes} class folders; set model.num_classes: {classes}")
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -216,7 +213,7 @@ def _check_writable(run_dir: Path) -> None:
 def _remove_partial_checkpoints(ck_dir: Path) -> None:
     """Temp files of a checkpoint write that a kill interrupted (``.tmp-*.ckpt``, never loaded:
     Lightning's ``last`` lookup and the checks here skip dot files) are removed at the next start."""
-    for p in sorted(ck_dir.glob(".tmp-*.ckpt")) if ck_dir.is_dir() else []:
+    for p in sorted(ck_dir.glob(".tmp-*.ckpt")):
         try:
             p.unlink()
             print(f"resnet-lamb: removed {p}, a checkpoint write that was interrupted", file=sys.stderr)
@@ -239,7 +236,7 @@ def check_resume(ckpt: Path, recipe: Any, force: bool = False) -> None:
     only changes the accumulation.  Otherwise one line naming the keys, unless ``force``."""
     import torch
 
-    from resnet_lamb.model import recipe_identity
+    from resnet_lamb.model import recipe_changes, recipe_identity
 
     try:
         ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
@@ -250,7 +247,7 @@ def check_resume(ckpt: Path, recipe: Any, force: bool = False) -> None:
     if not saved:
         return  # written before checkpoints recorded their recipe
     now = recipe_identity(recipe.optimizer, recipe.schedule, recipe.global_batch, recipe.epochs)
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    diff = recipe_changes(saved, now)
     if diff and not force:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
         raise RecipeError(f"ckpt_path: {ckpt} was trained with another recipe ({shown}); resume with the "
@@ -297,7 +294,13 @@ def _to_dict(ns: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------ W&B
-def _wandb_key_configured() -> bool:
+def _wandb_host(url: str):
+    from urllib.parse import urlparse
+
+    return urlparse(url if "//" in url else "https://" + url)
+
+
+def _wandb_key_configured(url: str) -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
@@ -305,8 +308,7 @@ def _wandb_key_configured() -> bool:
 
         path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
         if os.path.isfile(path):
-            host = _wandb_url().split("//")[-1].split("/")[0].split(":")[0]
-            return netrc.netrc(path).authenticators(host) is not None
+            return netrc.netrc(path).authenticators(_wandb_host(url).hostname) is not None
     except Exception:  # noqa: BLE001 - an unreadable netrc means no key
         return False
     return False
@@ -328,9 +330,8 @@ def _wandb_reachable(url: str, timeout: float = 5.0) -> bool:
     """A TCP connect to the server: wandb.init would otherwise wait up to its init_timeout (90 s)
     and then fail the run on a machine without internet."""
     import socket
-    from urllib.parse import urlparse
 
-    u = urlparse(url if "//" in url else "https://" + url)
+    u = _wandb_host(url)
     try:
         with socket.create_connection((u.hostname, u.port or (80 if u.scheme == "http" else 443)), timeout=timeout):
             return True
@@ -345,11 +346,11 @@ def wandb_mode() -> str:
     if mode:
         return mode
     sync = "(sync later with `wandb sync runs/<name>/wandb/offline-run-*`)"
-    if not _wandb_key_configured():
+    url = _wandb_url()
+    if not _wandb_key_configured(url):
         os.environ["WANDB_MODE"] = "offline"
         print(f"resnet-lamb: no W&B API key configured; logging to W&B offline {sync}", file=sys.stderr)
         return "offline"
-    url = _wandb_url()
     if not _wandb_reachable(url):
         os.environ["WANDB_MODE"] = "offline"
         print(f"resnet-lamb: W&B server {url} unreachable; logging to W&B offline {sync}", file=sys.stderr)
@@ -439,15 +440,19 @@ def _cli_class():
             backend = cfg.data.get("backend")
             if backend not in BACKENDS:
                 raise RecipeError(f"data.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-            root, images = cfg.data.get("root"), None
+            root, images, self.folder = cfg.data.get("root"), None, None
             if backend != "synthetic" and root:
                 from resnet_lamb.data.folder import validate_root
 
                 # every layout error (missing folder, empty class, differing classes, non-image file,
                 # broken symlink, unreadable folder) as one line before anything is built: listings only
-                folder = validate_root(root)
-                images = None if recipe.train_images is not None else len(folder.splits["train"])
-                _check_counts(cfg, folder)
+                self.folder = validate_root(root)
+                _check_counts(cfg, self.folder)
+                images = len(self.folder.splits["train"])
+            elif backend == "synthetic" and recipe.train_images is None:
+                from resnet_lamb.data.datamodule import IMAGENET
+
+                images = IMAGENET["train_images"]  # what the synthetic data module uses (not a root's count)
             ws = world_size(cfg.trainer)
             plan = R.plan_recipe(recipe, world_size=ws, train_images=images)
             steps = int(plan.optimizer_steps)
@@ -458,7 +463,7 @@ def _cli_class():
             else:
                 cfg.trainer.max_steps = steps
             cfg.trainer.accumulate_grad_batches = int(plan.accumulation)
-            if "num_classes" in cfg.data and cfg.data.get("num_classes") is None:
+            if cfg.data.get("num_classes") is None:
                 # one class count for both (Lightning refuses differing hparams of the same name);
                 # the datamodule checks it against the folder
                 cfg.data.num_classes = cfg.model.num_classes
@@ -490,6 +495,11 @@ def _cli_class():
                         f"start a new run with --run.name NEW, or delete the folder")
             if int(os.environ.get("RANK", "0")) == 0:
                 print(_format_plan(plan), flush=True)
+
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            if self.folder is not None:  # listed once, in before_instantiate_classes
+                self.datamodule.validate(self.folder)
 
         def instantiate_trainer(self, **kwargs):
             cfg = self.config[self.subcommand] if self.subcommand else self.config

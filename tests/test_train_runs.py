@@ -57,3 +57,21 @@ def test_two_epochs_each_optimizer(fit, name):
         assert "optim/trust_ratio/conv1.weight" in ratios
     else:
         assert not ratios, "no trust ratios for optimizers without them"
+
+
+def test_start_up_lists_the_data_folder_once(fit, digits_root, monkeypatch):
+    """fit checks the layout before anything is built and hands that listing to the data module."""
+    import resnet_lamb.data.folder as folder
+
+    calls = []
+    real = folder.validate_root
+    monkeypatch.setattr(folder, "validate_root", lambda root: calls.append(root) or real(root))
+    _check_run(fit(tiny_recipe(digits_root), name="listed-once"))
+    assert len(calls) == 1
+
+
+def test_synthetic_with_a_root_plans_the_images_it_trains_on(fit, digits_root, capsys):
+    """backend synthetic ignores data.root: the plan counts ImageNet's 1,281,167 images, as the data module does."""
+    recipe = tiny_recipe(digits_root, **{"data.backend": "synthetic"})
+    fit(recipe, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", name="synthetic-root")
+    assert "1281167 train images" in capsys.readouterr().out

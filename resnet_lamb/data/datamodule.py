@@ -35,6 +35,16 @@ BACKENDS = ("dali", "torchvision", "memory", "synthetic", "auto")
 IMAGENET = {"train_images": 1281167, "val_images": 50000, "num_classes": 1000}
 
 
+def check_counts(folder, given: dict, root) -> None:
+    """The image and class counts a recipe states (``given``, None = count it) against the folder."""
+    found = {"train_images": len(folder.splits["train"]), "val_images": len(folder.splits["val"]),
+             "num_classes": len(folder.classes)}
+    for key, value in given.items():
+        if value is not None and value != found[key]:
+            raise DataError(f"data.{key}: {value} given but {root} holds {found[key]}; "
+                            f"set data.{key}: {found[key]} (or null to count it)")
+
+
 class ImageDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -122,19 +132,15 @@ class ImageDataModule(L.LightningDataModule):
             self._backend = b
         return self._backend
 
-    def validate(self):
-        """Check the folder layout (cheap: directory listings) and the given counts; idempotent."""
+    def validate(self, folder=None):
+        """Check the folder layout (cheap: directory listings) and the given counts; idempotent.
+        ``folder``: the :func:`validate_root` of ``root`` when the caller already listed it."""
         if self.backend_requested == "synthetic" or self._folder is not None:
             return
         from resnet_lamb.data.folder import validate_root
 
-        folder = validate_root(self.root)
-        found = {"train_images": len(folder.splits["train"]), "val_images": len(folder.splits["val"]),
-                 "num_classes": len(folder.classes)}
-        for key, given in self._given.items():
-            if given is not None and given != found[key]:
-                raise DataError(f"data.{key}: {given} given but {self.root} holds {found[key]}; "
-                                f"set data.{key}: {found[key]} (or null to count it)")
+        folder = folder if folder is not None else validate_root(self.root)
+        check_counts(folder, self._given, self.root)
         self._folder = folder
 
     def _count(self, key: str) -> int:
