@@ -16,7 +16,6 @@ summary.json (final top-1 per run; ``--compare`` prints the largest difference a
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import multiprocessing
 import os
@@ -54,38 +53,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def diverged(run_dir: Path) -> str | None:
-    """The run's one-line error when it stopped on a NaN/Inf loss or gradient (``failed.txt``), else None."""
-    path = run_dir / "failed.txt"
-    text = path.read_text().strip() if path.is_file() else ""
-    return text if text.startswith(("NonFiniteLossError", "NonFiniteGradientError")) else None
+def result(run_dir: Path) -> tuple:
+    """(validated epochs, final top-1, diverged) of a run folder, as `resnet-lamb report` reads it; a
+    run stopped by a NaN/Inf loss or gradient (failed.txt) is diverged, its top-1 None."""
+    from resnet_lamb.report import load_run
+
+    run = load_run(run_dir)
+    bad = run.status == "failed" and run.reason.startswith(("NonFiniteLossError", "NonFiniteGradientError"))
+    return len(run.val), None if bad else run.final[0], bad
 
 
-def final_top1(run_dir: Path):
-    """(validated epochs, final top-1) from csv/metrics.csv, or (0, None)."""
-    path = run_dir / "csv" / "metrics.csv"
-    if not path.is_file():
-        return 0, None
-    rows = [r for r in csv.DictReader(path.open()) if r.get("val/top1")]
-    return len(rows), (float(rows[-1]["val/top1"]) if rows else None)
+def outcome(res: tuple) -> str:
+    return "diverged" if res[2] else f"top-1 {res[1]:.4f}"
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int) -> None:  # spawned workers start in the parent's folder (ROOT)
     import torch
 
-    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
-    os.chdir(ROOT)
 
 
 def _fit_job(job: tuple) -> tuple:
-    recipe, name, runs, *rest = job
-    return name, fit(Path(recipe), name, Path(runs), *rest)
-
-
-def outcome(run_dir: Path) -> str:
-    top1 = final_top1(run_dir)[1]
-    return "diverged" if diverged(run_dir) else f"top-1 {top1:.4f}"
+    return job[1], fit(*job)
 
 
 def fit(recipe: Path, name: str, runs: Path, batch: int, seed: int, epochs: int, extra: list, wandb: bool) -> float:
@@ -103,7 +92,7 @@ def fit(recipe: Path, name: str, runs: Path, batch: int, seed: int, epochs: int,
         rc = cli(args)
     except SystemExit as exc:
         rc = exc.code
-    if rc and not diverged(run_dir):
+    if rc and not result(run_dir)[2]:
         raise SystemExit(f"proxy study: resnet-lamb {' '.join(args)} exited {rc}")
     return time.perf_counter() - start
 
@@ -168,6 +157,8 @@ def plot_vs_batch(summary: dict, path: Path, title: str) -> None:
 
 
 def study_readme(summary: dict, tune: bool) -> str:
+    from resnet_lamb.report import mean_text
+
     grid = summary["grid"]
     columns = list(TUNE_LABELS) if tune else sorted({c for cells in grid.values() for c in cells}, key=int)
     def cell(c):
@@ -176,7 +167,7 @@ def study_readme(summary: dict, tune: bool) -> str:
         lr = f" (lr {c['lr']:.3g})" if "lr" in c else ""
         if c["mean"] is None:
             return "diverged" + (f" ({c['diverged']}/{c['n']})" if c["n"] > 1 else "") + lr
-        text = f"{c['mean']:.4f}" if c["n"] == 1 else f"{c['mean']:.4f} ±{c['half_range']:.4f} (n={c['n']})"
+        text = mean_text([x for x in c["runs"].values() if x is not None])
         return text + lr + (f", {c['diverged']}/{c['n']} diverged" if c["diverged"] else "")
 
     lines = ["# Proxy large-batch study" + (": base-LR grid at batch 128" if tune else ""), "",
@@ -229,12 +220,13 @@ def main(argv=None) -> int:
                 jobs.append((opt, recipe, b, s, f"{opt}-bs{b}-seed{s}", []))
     started = time.perf_counter()
     todo = []
+    epochs = {opt: args.epochs or recipe_epochs(recipe) for opt, recipe, *_ in jobs}
     for opt, recipe, b, s, name, extra in jobs:
-        epochs = args.epochs or recipe_epochs(recipe)
-        if final_top1(runs / name)[0] >= epochs or diverged(runs / name):
-            print(f"{name}: done before ({outcome(runs / name)})", flush=True)
+        res = result(runs / name)
+        if res[0] >= epochs[opt] or res[2]:
+            print(f"{name}: done before ({outcome(res)})", flush=True)
         else:
-            todo.append((str(recipe), name, str(runs), b, s, epochs, extra[:2], args.wandb))
+            todo.append((recipe, name, runs, b, s, epochs[opt], extra[:2], args.wandb))
     todo.sort(key=lambda job: job[3])  # small batches first: they take longest, so the pool ends even
     walls = {}
     # `--jobs` worker processes of `--threads` torch threads each: on 2 cores two 1-thread runs side
@@ -244,29 +236,27 @@ def main(argv=None) -> int:
                              initializer=_worker_init, initargs=(args.threads,)) as pool:
         for i, (name, seconds) in enumerate(pool.map(_fit_job, todo), 1):
             walls[name] = seconds
-            print(f"[{i}/{len(todo)}] {name}: {outcome(runs / name)} in {seconds:.0f} s "
+            print(f"[{i}/{len(todo)}] {name}: {outcome(result(runs / name))} in {seconds:.0f} s "
                   f"({time.perf_counter() - started:.0f} s so far)", flush=True)
     wall = time.perf_counter() - started
 
     names = [j[4] for j in jobs]
     out.mkdir(parents=True, exist_ok=True)
-    from resnet_lamb.report import main as report
+    from resnet_lamb.report import main as report, spread
 
     report([str(runs / n) for n in names] + ["--out", str(out)])
     grid: dict = {}  # optimizer -> batch (or base_lr when tuning) -> runs and their mean
     for opt, _, b, s, name, extra in jobs:
         column = extra[2] if args.tune else str(b)
-        # a run stopped by a NaN/Inf loss or gradient counts as diverged (None), not as a top-1
-        top1 = None if diverged(runs / name) else final_top1(runs / name)[1]
         cell = grid.setdefault(opt, {}).setdefault(column, {"runs": {}})
-        cell["runs"][name] = top1
+        cell["runs"][name] = result(runs / name)[1]  # None: diverged
         if args.tune:
             cell["lr"] = float(extra[1])
     for cells in grid.values():
         for cell in cells.values():
             v = [x for x in cell["runs"].values() if x is not None]
-            cell.update(n=len(cell["runs"]), diverged=len(cell["runs"]) - len(v),
-                        mean=sum(v) / len(v) if v else None, half_range=(max(v) - min(v)) / 2 if v else None)
+            mean, half = spread(v) if v else (None, None)
+            cell.update(n=len(cell["runs"]), diverged=len(cell["runs"]) - len(v), mean=mean, half_range=half)
     command = shlex.join(["python", os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)])
     # wall time and per-run times add up over invocations (a resumed study; a rebuild trains nothing)
     old = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
@@ -275,7 +265,8 @@ def main(argv=None) -> int:
     summary = {"command": command,
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if walls or not old else old["date"],
                "machine": machine() if walls or not old else old["machine"],
-               "wall_s": round(wall) + (old.get("wall_s", 0) if len(walls) < len(jobs) else 0),
+               "wall_s": (round(wall) if len(walls) == len(jobs)
+                          else old.get("wall_s", 0) + (round(wall) if walls else 0)),  # a rebuild adds nothing
                "runs_trained": len(run_wall), "run_wall_s": run_wall, "jobs": args.jobs,
                "threads_per_run": args.threads, "seeds": seeds, "extra_seeds_at_largest_batches": extra_seeds,
                "grid": grid}

@@ -609,6 +609,17 @@ def other_sections(runs: list) -> list:
     return lines
 
 
+def spread(values: list) -> tuple:
+    """(mean, half the range) of runs sharing a cell (seeds)."""
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
+def mean_text(values: list) -> str:
+    """``0.8236`` for one run, ``0.8236 ±0.0060 (n=3)`` for several."""
+    mean, half = spread(values)
+    return _f(mean) if len(values) == 1 else f"{mean:.4f} ±{half:.4f} (n={len(values)})"
+
+
 def grid_table(runs: list) -> list:
     """Final top-1 by optimizer (rows) x global batch (columns); runs sharing a cell (seeds) are
     averaged, with half their range and count; failed runs (failed.txt) are counted, not averaged."""
@@ -626,8 +637,7 @@ def grid_table(runs: list) -> list:
         row = [opt]
         for b in batches:
             v, bad = cells.get((opt, b)), failed.get((opt, b), 0)
-            text = ("failed" if bad else "-") if not v else _f(sum(v) / len(v)) if len(v) == 1 \
-                else f"{sum(v) / len(v):.4f} ±{(max(v) - min(v)) / 2:.4f} (n={len(v)})"
+            text = mean_text(v) if v else "failed" if bad else "-"
             row.append(text + (f", {bad} failed" if bad and v else ""))
         rows.append(row)
     return _table(["optimizer, batch →", *map(str, batches)], rows)
