@@ -23,7 +23,6 @@ import socket
 import sys
 import time
 
-import yaml
 
 PREFIX = "torchrun.sh: error:"
 
@@ -90,9 +89,11 @@ def _as_int(value, flag: str) -> int | None:
 
 
 def check_devices(flags: dict[str, str], nproc: int, nnodes: int, gpus: int) -> None:
-    devices = _as_int(yaml.safe_load(flags["trainer.devices"]), "--trainer.devices") \
+    from resnet_lamb.recipe import parse_value
+
+    devices = _as_int(parse_value(flags["trainer.devices"]), "--trainer.devices") \
         if "trainer.devices" in flags else nproc
-    nodes = _as_int(yaml.safe_load(flags["trainer.num_nodes"]), "--trainer.num_nodes") \
+    nodes = _as_int(parse_value(flags["trainer.num_nodes"]), "--trainer.num_nodes") \
         if "trainer.num_nodes" in flags else nnodes
     if devices is not None and nodes is not None and (devices, nodes) != (nproc, nnodes):
         fail(f"--trainer.devices {devices} x --trainer.num_nodes {nodes} = {devices * nodes}, but torchrun starts "

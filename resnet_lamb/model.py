@@ -99,6 +99,11 @@ def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
 
 
+def check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise RecipeError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
 class MLP(nn.Sequential):
     """Grayscale (channel mean) image, flattened -> ReLU hidden layers -> class logits."""
 
@@ -118,8 +123,7 @@ def build_resnet(arch: str = "resnet50", num_classes: int = 1000, small_input: b
                  mlp_hidden: tuple[int, ...] = (512, 512)) -> nn.Module:
     """A torchvision ResNet with random weights; ``small_input``: 3x3 stride-1 stem, no max-pool.
     ``arch="mlp"``: :class:`MLP` over ``input_size`` x ``input_size`` images."""
-    if arch not in ARCHS:
-        raise RecipeError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    check_arch(arch)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise RecipeError(f"model.num_classes: must be a positive integer, got {num_classes!r}")
     if arch == "mlp":

@@ -32,6 +32,9 @@ from resnet_lamb.errors import RecipeError
 TOP_LEVEL_KEYS = ("base", "expected", "seed_everything", "trainer", "model", "data", "ckpt_path")
 EXPECTED_KEYS = ("top1", "top5", "source", "note")
 RECIPE_ONLY_KEYS = ("base", "expected")
+# model.optimizer keys a recipe must state, and what to set (the OptimizerSpec defaults are not a recipe)
+REQUIRED_OPTIMIZER_KEYS = (("name", "the optimizer, one of resnet_lamb.optim.list_optimizers()"),
+                           ("base_lr", "the peak LR at model.optimizer.base_batch"))
 
 
 # ------------------------------------------------------------------------------------ YAML
@@ -123,6 +126,16 @@ def _load(path: Path, chain: tuple) -> dict:
         raise RecipeError(f"{shown}: base: expected a path to a recipe relative to this file, got {base!r}")
     parent = _load(path.parent / base, chain + ((resolved, shown),))
     return deep_merge(parent, data)
+
+
+def recipe_part(cfg: dict) -> dict:
+    """What :func:`validate_recipe` checks of a resolved config (``fit``'s, or a run's saved
+    config.yaml): the recipe's top-level keys, without ``ckpt_path`` or ``base``, and ``expected``
+    only when set."""
+    part = {k: v for k, v in cfg.items() if k in TOP_LEVEL_KEYS and k not in ("ckpt_path", "base")}
+    if part.get("expected") is None:
+        part.pop("expected", None)
+    return part
 
 
 def to_lightning_config(cfg: dict) -> dict:
@@ -497,8 +510,7 @@ def _validate(cfg: dict, shown: str) -> Recipe:
         raise RecipeError("model.optimizer: missing; set at least model.optimizer.name and model.optimizer.base_lr"
                           if opt is None else f"model.optimizer: expected a mapping, got {opt!r}")
     _unknown_keys(opt, OPTIMIZER_KEYS, "model.optimizer.")
-    for key, what in (("name", "the optimizer, one of resnet_lamb.optim.list_optimizers()"),
-                      ("base_lr", "the peak LR at model.optimizer.base_batch")):
+    for key, what in REQUIRED_OPTIMIZER_KEYS:
         if opt.get(key) is None:
             raise RecipeError(f"model.optimizer.{key}: missing; set {what}")
     sched = model.get("schedule")

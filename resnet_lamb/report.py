@@ -152,18 +152,18 @@ def find_run_dirs(patterns: list) -> list:
                     found += subs
                     continue
             found.append(p)
-    unique = []
+    unique, seen = [], set()
     for p in found:
-        if p.resolve() not in [u.resolve() for u in unique]:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
             unique.append(p)
     return unique
 
 
-def read_config(run: Run, path: Optional[Path] = None) -> None:
+def read_config(run: Run, path: Path) -> None:
     """Optimizer, batch, epochs, expected and the plan's LR / warmup from config.yaml."""
     from resnet_lamb import recipe as R
 
-    path = run.path / "config.yaml" if path is None else path
     if not path.is_file():
         raise ValueError("no config.yaml")
     try:
@@ -179,11 +179,8 @@ def read_config(run: Run, path: Optional[Path] = None) -> None:
     run.global_batch = data.get("global_batch")
     run.max_epochs = trainer.get("max_epochs")
     run.expected = cfg.get("expected") or {}
-    recipe_cfg = {k: v for k, v in cfg.items() if k in R.TOP_LEVEL_KEYS and k not in ("ckpt_path", "base")}
-    if recipe_cfg.get("expected") is None:
-        recipe_cfg.pop("expected", None)
     try:
-        recipe = R.validate_recipe(recipe_cfg, path)
+        recipe = R.validate_recipe(R.recipe_part(cfg), path)
         # LR and warmup epochs do not depend on the image count; do not count 1.28M files for them
         plan = R.plan_recipe(recipe, world_size=1, micro_batch=recipe.micro_batch or recipe.global_batch,
                              train_images=recipe.train_images or recipe.global_batch)

@@ -177,8 +177,9 @@ def _check_stated(path: str) -> None:
     ``plan`` requires: jsonargparse would silently fill in the OptimizerSpec defaults."""
     if not _RECIPE["path"]:
         return
-    for key, what in (("name", "the optimizer, one of resnet_lamb.optim.list_optimizers()"),
-                      ("base_lr", "the peak LR at model.optimizer.base_batch")):
+    from resnet_lamb.recipe import REQUIRED_OPTIMIZER_KEYS
+
+    for key, what in REQUIRED_OPTIMIZER_KEYS:
         dotted = f"model.optimizer.{key}"
         if any(_stated(cfg, dotted) is not None for cfg in _RECIPE["stated"]):
             continue
@@ -426,17 +427,12 @@ def _cli_class():
             sub = self.subcommand
             cfg = self.config[sub] if sub else self.config
             path = _RECIPE["path"] or "<command line>"
-            as_dict = {k: v for k, v in _to_dict(cfg).items()
-                       if k in R.TOP_LEVEL_KEYS and k != "ckpt_path"}
-            if as_dict.get("expected") is None:
-                as_dict.pop("expected", None)
-            recipe = R.validate_recipe(as_dict, path)
+            recipe = R.validate_recipe(R.recipe_part(_to_dict(cfg)), path)
             _check_stated(path)
             from resnet_lamb.data.datamodule import BACKENDS
-            from resnet_lamb.model import ARCHS
+            from resnet_lamb.model import check_arch
 
-            if cfg.model.arch not in ARCHS:
-                raise RecipeError(f"model.arch: unknown architecture {cfg.model.arch!r}; choose one of {', '.join(ARCHS)}")
+            check_arch(cfg.model.arch)
             backend = cfg.data.get("backend")
             if backend not in BACKENDS:
                 raise RecipeError(f"data.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -479,11 +475,12 @@ def _cli_class():
             if cfg.run.name is None:
                 cfg.run.name = Path(path).stem if _RECIPE["path"] else "run"
             self.run_dir = Path(cfg.run.root) / cfg.run.name
-            if int(os.environ.get("RANK", "0")) == 0:
+            rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; the trainer does not exist yet
+            if rank0:
                 _check_writable(self.run_dir)  # config, logs and checkpoints go there: fail now, not at epoch 1
             if sub == "fit":
                 ck_dir = self.run_dir / "checkpoints"
-                if int(os.environ.get("RANK", "0")) == 0:
+                if rank0:
                     _remove_partial_checkpoints(ck_dir)
                 resume = _resume_path(cfg.get("ckpt_path"), self.run_dir)
                 if resume is not None:
@@ -493,7 +490,7 @@ def _cli_class():
                     raise RecipeError(
                         f"run.name: {self.run_dir} already holds checkpoints; resume it with --ckpt_path last, "
                         f"start a new run with --run.name NEW, or delete the folder")
-            if int(os.environ.get("RANK", "0")) == 0:
+            if rank0:
                 print(_format_plan(plan), flush=True)
 
         def instantiate_classes(self) -> None:
