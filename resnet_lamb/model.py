@@ -4,7 +4,9 @@ optimizer + per-step schedule.
 * ``arch``: any torchvision ResNet constructor (resnet18/34/50/101/152, wide_resnet*, resnext*),
   built with ``weights=None``.  ``small_input`` swaps the 7x7/2 stem + max-pool for a 3x3/1 conv
   and no pool (for 28-64 px proxies).  ``zero_init_residual`` zeroes each residual block's last
-  BatchNorm gamma (Goyal et al. 2017).  ``mlp``: the TensorFlow LAMB README's MNIST MLP
+  BatchNorm gamma (Goyal et al. 2017).  ``bn_batch``: ghost BatchNorm, training statistics over
+  groups of ``bn_batch`` samples of each micro batch (:mod:`resnet_lamb.ghost_batchnorm`; None:
+  plain BatchNorm over the micro batch).  ``mlp``: the TensorFlow LAMB README's MNIST MLP
   (784-512-512-10 at 28 px): the channel mean of the image, flattened, two ReLU hidden layers of
   ``mlp_hidden`` units; its ``input_size`` is the image size (the CLI copies data.image_size).
 * Loss: cross-entropy with optional label smoothing.  Label -1 marks a padding sample (the data
@@ -74,11 +76,17 @@ class NonFiniteGradientError(UserError):
 NONFINITE = ("stop", "skip")
 
 
+# identity keys added after checkpoints were first written: a checkpoint without one was trained
+# with its default
+IDENTITY_DEFAULTS = {"model.schedule.end_lr": 0.0, "data.epoch_mode": "padded"}
+
+
 def recipe_identity(optimizer: OptimizerSpec, schedule: ScheduleSpec, global_batch: int,
-                    epochs: int) -> dict[str, Any]:
+                    epochs: int, epoch_mode: str = "padded") -> dict[str, Any]:
     """The recipe keys a resumed run must share with its checkpoint, flat (``section.key``), as
     plain JSON-like values.  ``kwargs.impl`` (eager / compiled: the same state dicts) is left out;
-    micro batch and world size are not part of it (they change only the accumulation)."""
+    micro batch, world size and ``model.bn_batch`` are not part of it (they change only how the
+    global batch is computed, not the run's steps, schedule or data stream)."""
     import dataclasses
     import json
 
@@ -91,12 +99,15 @@ def recipe_identity(optimizer: OptimizerSpec, schedule: ScheduleSpec, global_bat
             out[prefix + f.name] = value
     out["data.global_batch"] = int(global_batch)
     out["trainer.max_epochs"] = int(epochs)
+    out["data.epoch_mode"] = str(epoch_mode)
     return json.loads(json.dumps(out, default=str))
 
 
 def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The keys of two :func:`recipe_identity` dicts whose values differ, sorted."""
-    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    """The keys of two :func:`recipe_identity` dicts whose values differ, sorted (a key one of them
+    lacks counts as its :data:`IDENTITY_DEFAULTS` value)."""
+    return sorted(k for k in set(saved) | set(now)
+                  if saved.get(k, IDENTITY_DEFAULTS.get(k)) != now.get(k, IDENTITY_DEFAULTS.get(k)))
 
 
 def check_arch(arch: str) -> None:
@@ -120,9 +131,10 @@ class MLP(nn.Sequential):
 
 def build_resnet(arch: str = "resnet50", num_classes: int = 1000, small_input: bool = False,
                  zero_init_residual: bool = False, input_size: Optional[int] = None,
-                 mlp_hidden: tuple[int, ...] = (512, 512)) -> nn.Module:
-    """A torchvision ResNet with random weights; ``small_input``: 3x3 stride-1 stem, no max-pool.
-    ``arch="mlp"``: :class:`MLP` over ``input_size`` x ``input_size`` images."""
+                 mlp_hidden: tuple[int, ...] = (512, 512), bn_batch: Optional[int] = None) -> nn.Module:
+    """A torchvision ResNet with random weights; ``small_input``: 3x3 stride-1 stem, no max-pool;
+    ``bn_batch``: ghost BatchNorm over groups of that many samples (the same initial weights).
+    ``arch="mlp"``: :class:`MLP` over ``input_size`` x ``input_size`` images (no BatchNorm)."""
     check_arch(arch)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise RecipeError(f"model.num_classes: must be a positive integer, got {num_classes!r}")
@@ -131,8 +143,15 @@ def build_resnet(arch: str = "resnet50", num_classes: int = 1000, small_input: b
             raise RecipeError("model.input_size: the mlp needs the image size; set data.image_size (the CLI "
                               "copies it) or model.input_size")
         return MLP(input_size, tuple(mlp_hidden), num_classes)
+    kw = {}
+    if bn_batch is not None:
+        from functools import partial
+
+        from resnet_lamb.ghost_batchnorm import GhostBatchNorm2d
+
+        kw["norm_layer"] = partial(GhostBatchNorm2d, ghost_batch=bn_batch)
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
-                                            zero_init_residual=zero_init_residual)
+                                            zero_init_residual=zero_init_residual, **kw)
     if small_input:
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -181,6 +200,7 @@ class LambModule(pl.LightningModule):
         input_size: Optional[int] = None,
         mlp_hidden: tuple[int, ...] = (512, 512),
         nonfinite: str = "stop",
+        bn_batch: Optional[int] = None,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE:
@@ -190,6 +210,8 @@ class LambModule(pl.LightningModule):
             raise RecipeError(f"model.label_smoothing: must be in [0, 1), got {label_smoothing}")
         if grad_clip_norm is not None and not grad_clip_norm > 0:
             raise RecipeError(f"model.grad_clip_norm: must be > 0 or null (off), got {grad_clip_norm}")
+        if bn_batch is not None and (isinstance(bn_batch, bool) or not isinstance(bn_batch, int) or bn_batch < 1):
+            raise RecipeError(f"model.bn_batch: expected a positive integer or null (plain BatchNorm), got {bn_batch!r}")
         if not isinstance(trust_ratio_every, int) or trust_ratio_every < 0:
             raise RecipeError(f"model.trust_ratio_every: must be an integer >= 0 (0 = off), got {trust_ratio_every}")
         self.save_hyperparameters()
@@ -199,7 +221,9 @@ class LambModule(pl.LightningModule):
         self.grad_clip_norm = grad_clip_norm
         self.trust_ratio_every = trust_ratio_every
         self.num_classes = num_classes
-        self.model = build_resnet(arch, num_classes, small_input, zero_init_residual, input_size, mlp_hidden)
+        self.bn_batch = bn_batch
+        self.model = build_resnet(arch, num_classes, small_input, zero_init_residual, input_size, mlp_hidden,
+                                  bn_batch)
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=-1)
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro", ignore_index=-1)
@@ -256,6 +280,14 @@ class LambModule(pl.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
                  on_epoch=False, batch_size=labels.numel())
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # The run's last step can fall inside a Lightning epoch (full_batch epochs: 3519 steps are
+        # 87 epochs of 40 and 39 steps), where Lightning would stop without validating: asking it
+        # to stop validates and writes last.ckpt there, as at an epoch's end.
+        max_steps = self.trainer.max_steps
+        if max_steps is not None and 0 < max_steps <= self.trainer.global_step:
+            self.trainer.should_stop = True
 
     def on_before_optimizer_step(self, optimizer) -> None:
         loss, self._step_loss = self._step_loss, None
@@ -359,6 +391,8 @@ class LambModule(pl.LightningModule):
             world_size=self.trainer.world_size,
             epochs=self.trainer.max_epochs,
             train_images=dm.train_images,
+            epoch_mode=getattr(dm, "epoch_mode", "padded"),
+            bn_batch=self.bn_batch,
         )
 
     def configure_optimizers(self):
@@ -385,7 +419,8 @@ class LambModule(pl.LightningModule):
         dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
         if getattr(dm, "global_batch", None) is None:
             return None
-        return recipe_identity(self.optimizer_spec, self.schedule_spec, dm.global_batch, self.trainer.max_epochs)
+        return recipe_identity(self.optimizer_spec, self.schedule_spec, dm.global_batch, self.trainer.max_epochs,
+                               getattr(dm, "epoch_mode", "padded"))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng = checkpoint.get("rng_states")
@@ -395,7 +430,8 @@ class LambModule(pl.LightningModule):
         saved, now = ours.get("recipe"), self._recipe_identity()
         self._forced = None
         fitting = str(getattr(getattr(self._trainer, "state", None), "fn", "fit")) in ("fit", "TrainerFn.FITTING")
-        if not fitting or saved is None or now is None or saved == now or not checkpoint.get("optimizer_states"):
+        if not fitting or saved is None or now is None or not recipe_changes(saved, now) \
+                or not checkpoint.get("optimizer_states"):
             return
         # a forced resume (``--run.force_resume``; the CLI refuses otherwise): the new recipe's
         # hyperparameters and LRs at the restored step; the saved optimizer state only for the same

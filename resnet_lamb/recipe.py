@@ -29,9 +29,9 @@ from resnet_lamb.errors import RecipeError
 # What LightningCLI accepts at the top level of a config, plus the recipe's own `base` and
 # `expected`. `optimizer`/`lr_scheduler` are deliberately absent: they belong in model.optimizer
 # and model.schedule.
-TOP_LEVEL_KEYS = ("base", "expected", "seed_everything", "trainer", "model", "data", "ckpt_path")
+TOP_LEVEL_KEYS = ("base", "expected", "sources", "seed_everything", "trainer", "model", "data", "ckpt_path")
 EXPECTED_KEYS = ("top1", "top5", "source", "note")
-RECIPE_ONLY_KEYS = ("base", "expected")
+RECIPE_ONLY_KEYS = ("base", "expected", "sources")
 # model.optimizer keys a recipe must state, and what to set (the OptimizerSpec defaults are not a recipe)
 REQUIRED_OPTIMIZER_KEYS = (("name", "the optimizer, one of resnet_lamb.optim.list_optimizers()"),
                            ("base_lr", "the peak LR at model.optimizer.base_batch"))
@@ -187,12 +187,15 @@ def _unknown_keys(mapping: dict, allowed: "tuple[str, ...]", prefix: str, what: 
 # (resnet_lamb.optim.schedules implements exactly these; tests/test_recipe.py checks they agree).
 LR_SCALING = Literal["sqrt", "linear", "none"]
 PARAM_RULE = Literal["author", "timm", "none"]
-SCHEDULE = Literal["poly", "goyal", "constant"]
+SCHEDULE = Literal["poly", "poly_after_warmup", "goyal", "constant"]
 WARMUP_SCALING = Literal["linear", "none"]
+EPOCH_MODE = Literal["padded", "full_batch"]
 LR_SCALINGS = get_args(LR_SCALING)
 PARAM_RULES = get_args(PARAM_RULE)
 SCHEDULES = get_args(SCHEDULE)
 WARMUP_SCALINGS = get_args(WARMUP_SCALING)
+EPOCH_MODES = get_args(EPOCH_MODE)  # resnet_lamb.data.sampling implements exactly these
+POLY_SCHEDULES = ("poly", "poly_after_warmup")  # the schedules with a power and an end LR
 
 
 @dataclass
@@ -248,14 +251,18 @@ class ScheduleSpec:
     """``model.schedule``: the per-step LR multiplier (``resnet_lamb.optim.schedules``).
 
     ``warmup_epochs`` is stated at ``model.optimizer.base_batch`` and scaled with the global batch
-    when ``warmup_scaling`` is ``linear`` (the paper's linear-epoch warmup). ``power`` is used
-    by ``poly``; ``milestones`` (epochs) and ``gamma`` by ``goyal``.
+    when ``warmup_scaling`` is ``linear`` (the paper's linear-epoch warmup). ``power`` and
+    ``end_lr`` (the LR the decay ends at, absolute; at most the peak LR) are used by ``poly``
+    (BERT's form: decay from step 0, warmup overriding the first steps) and ``poly_after_warmup``
+    (the LAMB author's form: decay from the end of warmup); ``milestones`` (epochs) and ``gamma``
+    by ``goyal``.
     """
 
     name: SCHEDULE = "poly"
     warmup_epochs: float = 0.0
     warmup_scaling: WARMUP_SCALING = "linear"
     power: float = 1.0
+    end_lr: float = 0.0
     milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
     gamma: float = 0.1
 
@@ -266,6 +273,10 @@ class ScheduleSpec:
         self.warmup_scaling = _choice(self.warmup_scaling, p + "warmup_scaling", WARMUP_SCALINGS,
                                       "warmup scaling rule")
         self.power = _positive_float(self.power, p + "power")
+        self.end_lr = _nonnegative_float(self.end_lr, p + "end_lr")
+        if self.end_lr and self.name not in POLY_SCHEDULES:
+            raise RecipeError(f"{p}end_lr: {self.end_lr:g} is used by the {' and '.join(POLY_SCHEDULES)} schedules "
+                              f"only, not by {self.name}; remove it or pick one of those")
         if self.milestones is None:
             self.milestones = []
         if not isinstance(self.milestones, (list, tuple)):
@@ -301,9 +312,16 @@ class Plan:
 
     Steps are optimizer steps. ``total_steps`` is the paper's count
     (``ceil(epochs * train_images / global_batch)``: 7038 at 16K, 3519 at 32K) and the length of
-    the schedule; ``warmup_steps`` and ``milestone_steps`` are in the same units. Since every
-    epoch's last batch is padded, a run takes ``optimizer_steps = epochs * steps_per_epoch``
-    optimizer steps; :meth:`schedule_step` maps them onto the paper's count.
+    the schedule; ``warmup_steps`` and ``milestone_steps`` are in the same units. The steps a
+    run takes depend on ``epoch_mode``: ``full_batch`` cuts every global batch from one stream
+    of per-pass permutations, so the run takes ``full_batch_steps = total_steps`` full steps;
+    ``padded`` pads every epoch's last batch, so the run takes ``padded_steps = epochs *
+    steps_per_epoch`` and :meth:`schedule_step` maps them onto the paper's count.
+    ``optimizer_steps`` is the count of the run's mode. Lightning's epochs (a validation and a
+    checkpoint after each) are ``steps_per_epoch`` steps long in both modes; there are
+    ``run_epochs`` of them, the last one shorter in ``full_batch`` mode when ``steps_per_epoch``
+    does not divide ``total_steps``. ``bn_images``: the images each BatchNorm layer normalises
+    over in training (``bn_batch``, or the micro batch without ghost BatchNorm).
     """
 
     optimizer: str
@@ -333,16 +351,26 @@ class Plan:
     gamma: float
     milestones: tuple = ()
     milestone_steps: tuple = ()
+    end_lr: float = 0.0
+    epoch_mode: str = "padded"
+    padded_steps: int = 0
+    full_batch_steps: int = 0
+    run_epochs: int = 0
+    bn_batch: Optional[int] = None
+    bn_images: int = 0
 
     def schedule_step(self, step: int) -> int:
-        """The paper's step count at optimizer step ``step`` of a run with padded epochs.
+        """The paper's step count at optimizer step ``step`` of the run.
 
-        In epoch ``e`` (``step // steps_per_epoch``), batch ``i``, the images seen before the
-        step are ``e * train_images + i * global_batch``; the paper's step is that divided by
-        ``global_batch``, floored: ``floor(e * N / B) + i``. It equals ``step`` in the first
-        epoch (and always when ``B`` divides ``N``), never decreases, and is
+        ``full_batch``: ``step`` itself (every step is a full global batch of the stream).
+        ``padded``: in epoch ``e`` (``step // steps_per_epoch``), batch ``i``, the images seen
+        before the step are ``e * train_images + i * global_batch``; the paper's step is that
+        divided by ``global_batch``, floored: ``floor(e * N / B) + i``. It equals ``step`` in the
+        first epoch (and always when ``B`` divides ``N``), never decreases, and is
         ``total_steps - 1`` at the last step of the last epoch.
         """
+        if self.epoch_mode == "full_batch":
+            return int(step)
         e, i = divmod(int(step), self.steps_per_epoch)
         return e * self.train_images // self.global_batch + i
 
@@ -374,14 +402,20 @@ def _valid_micro_batches(global_batch: int, world_size: int, limit: int = 10) ->
     return ", ".join(str(d) for d in divisors[-limit:])
 
 
+def _divisors(n: int, limit: int = 8) -> str:
+    return ", ".join(str(d) for d in [d for d in range(1, n + 1) if n % d == 0][-limit:])
+
+
 def derive_plan(optimizer: OptimizerSpec, schedule: ScheduleSpec, *, global_batch: int, micro_batch: int,
-                world_size: int, train_images: int, epochs: int) -> Plan:
+                world_size: int, train_images: int, epochs: int, epoch_mode: str = "padded",
+                bn_batch: Optional[int] = None) -> Plan:
     """Every number of docs/CONTRACTS.md "Derived numbers"; a :class:`RecipeError` on bad input.
 
     accumulation = global / (micro * world); lr = base_lr * (global/base_batch)^{1/2|1|0};
     warmup_epochs scaled linearly from base_batch (or not); steps_per_epoch = ceil(N / B);
     total_steps = ceil(epochs * N / B); epochs -> steps: round(e * N / B);
-    images_seen = total_steps * B.
+    images_seen = total_steps * B; the run's steps by ``epoch_mode``; ``bn_batch`` must divide
+    the micro batch; ``schedule.end_lr`` must not exceed the peak LR.
     """
     from resnet_lamb.optim.schedules import epochs_to_steps, scale_lr, scale_warmup_epochs
 
@@ -390,6 +424,7 @@ def derive_plan(optimizer: OptimizerSpec, schedule: ScheduleSpec, *, global_batc
     world_size = _positive_int(world_size, "world size (--world-size, or trainer.devices x trainer.num_nodes)")
     train_images = _positive_int(train_images, "data.train_images")
     epochs = _positive_int(epochs, "trainer.max_epochs")
+    epoch_mode = _choice(epoch_mode, "data.epoch_mode", EPOCH_MODES, "epoch mode")
     if micro_batch > global_batch:
         raise RecipeError(f"data.micro_batch: {micro_batch} is larger than data.global_batch {global_batch}; "
                           f"valid data.micro_batch values for world size {world_size}: "
@@ -399,9 +434,21 @@ def derive_plan(optimizer: OptimizerSpec, schedule: ScheduleSpec, *, global_batc
             f"data.global_batch: {global_batch} is not divisible by data.micro_batch {micro_batch} x world size "
             f"{world_size} = {micro_batch * world_size}; valid data.micro_batch values for world size {world_size}: "
             f"{_valid_micro_batches(global_batch, world_size)}")
+    if bn_batch is not None:
+        bn_batch = _positive_int(bn_batch, "model.bn_batch")
+        if micro_batch % bn_batch:
+            raise RecipeError(
+                f"model.bn_batch: {bn_batch} does not divide data.micro_batch {micro_batch} (ghost BatchNorm "
+                f"normalises over groups of model.bn_batch samples of each micro batch); set model.bn_batch to one of "
+                f"{_divisors(micro_batch)} or data.micro_batch to a multiple of {bn_batch}")
     accumulation = global_batch // (micro_batch * world_size)
 
     lr = scale_lr(optimizer.base_lr, optimizer.base_batch, global_batch, optimizer.scaling)
+    if schedule.end_lr > lr:
+        rule = {"sqrt": "1/2", "linear": "1", "none": "0"}[optimizer.scaling]
+        raise RecipeError(f"model.schedule.end_lr: {schedule.end_lr:g} is above the peak LR {lr:.6g} "
+                          f"(model.optimizer.base_lr {optimizer.base_lr:g} x ({global_batch}/{optimizer.base_batch})^"
+                          f"{rule}); set model.schedule.end_lr to at most {lr:.6g}")
     warmup_epochs = scale_warmup_epochs(schedule.warmup_epochs, optimizer.base_batch, global_batch,
                                         schedule.warmup_scaling)
     if warmup_epochs > epochs:
@@ -412,6 +459,8 @@ def derive_plan(optimizer: OptimizerSpec, schedule: ScheduleSpec, *, global_batc
                           f"{epochs}); shorten the warmup or train longer")
     steps_per_epoch = -(-train_images // global_batch)
     total_steps = -(-epochs * train_images // global_batch)
+    padded_steps = epochs * steps_per_epoch
+    optimizer_steps = total_steps if epoch_mode == "full_batch" else padded_steps
     warmup_steps = epochs_to_steps(warmup_epochs, train_images, global_batch)
     if schedule.name == "goyal":
         milestones = tuple(schedule.milestones)
@@ -423,13 +472,15 @@ def derive_plan(optimizer: OptimizerSpec, schedule: ScheduleSpec, *, global_batc
         base_batch=optimizer.base_batch, scaling=optimizer.scaling, lr=lr, weight_decay=optimizer.weight_decay,
         global_batch=global_batch, micro_batch=micro_batch, world_size=world_size, accumulation=accumulation,
         train_images=train_images, epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        optimizer_steps=epochs * steps_per_epoch,
+        optimizer_steps=optimizer_steps,
         micro_batches_per_epoch_per_rank=steps_per_epoch * accumulation,
-        padding_per_epoch=steps_per_epoch * global_batch - train_images,
+        padding_per_epoch=0 if epoch_mode == "full_batch" else steps_per_epoch * global_batch - train_images,
         images_seen=total_steps * global_batch,
         warmup_epochs_at_base=schedule.warmup_epochs, warmup_scaling=schedule.warmup_scaling,
         warmup_epochs=warmup_epochs, warmup_steps=warmup_steps, power=schedule.power, gamma=schedule.gamma,
-        milestones=milestones, milestone_steps=milestone_steps,
+        milestones=milestones, milestone_steps=milestone_steps, end_lr=schedule.end_lr, epoch_mode=epoch_mode,
+        padded_steps=padded_steps, full_batch_steps=total_steps, run_epochs=-(-optimizer_steps // steps_per_epoch),
+        bn_batch=bn_batch, bn_images=bn_batch or micro_batch,
     )
 
 
@@ -447,6 +498,10 @@ class Recipe:
     train_images: Optional[int]
     data_root: Optional[str]
     expected: dict = field(default_factory=dict)
+    epoch_mode: str = "padded"
+    bn_batch: Optional[int] = None
+    model: dict = field(default_factory=dict)  # model.* keys shown by `plan` (label_smoothing, grad_clip_norm...)
+    sources: dict = field(default_factory=dict)  # dotted recipe key -> where its value comes from
 
 
 def _section(cfg: dict, key: str, required: bool) -> Optional[dict]:
@@ -474,8 +529,9 @@ def validate_recipe(cfg: dict, path: "str | os.PathLike[str]") -> Recipe:
 
     Checks the top-level keys, ``model.optimizer`` and ``model.schedule`` (unknown keys, types,
     ranges; ``name`` and ``base_lr`` must be stated), ``data.global_batch``,
-    ``data.micro_batch``, ``data.train_images``, ``data.root``, ``trainer.max_epochs`` and
-    ``expected``. Other keys of ``model``/``data``/``trainer`` are LightningCLI's to check.
+    ``data.micro_batch``, ``data.train_images``, ``data.root``, ``data.epoch_mode``,
+    ``model.bn_batch``, ``trainer.max_epochs``, ``expected`` and ``sources``. Other keys of
+    ``model``/``data``/``trainer`` are LightningCLI's to check.
     """
     shown = os.path.normpath(str(path))
     try:
@@ -532,6 +588,11 @@ def _validate(cfg: dict, shown: str) -> Recipe:
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise RecipeError(f"data.root: expected a folder path, got {root!r}")
 
+    epoch_mode = _choice(data.get("epoch_mode", "padded"), "data.epoch_mode", EPOCH_MODES, "epoch mode")
+    bn_batch = model.get("bn_batch")
+    bn_batch = None if bn_batch is None else _positive_int(bn_batch, "model.bn_batch")
+    sources = _sources(cfg)
+
     expected = cfg.get("expected") or {}
     if not isinstance(expected, dict):
         raise RecipeError(f"expected: expected a mapping like {{top1: 0.7696, top5: 0.9335, source: ...}}, got {expected!r}")
@@ -546,9 +607,41 @@ def _validate(cfg: dict, shown: str) -> Recipe:
 
     schedule = ScheduleSpec(**sched)
     optimizer = OptimizerSpec(**opt)  # last: checking the name imports the registry (torch)
+    shown_model = {k: model[k] for k in ("label_smoothing", "grad_clip_norm", "zero_init_residual") if k in model}
     return Recipe(path=shown, optimizer=optimizer, schedule=schedule, global_batch=global_batch,
                   micro_batch=micro, epochs=epochs, train_images=train_images,
-                  data_root=None if root is None else str(root), expected=expected)
+                  data_root=None if root is None else str(root), expected=expected, epoch_mode=epoch_mode,
+                  bn_batch=bn_batch, model=shown_model, sources=sources)
+
+
+_MISSING = object()
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    """``cfg[a][b]...`` for ``"a.b..."``; ``_MISSING`` where a key is absent."""
+    for part in dotted.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return _MISSING
+        cfg = cfg[part]
+    return cfg
+
+
+def _sources(cfg: dict) -> dict:
+    """``sources``: a mapping from a recipe key (dotted, e.g. ``model.optimizer.base_lr``) to where
+    its value comes from (a paper section or table, a run's log, a reference implementation, or
+    "our choice" and why). Every key must name a key the recipe sets (a typo would hide a source)."""
+    sources = cfg.get("sources")
+    if sources is None:
+        return {}
+    if not isinstance(sources, dict):
+        raise RecipeError(f"sources: expected a mapping of recipe keys to their sources, got {sources!r}")
+    for key, text in sources.items():
+        if not isinstance(text, str) or not text.strip():
+            raise RecipeError(f"sources.{key}: expected the source as text, got {text!r}")
+        if not isinstance(key, str) or key.split(".")[0] in RECIPE_ONLY_KEYS or _lookup(cfg, key) is _MISSING:
+            raise RecipeError(f"sources.{key}: names no key this recipe sets; write the dotted key of a setting "
+                              f"(e.g. model.optimizer.base_lr) or set that key in the recipe")
+    return dict(sources)
 
 
 def count_train_images(root: "str | os.PathLike[str]") -> int:
@@ -580,7 +673,8 @@ def plan_recipe(recipe: Recipe, *, world_size: int = 1, micro_batch: Optional[in
         images = count_train_images(root)  # DataError naming the folder when train/ is empty
     try:
         return derive_plan(recipe.optimizer, recipe.schedule, global_batch=recipe.global_batch,
-                           micro_batch=micro, world_size=world_size, train_images=images, epochs=recipe.epochs)
+                           micro_batch=micro, world_size=world_size, train_images=images, epochs=recipe.epochs,
+                           epoch_mode=recipe.epoch_mode, bn_batch=recipe.bn_batch)
     except RecipeError as err:
         raise RecipeError(f"{recipe.path}: {err}") from None
 
@@ -592,46 +686,126 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def format_plan(plan: Plan, recipe: Optional[Recipe] = None) -> str:
-    """``plan`` as an aligned text table: key, value, and how the value was derived."""
+_SCHEDULE_FORMS = {
+    "poly": "BERT's form: (1 - t/T)^power from step 0, linear warmup overriding steps < W",
+    "poly_after_warmup": "linear warmup t/W, then (1 - (t-W)/(T-W))^power: decay from the end of warmup",
+    "goyal": "linear warmup, x gamma at each milestone",
+    "constant": "constant after linear warmup",
+}
+_HIDDEN_OPTIONS = ("impl", "foreach", "fused")  # how the update runs, not what it computes
+
+
+def _value(x: Any) -> str:
+    """A plan value as one token (the text table splits on whitespace)."""
+    if isinstance(x, (list, tuple)):
+        return ",".join(_value(v) for v in x)
+    if x is None:
+        return "none"
+    if isinstance(x, bool):
+        return str(x).lower()
+    return _fmt(x)
+
+
+def _decay(p: Plan) -> tuple[str, str]:
+    end = f"{_fmt(p.end_lr)}" if p.end_lr else "0"
+    power = "linear" if p.power == 1 else f"power {_fmt(p.power)}"
+    if p.schedule == "poly_after_warmup":
+        how = f"{power} from step {p.warmup_steps} (the peak LR) to {end} at step {p.total_steps}"
+        if p.power == 1 and not p.end_lr:
+            how += ": (T - t)*lr/(T - W)"
+        return f"{p.warmup_steps}..{p.total_steps}", how
+    return f"0..{p.total_steps}", (f"{power} from step 0 to {end} at step {p.total_steps}, the warmup overriding "
+                                   f"steps < {p.warmup_steps}")
+
+
+def plan_rows(plan: Plan, recipe: Optional[Recipe] = None) -> list[tuple[str, Any, str, str]]:
+    """``plan``'s rows: ``(key, value, how it is derived, source)``. The source is what the recipe's
+    ``sources`` says of the key the row comes from (empty where it says nothing)."""
     p = plan
-    rows = [
-        ("optimizer", p.optimizer, f"weight_decay {_fmt(p.weight_decay)}"),
-        ("schedule", p.schedule, {"poly": f"(1 - t/T)^{_fmt(p.power)} after linear warmup (BERT)",
-                                  "goyal": f"linear warmup, x{_fmt(p.gamma)} at each milestone",
-                                  "constant": "constant after linear warmup"}[p.schedule]),
-        ("lr", _fmt(p.lr), f"{_fmt(p.base_lr)} x ({p.global_batch}/{p.base_batch})^"
-                           f"{ {'sqrt': '1/2', 'linear': '1', 'none': '0'}[p.scaling]}  [{p.scaling}]"),
-        ("global_batch", p.global_batch, "data.global_batch"),
-        ("micro_batch", p.micro_batch, "per device, per forward"),
-        ("world_size", p.world_size, "devices x nodes"),
-        ("accumulation", p.accumulation, f"{p.global_batch} / ({p.micro_batch} x {p.world_size})"),
-        ("train_images", p.train_images, ""),
-        ("epochs", p.epochs, "trainer.max_epochs"),
-        ("steps_per_epoch", p.steps_per_epoch, f"ceil({p.train_images} / {p.global_batch}), last batch padded"),
-        ("total_steps", p.total_steps, f"ceil({p.epochs} x {p.train_images} / {p.global_batch}), the schedule's T"),
-        ("optimizer_steps", p.optimizer_steps, f"{p.epochs} x {p.steps_per_epoch}, steps the run takes"),
-        ("micro_batches_per_epoch_per_rank", p.micro_batches_per_epoch_per_rank,
-         f"{p.steps_per_epoch} x {p.accumulation}"),
-        ("padding_per_epoch", p.padding_per_epoch, f"{p.steps_per_epoch} x {p.global_batch} - {p.train_images}"),
-        ("images_seen", p.images_seen, f"{p.total_steps} x {p.global_batch}"),
-        ("warmup_epochs", _fmt(p.warmup_epochs),
-         f"{_fmt(p.warmup_epochs_at_base)} x {p.global_batch}/{p.base_batch}  [linear]"
-         if p.warmup_scaling == "linear" else "[not scaled]"),
-        ("warmup_steps", p.warmup_steps, f"round({_fmt(p.warmup_epochs)} x {p.train_images} / {p.global_batch})"),
-    ]
+    sources = recipe.sources if recipe is not None else {}
+    scale = {"sqrt": "1/2", "linear": "1", "none": "0"}[p.scaling]
+    rows: list[tuple[str, Any, str, str]] = []
+
+    def row(key: str, value: Any, how: str, source_key: Optional[str] = None, default: str = "") -> None:
+        rows.append((key, _value(value), how, sources.get(source_key or "", default)))
+
+    row("optimizer", p.optimizer, "", "model.optimizer.name")
+    row("weight_decay", p.weight_decay, "decoupled or L2, as the optimizer defines it",
+        "model.optimizer.weight_decay")
+    if recipe is not None:
+        from resnet_lamb.optim.registry import optimizer_options
+
+        row("param_rule", recipe.optimizer.param_rule, "which tensors get weight decay and the trust ratio",
+            "model.optimizer.param_rule")
+        stated = recipe.optimizer.kwargs
+        for name, default in optimizer_options(p.optimizer).items():
+            if name not in _HIDDEN_OPTIONS:
+                where = f"model.optimizer.kwargs.{name}"
+                row(name, stated.get(name, default), where if name in stated else f"{p.optimizer}'s default",
+                    where, "" if name in stated else "the optimizer's default")
+    row("schedule", p.schedule, _SCHEDULE_FORMS[p.schedule], "model.schedule.name")
+    row("lr", p.lr, f"{_fmt(p.base_lr)} x ({p.global_batch}/{p.base_batch})^{scale}  [{p.scaling}]",
+        "model.optimizer.base_lr")
+    row("warmup_epochs", p.warmup_epochs, f"{_fmt(p.warmup_epochs_at_base)} x {p.global_batch}/{p.base_batch}  [linear]"
+        if p.warmup_scaling == "linear" else "[not scaled]", "model.schedule.warmup_epochs")
+    row("warmup_steps", p.warmup_steps, f"round({_fmt(p.warmup_epochs)} x {p.train_images} / {p.global_batch}), "
+        f"LR t*lr/W up to W", "model.schedule.warmup_epochs")
+    if p.schedule in POLY_SCHEDULES:
+        value, how = _decay(p)
+        row("decay", value, how, "model.schedule.name")
+        row("end_lr", p.end_lr, "model.schedule.end_lr, the LR the decay ends at", "model.schedule.end_lr")
     if p.schedule == "goyal":
-        rows.append(("milestones", ", ".join(map(str, p.milestones)) or "-", "epochs"))
-        rows.append(("milestone_steps", ", ".join(map(str, p.milestone_steps)) or "-",
-                     f"round(e x {p.train_images} / {p.global_batch})"))
+        row("milestones", ", ".join(map(str, p.milestones)) or "-", "epochs", "model.schedule.milestones")
+        row("milestone_steps", ", ".join(map(str, p.milestone_steps)) or "-",
+            f"round(e x {p.train_images} / {p.global_batch})", "model.schedule.milestones")
+    row("global_batch", p.global_batch, "data.global_batch", "data.global_batch")
+    row("micro_batch", p.micro_batch, "per device, per forward", "data.micro_batch")
+    row("world_size", p.world_size, "devices x nodes")
+    row("accumulation", p.accumulation, f"{p.global_batch} / ({p.micro_batch} x {p.world_size})")
+    row("bn_batch", p.bn_images, f"images per BatchNorm group: model.bn_batch (ghost BatchNorm) of micro batch "
+        f"{p.micro_batch}" if p.bn_batch else "images per BatchNorm group: the micro batch (model.bn_batch not set)",
+        "model.bn_batch" if p.bn_batch else "data.micro_batch")
+    if recipe is not None:
+        for key, what in (("label_smoothing", "cross-entropy label smoothing"),
+                          ("grad_clip_norm", "global gradient-norm clipping (none = off)"),
+                          ("zero_init_residual", "last BatchNorm gamma of each residual block starts at 0")):
+            if key in recipe.model:
+                row(key, recipe.model[key], what, f"model.{key}")
+    row("train_images", p.train_images, "data.train_images or counted under data.root/train", "data.train_images")
+    row("epochs", p.epochs, "trainer.max_epochs", "trainer.max_epochs")
+    row("epoch_mode", p.epoch_mode, "full-batch steps cut from one stream of per-pass permutations"
+        if p.epoch_mode == "full_batch" else "each epoch's last batch padded (label -1)", "data.epoch_mode")
+    row("steps_per_epoch", p.steps_per_epoch, f"ceil({p.train_images} / {p.global_batch}), steps per Lightning epoch")
+    row("total_steps", p.total_steps, f"ceil({p.epochs} x {p.train_images} / {p.global_batch}), the schedule's T",
+        "trainer.max_epochs")
+    other = (f"padded mode would take {p.epochs} x {p.steps_per_epoch} = {p.padded_steps}"
+             if p.epoch_mode == "full_batch" else f"full_batch mode would take {p.full_batch_steps}")
+    row("optimizer_steps", p.optimizer_steps, f"steps the run takes ({p.epoch_mode}); {other}", "data.epoch_mode")
+    last = p.optimizer_steps - (p.run_epochs - 1) * p.steps_per_epoch
+    row("run_epochs", p.run_epochs, f"Lightning epochs of {p.steps_per_epoch} steps, validation + checkpoint after "
+        f"each" + (f" (the last {last} steps)" if last != p.steps_per_epoch else ""))
+    row("micro_batches_per_epoch_per_rank", p.micro_batches_per_epoch_per_rank,
+        f"{p.steps_per_epoch} x {p.accumulation}")
+    row("padding_per_epoch", p.padding_per_epoch, "none: every step a full batch" if p.epoch_mode == "full_batch"
+        else f"{p.steps_per_epoch} x {p.global_batch} - {p.train_images}")
+    row("images_seen", p.images_seen, f"{p.total_steps} x {p.global_batch}")
+    return rows
+
+
+def format_plan(plan: Plan, recipe: Optional[Recipe] = None) -> str:
+    """``plan`` as an aligned text table: key, value, how the value was derived, and its source
+    (the recipe's ``sources``), then the recipe's expected accuracy."""
+    rows = plan_rows(plan, recipe)
     if recipe is not None and recipe.expected:
         ex = recipe.expected
         got = " / ".join("-" if ex.get(k) is None else f"{ex[k]:.4f}" for k in ("top1", "top5"))
-        rows.append(("expected top1 / top5", got, ex.get("source") or ""))
+        rows.append(("expected top1 / top5", got, "", ex.get("source") or ""))
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(str(r[1])) for r in rows)
+    hwidth = min(max(len(r[2]) for r in rows), 64)  # a longer "how" pushes its own source right
     head = f"resnet-lamb plan: {recipe.path}" if recipe is not None else "resnet-lamb plan"
-    lines = [head] + [f"  {k:<{width}}  {str(v):>{vwidth}}  {how}".rstrip() for k, v, how in rows]
+    lines = [head] + [f"  {k:<{width}}  {str(v):>{vwidth}}  {how:<{hwidth}}  {'| ' + src if src else ''}".rstrip()
+                      for k, v, how, src in rows]
     return "\n".join(lines)
 
 
@@ -655,7 +829,8 @@ def plan_main(argv: Optional[list] = None) -> int:
     plan = plan_recipe(recipe, world_size=args.world_size, micro_batch=args.micro_batch,
                        train_images=args.train_images)
     if args.json:
-        out = {"recipe": recipe.path, **plan.to_dict(), "expected": recipe.expected}
+        sources = {key: src for key, _, _, src in plan_rows(plan, recipe) if src}
+        out = {"recipe": recipe.path, **plan.to_dict(), "expected": recipe.expected, "sources": sources}
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(plan, recipe))

@@ -247,7 +247,7 @@ def check_resume(ckpt: Path, recipe: Any, force: bool = False) -> None:
                         f"{str(err)[:120]}); pass an intact one with --ckpt_path PATH") from None
     if not saved:
         return  # written before checkpoints recorded their recipe
-    now = recipe_identity(recipe.optimizer, recipe.schedule, recipe.global_batch, recipe.epochs)
+    now = recipe_identity(recipe.optimizer, recipe.schedule, recipe.global_batch, recipe.epochs, recipe.epoch_mode)
     diff = recipe_changes(saved, now)
     if diff and not force:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
@@ -410,6 +410,8 @@ def _cli_class():
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--expected", type=Optional[dict], default=None,
                                 help="the paper's numbers for this recipe (read by `report`)")
+            parser.add_argument("--sources", type=Optional[dict], default=None,
+                                help="where each recipe setting comes from (dotted key -> text; shown by `plan`)")
             parser.add_argument("--run.name", type=Optional[str], default=None,
                                 help="run folder name under run.root (default: the recipe's file stem)")
             parser.add_argument("--run.project", type=str, default=RUN_DEFAULTS["project"], help="W&B project")
@@ -492,6 +494,11 @@ def _cli_class():
                         f"start a new run with --run.name NEW, or delete the folder")
             if rank0:
                 print(_format_plan(plan), flush=True)
+                if sub == "fit":  # the run's own record of its numbers and their sources
+                    import json
+
+                    sources = {k: src for k, _, _, src in R.plan_rows(plan, recipe) if src}
+                    (self.run_dir / "plan.json").write_text(json.dumps({**plan.to_dict(), "sources": sources}, indent=1))
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
@@ -684,9 +691,12 @@ def _format_plan(plan: Any) -> str:
     warm = f"{plan.warmup_steps} warmup steps ({plan.warmup_epochs:g} epochs)"
     return (f"resnet-lamb plan: {plan.optimizer} lr {plan.lr:.6g} ({plan.base_lr:g} x ({plan.global_batch}/"
             f"{plan.base_batch}) {plan.scaling}), {plan.schedule} schedule, {warm}, {plan.total_steps} total steps "
-            f"(optimizer steps {plan.optimizer_steps} = {plan.epochs} epochs x {plan.steps_per_epoch}), accumulation "
+            f"(optimizer steps {plan.optimizer_steps} = " + (f"{plan.epochs} epochs x {plan.steps_per_epoch}" if
+                                                             plan.epoch_mode == "padded" else "all full batches") +
+            f"), accumulation "
             f"{plan.accumulation} (global batch {plan.global_batch} = micro {plan.micro_batch} x {plan.world_size} devices x "
-            f"{plan.accumulation}), {plan.train_images} train images")
+            f"{plan.accumulation}), {plan.train_images} train images, {plan.epoch_mode} epochs, BatchNorm over "
+            f"{plan.bn_images} images")
 
 
 def main(argv: list[str] | None = None) -> int:

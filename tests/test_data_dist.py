@@ -16,9 +16,10 @@ from resnet_lamb.data import dali as dali_backend
 WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from resnet_lamb.data import ImageDataModule
-    root, backend = sys.argv[1], sys.argv[2]
+    root, backend, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo")
-    dm = ImageDataModule(backend=backend, root=root, global_batch=4, micro_batch=1, image_size=16, workers=1, seed=1)
+    dm = ImageDataModule(backend=backend, root=root, global_batch=4, micro_batch=1, image_size=16, workers=1, seed=1,
+                         epoch_mode=mode)
     dm.setup("fit")  # world size and rank from torch.distributed
     out = {"world": dm.world_size, "rank": dm.global_rank, "accumulation": dm.accumulation,
            "train_len": len(dm.train_dataloader()), "val_len": len(dm.val_dataloader()), "train": [], "val": []}
@@ -39,8 +40,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("backend", ["dali", "torchvision"])
-def test_two_ranks_count_every_image_once(tmp_path, backend):
+@pytest.mark.parametrize("backend, mode", [("dali", "padded"), ("torchvision", "padded"), ("dali", "full_batch"),
+                                           ("torchvision", "full_batch")])
+def test_two_ranks_count_every_image_once(tmp_path, backend, mode):
     if backend == "dali" and not dali_backend.available():
         pytest.skip("nvidia-dali not installed")
     # one image per class in each split: the label identifies the image; 9 images, an odd number
@@ -53,7 +55,7 @@ def test_two_ranks_count_every_image_once(tmp_path, backend):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), backend], env=dict(env, RANK=str(r)),
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), backend, mode], env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=150) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -61,9 +63,17 @@ def test_two_ranks_count_every_image_once(tmp_path, backend):
     assert [r["rank"] for r in result] == [0, 1] and all(r["world"] == 2 for r in result)
     # ceil(9 / 4) = 3 steps x accumulation 2 micro-batches of 1 on every rank; val ceil(9 / 2) = 5 on both
     assert all(r["accumulation"] == 2 and r["train_len"] == 6 and r["val_len"] == 5 for r in result)
-    for epoch in range(2):
-        labels = result[0]["train"][epoch] + result[1]["train"][epoch]
-        assert sorted(x for x in labels if x >= 0) == list(range(9)) and labels.count(-1) == 3
-    assert result[0]["train"][0] != result[0]["train"][1]  # reshuffled per epoch
+    if mode == "full_batch":
+        # stream order: step s, accumulation a, rank r (micro batch 1): 2 epochs of 3 full steps = 24
+        # positions, passes of 9 each a permutation, no padding
+        stream = [result[r]["train"][e][2 * s + a] for e in range(2) for s in range(3) for a in range(2)
+                  for r in range(2)]
+        assert len(stream) == 24 and -1 not in stream
+        assert sorted(stream[:9]) == sorted(stream[9:18]) == list(range(9)) and stream[:9] != stream[9:18]
+    else:
+        for epoch in range(2):
+            labels = result[0]["train"][epoch] + result[1]["train"][epoch]
+            assert sorted(x for x in labels if x >= 0) == list(range(9)) and labels.count(-1) == 3
+        assert result[0]["train"][0] != result[0]["train"][1]  # reshuffled per epoch
     val = result[0]["val"] + result[1]["val"]
     assert sorted(x for x in val if x >= 0) == list(range(9)) and val.count(-1) == 1

@@ -50,9 +50,14 @@ data: {global_batch: 64, micro_batch: 32, train_images: 1000}
 
 
 # ------------------------------------------------------------------ the paper's recipes
+AUTHOR = yaml.safe_load(resources.files("resnet_lamb.reference").joinpath("author_resnet50_32k.yaml").read_text())
+
+
+@pytest.mark.parametrize("family", ["table5", "table5-text"])
 @pytest.mark.parametrize("row", IMAGENET["table5_lamb"], ids=lambda r: str(r["batch"]))
-def test_table5_recipes_reproduce_the_paper(row):
-    path = RECIPES / "table5" / f"{TABLE5_FILES[row['batch']]}.yaml"
+def test_table5_recipes_reproduce_the_paper_rules(row, family):
+    """Both families: the paper's LR and warmup rules, its step counts and accuracies."""
+    path = RECIPES / family / f"{TABLE5_FILES[row['batch']]}.yaml"
     recipe = validate_recipe(load_recipe(path), path)
     plan = plan_recipe(recipe)
     b = row["batch"]
@@ -67,12 +72,46 @@ def test_table5_recipes_reproduce_the_paper(row):
     assert plan.images_seen == plan.total_steps * b
     assert plan.accumulation * plan.micro_batch * plan.world_size == b
     assert recipe.expected["top1"] == row["top1"] and recipe.expected["top5"] == row["top5"]
-    assert recipe.optimizer.name == "lamb" and recipe.schedule.name == "poly" and recipe.schedule.power == 1.0
+    assert recipe.optimizer.name == "lamb" and recipe.schedule.power == 1.0 and recipe.optimizer.param_rule == "author"
     defaults = IMAGENET["lamb_defaults"]
     assert tuple(recipe.optimizer.kwargs["betas"]) == (defaults["beta1"], defaults["beta2"])
     assert recipe.optimizer.kwargs["eps"] == defaults["eps"]
-    assert recipe.optimizer.weight_decay == defaults["weight_decay"]
-    assert recipe.optimizer.param_rule == "author"
+    assert plan.epoch_mode == "full_batch" and plan.optimizer_steps == plan.total_steps  # the paper's count
+    if family == "table5-text":  # the text's reading: BERT's decay from step 0, decay 0.01, bias correction
+        assert recipe.schedule.name == "poly" and recipe.optimizer.weight_decay == defaults["weight_decay"]
+        assert "bias_correction" not in recipe.optimizer.kwargs and recipe.bn_batch is None
+
+
+@pytest.mark.parametrize("batch", sorted(TABLE5_FILES))
+def test_table5_recipes_are_the_author_32k_run(batch):
+    """recipes/imagenet/table5: every setting of the author's 32K run (resnet_lamb/reference/
+    author_resnet50_32k.yaml, read from fastalgo/imagenet_resnet50_lamb) at every batch, and every
+    setting names its source."""
+    path = RECIPES / "table5" / f"{TABLE5_FILES[batch]}.yaml"
+    cfg = load_recipe(path)
+    recipe = validate_recipe(cfg, path)
+    plan = plan_recipe(recipe)
+    opt, sched, model = recipe.optimizer, recipe.schedule, cfg["model"]
+    assert (sched.name, sched.power, sched.end_lr) == ("poly_after_warmup", 1.0, 0.0)
+    assert opt.weight_decay == AUTHOR["weight_decay_lamb"] and opt.param_rule == "author"
+    assert tuple(opt.kwargs["betas"]) == tuple(AUTHOR["lamb"]["betas"]) and opt.kwargs["eps"] == AUTHOR["lamb"]["eps"]
+    assert opt.kwargs["bias_correction"] is AUTHOR["lamb"]["bias_correction"] is False
+    assert model["label_smoothing"] == AUTHOR["label_smoothing"]
+    assert model["grad_clip_norm"] == AUTHOR["grad_clip_global_norm"]
+    assert model["zero_init_residual"] is AUTHOR["zero_init_last_bn_gamma"] is True
+    assert plan.bn_images == model["bn_batch"] == AUTHOR["per_core_batch"] and plan.micro_batch % 128 == 0
+    assert plan.epoch_mode == "full_batch" and plan.padding_per_epoch == 0
+    assert plan.optimizer_steps == plan.total_steps == math.ceil(90 * AUTHOR["train_images"] / batch)
+    if batch == AUTHOR["global_batch"]:  # the run itself
+        assert (plan.lr, plan.total_steps, plan.warmup_steps) == (AUTHOR["lr"], AUTHOR["train_steps"],
+                                                                  AUTHOR["warmup_steps"])
+    # every setting of the recipe (but where the data live and how fast they load) names its source
+    keys = {"trainer.max_epochs", "model.arch", "model.label_smoothing", "model.zero_init_residual",
+            "model.grad_clip_norm", "model.bn_batch", "data.epoch_mode", "data.train_images", "data.global_batch",
+            "data.micro_batch"} | {f"model.optimizer.{k}" for k in ("name", "base_lr", "weight_decay", "param_rule")} \
+        | {f"model.optimizer.kwargs.{k}" for k in opt.kwargs} \
+        | {f"model.schedule.{k}" for k in ("name", "warmup_epochs", "end_lr", "power")}
+    assert keys <= set(recipe.sources), sorted(keys - set(recipe.sources))
 
 
 def test_paper_step_counts():
@@ -130,7 +169,7 @@ def test_lars_recipes_cover_table5_batches_and_quote_the_text():
 
 def test_every_runnable_recipe_plans():
     files = sorted(p for p in RECIPES.rglob("*.yaml") if not p.name.startswith("base"))
-    assert len(files) == 7 + 8 + 7 + 2
+    assert len(files) == 7 + 7 + 8 + 7 + 2
     for path in files:
         plan = plan_of(path)
         assert plan.total_steps == math.ceil(90 * 1281167 / plan.global_batch), path
@@ -239,7 +278,14 @@ def edited(**changes):
     (edited(model__optimizer__kwargs={"bettas": [0.9, 0.99]}), r"model\.optimizer\.kwargs\.bettas: unknown option for optimizer 'lamb' \(did you mean betas\?\)"),
     (edited(model__optimizer__kwargs=[1]), r"model\.optimizer\.kwargs: expected a mapping"),
     (edited(model__optimizer="lamb"), r"model\.optimizer: expected a mapping"),
-    (edited(model__schedule__name="cosine"), r"model\.schedule\.name: unknown schedule 'cosine'; choose one of poly, goyal, constant"),
+    (edited(model__schedule__name="cosine"), r"model\.schedule\.name: unknown schedule 'cosine'; choose one of poly, poly_after_warmup, goyal, constant"),
+    (edited(model__schedule__end_lr=-1), r"model\.schedule\.end_lr: expected a finite number >= 0, got -1"),
+    (edited(model__schedule__name="goyal", model__schedule__end_lr=1e-4), r"model\.schedule\.end_lr: 0\.0001 is used by the poly and poly_after_warmup schedules only, not by goyal"),
+    (edited(data__epoch_mode="fullbatch"), r"data\.epoch_mode: unknown epoch mode 'fullbatch' \(did you mean 'full_batch'\?\); choose one of padded, full_batch$"),
+    (edited(model__bn_batch=0), r"model\.bn_batch: expected a positive integer, got 0"),
+    (edited(sources=["x"]), r"sources: expected a mapping of recipe keys to their sources"),
+    (edited(sources={"model.optimizer.base_l": "Table 5"}), r"sources\.model\.optimizer\.base_l: names no key this recipe sets"),
+    (edited(sources={"model.optimizer.base_lr": 1}), r"sources\.model\.optimizer\.base_lr: expected the source as text, got 1"),
     (edited(model__schedule__warmup_epochs=-1), r"model\.schedule\.warmup_epochs: expected a finite number >= 0, got -1"),
     (edited(model__schedule__warmup_scaling="sqrt"), r"model\.schedule\.warmup_scaling: unknown warmup scaling rule"),
     (edited(model__schedule__milestones=[30, 20, 80]), r"model\.schedule\.milestones: expected strictly increasing epochs, got \[30, 20, 80\]"),
@@ -259,7 +305,7 @@ def edited(**changes):
     (edited(expected={"top5": -0.1}), r"expected\.top5: expected a fraction"),
     (edited(expected={"top_1": 0.7}), r"expected\.top_1: unknown key \(did you mean top1\?\)"),
     (edited(optimizer={"class_path": "torch.optim.SGD"}), r"optimizer: not a recipe key; .* model\.optimizer"),
-    (edited(datta={}), r"datta: unknown top-level key \(did you mean data\?\); allowed: base, expected, seed_everything, trainer, model, data, ckpt_path"),
+    (edited(datta={}), r"datta: unknown top-level key \(did you mean data\?\); allowed: base, expected, sources, seed_everything, trainer, model, data, ckpt_path"),
     (edited(model=KeyError), r"model: missing section"),
     (edited(seed_everything="zero"), r"seed_everything: expected an integer"),
 ])
@@ -280,8 +326,8 @@ def test_specs_are_plain_dataclasses_with_contract_defaults():
     opt, sched = OptimizerSpec(), ScheduleSpec()
     assert (opt.name, opt.base_lr, opt.base_batch, opt.scaling, opt.weight_decay, opt.param_rule, opt.kwargs) == \
         ("lamb", 0.005, 512, "sqrt", 0.01, "author", {})
-    assert (sched.name, sched.warmup_epochs, sched.warmup_scaling, sched.power, sched.milestones, sched.gamma) == \
-        ("poly", 0.0, "linear", 1.0, [30, 60, 80], 0.1)
+    assert (sched.name, sched.warmup_epochs, sched.warmup_scaling, sched.power, sched.end_lr, sched.milestones,
+            sched.gamma) == ("poly", 0.0, "linear", 1.0, 0.0, [30, 60, 80], 0.1)
     assert OptimizerSpec(base_lr=1).base_lr == 1.0 and isinstance(OptimizerSpec(base_lr=1).base_lr, float)
     with pytest.raises(RecipeError, match=r"model\.optimizer\.name: unknown optimizer 'foo'; choose one of lamb"):
         OptimizerSpec(name="foo")
@@ -306,6 +352,24 @@ def test_derive_plan_numbers():
     assert g.milestones == (3, 6) and g.milestone_steps == (round(3 * 10000 / 512), round(6 * 10000 / 512))
     assert derive().milestones == ()  # only goyal uses milestones
     assert g.to_dict()["milestone_steps"] == list(g.milestone_steps)
+    assert (p.epoch_mode, p.bn_batch, p.bn_images, p.padded_steps, p.full_batch_steps) == ("padded", None, 128, 100, 98)
+
+
+def test_derive_plan_full_batch_and_ghost_batchnorm():
+    """full_batch: ceil(E*N/B) optimizer steps, no padding, Lightning epochs of ceil(N/B) steps (the
+    last one shorter); padded: E*ceil(N/B). bn_images: model.bn_batch, else the micro batch."""
+    f = derive(global_batch=1024, micro_batch=128, world_size=2, epoch_mode="full_batch", bn_batch=32)
+    assert (f.total_steps, f.optimizer_steps, f.full_batch_steps, f.padded_steps) == (98, 98, 98, 100)
+    assert (f.steps_per_epoch, f.run_epochs, f.padding_per_epoch, f.images_seen) == (10, 10, 0, 98 * 1024)
+    assert (f.bn_batch, f.bn_images) == (32, 32)
+    assert [f.schedule_step(s) for s in range(98)] == list(range(98))  # every step a full batch
+    p = derive(global_batch=1024, micro_batch=128, world_size=2)
+    assert p.schedule_step(10) == 9 and p.optimizer_steps == 100  # padded: epoch 1 starts at paper step 9
+    assert derive(micro_batch=64, bn_batch=64).bn_images == 64 and derive(micro_batch=64, bn_batch=1).bn_images == 1
+    # 32K: 3519 full steps in 88 Lightning epochs of 40 (the last 39)
+    big = derive(global_batch=32768, micro_batch=256, train_images=1281167, epochs=90, epoch_mode="full_batch")
+    assert (big.optimizer_steps, big.padded_steps, big.run_epochs) == (3519, 3600, 88)
+    assert big.optimizer_steps - 87 * big.steps_per_epoch == 39
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -323,6 +387,12 @@ def test_derive_plan_numbers():
      r"epochs at data\.global_batch 163840, longer than training \(trainer\.max_epochs 90\)"),
     (dict(schedule=ScheduleSpec(warmup_epochs=11, warmup_scaling="none")),
      r"^model\.schedule\.warmup_epochs: 11 epochs, longer than training \(trainer\.max_epochs 10\)"),
+    (dict(schedule=ScheduleSpec(end_lr=0.01)),
+     r"^model\.schedule\.end_lr: 0\.01 is above the peak LR 0\.005 \(model\.optimizer\.base_lr 0\.005 x \(512/512\)\^1/2\); "
+     r"set model\.schedule\.end_lr to at most 0\.005$"),
+    (dict(bn_batch=24), r"^model\.bn_batch: 24 does not divide data\.micro_batch 64 \(ghost BatchNorm .*\); set model\.bn_batch "
+                        r"to one of 1, 2, 4, 8, 16, 32, 64 or data\.micro_batch to a multiple of 24$"),
+    (dict(epoch_mode="fullbatch"), r"^data\.epoch_mode: unknown epoch mode 'fullbatch' \(did you mean 'full_batch'\?\)"),
 ])
 def test_derive_plan_errors(kw, match):
     with pytest.raises(RecipeError, match=match):

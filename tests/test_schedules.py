@@ -1,6 +1,7 @@
 """LR schedules and batch-scaling rules equal their formulas (resnet_lamb.optim.schedules)."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -11,11 +12,14 @@ from resnet_lamb.optim.schedules import (
     constant,
     epochs_to_steps,
     goyal,
+    poly_after_warmup,
     scale_lr,
     scale_warmup_epochs,
     warmup_poly,
 )
-from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec, derive_plan
+from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec, derive_plan, load_recipe, plan_recipe, validate_recipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def bert(t, warmup, total, power=1.0):
@@ -36,6 +40,62 @@ def test_warmup_poly_formula(power):
     assert warmup_poly(T - 1, W, T, power) == pytest.approx((1 / T) ** power)
     assert warmup_poly(T, W, T, power) == 0.0
     assert warmup_poly(T + 7, W, T, power) == 0.0
+
+
+def test_warmup_poly_end_lr_is_tf_polynomial_decay():
+    """BERT's form with an end LR: TF's polynomial_decay(lr, t, T, end, power) = (lr - end)(1 - t/T)^p + end."""
+    lr, end, W, T = 0.04, 1e-4, 10, 100
+    for t in (10, 11, 50, 99, 100, 150):
+        want = (lr - end) * (1 - min(t, T) / T) ** 2 + end
+        assert lr * warmup_poly(t, W, T, 2.0, end / lr) == pytest.approx(want, rel=1e-12), t
+    assert warmup_poly(3, W, T, 2.0, end / lr) == pytest.approx(0.3)  # the warmup still ramps from 0
+
+
+def author(t, lr, W, T):
+    """The LAMB author's optimization.py, literally: step*lr/W while step <= W, else (T - step)*lr/(T - W)."""
+    return t * lr / W if t <= W else (T - t) * lr / (T - W)
+
+
+def test_author_schedule_at_every_step_of_the_32k_recipe():
+    """recipes/imagenet/table5/lamb-bs32k.yaml: the LR of every step 0..3519 is the author's
+    formula with lr 0.04, W 782, T 3519; the scheduler a run steps gives the same."""
+    torch = pytest.importorskip("torch")
+    from resnet_lamb.optim.schedules import build_scheduler
+
+    path = REPO / "recipes" / "imagenet" / "table5" / "lamb-bs32k.yaml"
+    recipe = validate_recipe(load_recipe(path), path)
+    plan = plan_recipe(recipe)
+    lr, W, T = plan.lr, plan.warmup_steps, plan.total_steps
+    assert (lr, W, T, plan.optimizer_steps) == (0.04, 782, 3519, 3519)
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=lr)
+    sched = build_scheduler(opt, recipe.schedule, plan)
+    for t in range(T + 1):
+        want = author(t, lr, W, T)
+        assert plan.lr_at(t) == pytest.approx(want, rel=1e-12, abs=1e-17), t
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12, abs=1e-17), t
+        opt.step()
+        sched.step()
+    assert plan.lr_at(W) == lr and plan.lr_at(T) == 0.0 and plan.lr_at(0) == 0.0
+    assert plan.lr_at(W + 1) < lr and plan.lr_at(T - 1) == pytest.approx(lr / (T - W), rel=1e-12)
+
+
+@pytest.mark.parametrize("power, end", [(1.0, 0.0), (2.0, 0.0), (2.0, 0.0025), (0.5, 0.01)])
+def test_poly_after_warmup_formula(power, end):
+    """(lr - end)(1 - (t - W)/(T - W))^p + end after a linear warmup t/W; end from T on."""
+    W, T = 20, 120
+    for t in range(0, T + 10):
+        if t <= W:
+            want = t / W
+        else:
+            want = (1 - end) * (1 - (min(t, T) - W) / (T - W)) ** power + end
+        assert poly_after_warmup(t, W, T, power, end) == pytest.approx(want, rel=1e-12, abs=1e-15), t
+    assert poly_after_warmup(W, W, T, power, end) == 1.0 and poly_after_warmup(T, W, T, power, end) == end
+    assert poly_after_warmup(5, 0, 10, power, end) == pytest.approx((1 - end) * 0.5**power + end)  # no warmup
+    # unlike BERT's form, the decay starts at the peak where the warmup ends
+    assert warmup_poly(W, W, T, power, end) < poly_after_warmup(W, W, T, power, end)
+    with pytest.raises(ValueError):
+        poly_after_warmup(-1, W, T)
 
 
 def test_warmup_poly_without_warmup():
@@ -103,6 +163,9 @@ def test_names_agree_with_recipe_literals():
     assert tuple(LR_SCALINGS) == recipe.LR_SCALINGS
     assert tuple(WARMUP_SCALINGS) == recipe.WARMUP_SCALINGS
     assert tuple(SCHEDULES) == recipe.SCHEDULES
+    from resnet_lamb.data.sampling import EPOCH_MODES
+
+    assert tuple(EPOCH_MODES) == recipe.EPOCH_MODES
 
 
 def _plan(schedule, *, global_batch=64, train_images=1000, epochs=3, base_lr=0.1):
@@ -127,6 +190,9 @@ def test_build_scheduler_follows_the_formulas():
     from resnet_lamb.optim.schedules import build_scheduler
 
     for spec in (ScheduleSpec(name="poly", warmup_epochs=0.5, warmup_scaling="none", power=1.0),
+                 ScheduleSpec(name="poly", warmup_epochs=0.5, warmup_scaling="none", power=2.0, end_lr=0.001),
+                 ScheduleSpec(name="poly_after_warmup", warmup_epochs=0.5, warmup_scaling="none", power=2.0,
+                              end_lr=0.001),
                  ScheduleSpec(name="goyal", warmup_epochs=0.5, warmup_scaling="none", milestones=[1, 2], gamma=0.1),
                  ScheduleSpec(name="constant", warmup_epochs=0.25, warmup_scaling="none")):
         plan = _plan(spec)
@@ -135,8 +201,13 @@ def test_build_scheduler_follows_the_formulas():
         sched = build_scheduler(opt, spec, plan)
         for step in range(plan.optimizer_steps):
             t = plan.schedule_step(step)
+            end = spec.end_lr / plan.lr
             if spec.name == "poly":
-                want = bert(t, plan.warmup_steps, plan.total_steps, spec.power)
+                want = warmup_poly(t, plan.warmup_steps, plan.total_steps, spec.power, end)
+                if not spec.end_lr:
+                    assert want == pytest.approx(bert(t, plan.warmup_steps, plan.total_steps, spec.power))
+            elif spec.name == "poly_after_warmup":
+                want = poly_after_warmup(t, plan.warmup_steps, plan.total_steps, spec.power, end)
             elif spec.name == "goyal":
                 want = goyal(t, plan.warmup_steps, plan.milestone_steps, spec.gamma)
             else:

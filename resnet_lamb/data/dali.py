@@ -1,7 +1,8 @@
 """DALI backend: encoded bytes read by index (fn.external_source), decoded and augmented by DALI.
 
-The order comes from :func:`resnet_lamb.data.sampling.epoch_plan` (a per-epoch permutation
-seeded by ``seed + epoch``, sharded by global rank, padded with label -1), not from
+The order comes from :func:`resnet_lamb.data.sampling.epoch_plan` (per-epoch permutations seeded
+by ``(seed, epoch)``, sharded by global rank; padded with label -1 or cut into full batches from one
+stream, by ``data.epoch_mode``), not from
 ``fn.readers.file``: that way every epoch sees each image exactly once across ranks and every rank
 yields the same number of batches, with no LastBatchPolicy subtleties (DALI#2881/#4686/#4440).
 
@@ -177,10 +178,11 @@ class DaliLoader:
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
     def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
-                 workers, channels_last, dtype, prefetch=2, py_workers=None, epoch_fn=None, on_skip=None):
+                 workers, channels_last, dtype, prefetch=2, py_workers=None, epoch_fn=None, on_skip=None,
+                 epoch_mode="padded"):
         self.split, self.train, self.n = split, train, n
         self.micro_batch, self.image_size = micro_batch, image_size
-        self.plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed)
+        self.plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed, epoch_mode)
         self.n_batches = micro_batches_per_rank(n, **self.plan_kw)
         self.seed, self.rank, self.workers = seed, rank, workers
         self.channels_last, self.dtype, self.prefetch = channels_last, dtype, max(1, prefetch)

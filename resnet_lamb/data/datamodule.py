@@ -6,9 +6,11 @@ memory when ``channels_last``), labels int64 (B,), label -1 = padding or a skipp
 
 Per rank per epoch the train loader yields exactly ``steps_per_epoch * accumulation`` micro-batches
 (``steps_per_epoch = ceil(train_images / global_batch)``, ``accumulation = global_batch /
-(micro_batch * world_size)``), every image once across all ranks (a permutation seeded by
-``seed + epoch``, the same on every rank, sharded by global rank; the last global batch is padded
-with repeats labelled -1). Validation: ``ceil(val_images / (micro_batch * world_size))`` batches per
+(micro_batch * world_size)``), in the order of :func:`resnet_lamb.data.sampling.epoch_plan`:
+``epoch_mode: padded``: every image once across all ranks (a permutation seeded by
+``(seed, epoch)``, the same on every rank, sharded by global rank; the last global batch is padded
+with repeats labelled -1); ``full_batch``: full global batches cut from one stream of per-pass
+permutations (no padding; the run's ``max_steps`` ends it). Validation: ``ceil(val_images / (micro_batch * world_size))`` batches per
 rank, every image exactly once across ranks, padding labelled -1.
 
 World size and rank come from the trainer at ``setup`` when attached, else from torch.distributed
@@ -62,6 +64,7 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         prefetch: int = 2,
         py_workers: int | None = None,
+        epoch_mode: str = "padded",
     ):
         """
         Args:
@@ -80,6 +83,8 @@ class ImageDataModule(L.LightningDataModule):
             prefetch: batches prefetched (DALI prefetch_queue_depth; DataLoader prefetch_factor).
             py_workers: DALI parallel external_source processes reading files; None = 0 without a
                 GPU (the main thread reads), min(4, workers // 2) with one.
+            epoch_mode: padded | full_batch, how training batches are cut from the data
+                (:mod:`resnet_lamb.data.sampling`); validation is the same in both.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -89,6 +94,11 @@ class ImageDataModule(L.LightningDataModule):
                            ("image_size", image_size)):
             if not isinstance(value, int) or value <= 0:
                 raise RecipeError(f"data.{key}: {value!r} must be a positive integer")
+        from resnet_lamb.data.sampling import EPOCH_MODES
+
+        if epoch_mode not in EPOCH_MODES:
+            raise RecipeError(f"data.epoch_mode: unknown epoch mode {epoch_mode!r}; choose one of "
+                              f"{', '.join(EPOCH_MODES)}")
         if backend != "synthetic" and not root:
             raise DataError(f"data.root: not set; backend {backend} reads root/train/<class>/ and root/val/<class>/ "
                             "(`resnet-lamb prepare DATASET --out DIR` writes them), or use backend: synthetic")
@@ -96,7 +106,7 @@ class ImageDataModule(L.LightningDataModule):
         self.root = root
         self.global_batch, self.micro_batch, self.image_size = global_batch, micro_batch, image_size
         self.workers, self.channels_last, self.dtype = workers, channels_last, torch_dtype(dtype)
-        self.seed, self.prefetch, self.py_workers = seed, prefetch, py_workers
+        self.seed, self.prefetch, self.py_workers, self.epoch_mode = seed, prefetch, py_workers, epoch_mode
         self._given = {"train_images": train_images, "val_images": val_images, "num_classes": num_classes}
         self._folder = None
         self._epoch = 0
@@ -210,7 +220,8 @@ class ImageDataModule(L.LightningDataModule):
         train = split == "train"
         kw = dict(train=train, n=self.train_images if train else self.val_images, global_batch=self.global_batch,
                   micro_batch=self.micro_batch, world_size=self.world_size, seed=self.seed,
-                  image_size=self.image_size, channels_last=self.channels_last, dtype=self.dtype)
+                  image_size=self.image_size, channels_last=self.channels_last, dtype=self.dtype,
+                  epoch_mode=self.epoch_mode)
         _ = self.accumulation
         if self.backend == "synthetic":
             from resnet_lamb.data.synthetic import SyntheticLoader

@@ -62,8 +62,8 @@ class MemoryLoader:
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
     def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
-                 workers, channels_last, dtype, epoch_fn=None, on_skip=None, **_):
-        self.plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed)
+                 workers, channels_last, dtype, epoch_fn=None, on_skip=None, epoch_mode="padded", **_):
+        self.plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed, epoch_mode)
         self.split, self.n, self.train, self.micro_batch = split, n, train, micro_batch
         self.image_size, self.workers = image_size, workers
         self.channels_last, self.dtype = channels_last, dtype

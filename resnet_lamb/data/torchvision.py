@@ -106,8 +106,8 @@ class TorchvisionLoader:
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
     def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
-                 workers, channels_last, dtype, prefetch=2, epoch_fn=None, on_skip=None):
-        plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed)
+                 workers, channels_last, dtype, prefetch=2, epoch_fn=None, on_skip=None, epoch_mode="padded"):
+        plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed, epoch_mode)
         self._sampler = _PlanBatchSampler(n, plan_kw, micro_batch)
         self.split, self.train, self.dtype = split, train, dtype
         self._dataset = _FolderDataset(split, transforms(train, image_size))

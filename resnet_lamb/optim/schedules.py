@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LR_SCALINGS = ("sqrt", "linear", "none")
 WARMUP_SCALINGS = ("linear", "none")
-SCHEDULES = ("poly", "goyal", "constant")
+SCHEDULES = ("poly", "poly_after_warmup", "goyal", "constant")
 
 _EXPONENT = {"sqrt": 0.5, "linear": 1.0, "none": 0.0}
 
@@ -76,19 +76,20 @@ def _warmup(step: int, warmup_steps: int) -> float:
     return 1.0
 
 
-def warmup_poly(step: int, warmup_steps: int, total_steps: int, power: float = 1.0) -> float:
-    """Polynomial decay to 0 with a linear warmup overriding the first steps (BERT semantics).
+def warmup_poly(step: int, warmup_steps: int, total_steps: int, power: float = 1.0, end: float = 0.0) -> float:
+    """``poly``: polynomial decay from step 0, a linear warmup overriding the first steps (BERT's form).
 
     As in BERT's ``optimization.py`` (``create_optimizer``), with global step ``t`` counted
-    from 0 and ``T = total_steps``:
+    from 0, ``T = total_steps`` and ``end`` the end LR as a fraction of the peak:
 
-    * decay: TF's ``polynomial_decay(lr0, t, T, end_learning_rate=0.0, power, cycle=False)``,
-      i.e. ``(1 - min(t, T) / T) ** power`` (0 from ``t = T`` on);
+    * decay: TF's ``polynomial_decay(lr0, t, T, end_learning_rate, power, cycle=False)``,
+      i.e. ``(1 - end) * (1 - min(t, T) / T) ** power + end`` (``end`` from ``t = T`` on);
     * warmup: for ``t < warmup_steps`` the factor is ``t / warmup_steps`` instead
       (BERT's ``is_warmup`` blend), so step 0 has LR 0 and the decay is *not* restarted at the
-      end of warmup: at ``t = warmup_steps`` the factor is ``(1 - W/T) ** power``.
+      end of warmup: at ``t = warmup_steps`` the factor is already ``(1 - W/T) ** power``
+      (at ``end`` 0).
 
-    The LAMB paper uses this with power 1: ``eta_t = eta_0 * (1 - t/T)`` (Section 4).
+    The LAMB paper's text states this with power 1: ``eta_t = eta_0 * (1 - t/T)`` (Section 4).
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
@@ -97,7 +98,36 @@ def warmup_poly(step: int, warmup_steps: int, total_steps: int, power: float = 1
     if warmup_steps > 0 and step < warmup_steps:
         return step / warmup_steps
     t = min(step, total_steps)
-    return (1.0 - t / total_steps) ** power
+    return (1.0 - end) * (1.0 - t / total_steps) ** power + end
+
+
+def poly_after_warmup(step: int, warmup_steps: int, total_steps: int, power: float = 1.0,
+                      end: float = 0.0) -> float:
+    """``poly_after_warmup``: linear warmup to the peak, then polynomial decay measured from the
+    end of the warmup (the LAMB author's ResNet-50 form).
+
+    With ``t`` the global step from 0, ``W = warmup_steps``, ``T = total_steps`` and ``end`` the
+    end LR as a fraction of the peak:
+
+    * ``t / W`` for ``t <= W`` (0 at step 0, the peak at ``t = W``);
+    * ``(1 - end) * ((T - t) / (T - W)) ** power + end`` for ``W < t <= T``, i.e.
+      ``(1 - end) * (1 - (t - W) / (T - W)) ** power + end``; ``end`` from ``T`` on.
+
+    At power 1 and ``end`` 0 this is the author's ``optimization.py``
+    (fastalgo/imagenet_resnet50_lamb): ``step*lr/W`` while ``step <= W``, else
+    ``(T - step)*lr/(T - W)``. Power 2 with an end LR of 1e-4 is the form of the MLPerf LARS
+    reference (mlcommons/training resnet-tf2 ``lars_util.py``; read by others, not checked here).
+    Unlike :func:`warmup_poly` the whole decay happens after the warmup.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if warmup_steps > 0 and step <= warmup_steps:
+        return step / warmup_steps
+    if step >= total_steps:
+        return float(end)
+    return (1.0 - end) * ((total_steps - step) / (total_steps - warmup_steps)) ** power + end
 
 
 def goyal(step: int, warmup_steps: int, milestone_steps: Sequence[int], gamma: float = 0.1) -> float:
@@ -128,15 +158,18 @@ def multiplier_fn(spec: Any, plan: Any) -> Callable[[int], float]:
     """``step -> factor`` for a ``ScheduleSpec`` and a ``Plan`` (``resnet_lamb.recipe``).
 
     ``step`` is the optimizer-step count of the run. It is first mapped to the paper's step
-    count with ``plan.schedule_step`` (the loader pads each epoch's last batch, so a run takes
-    ``epochs * steps_per_epoch`` optimizer steps while the paper's schedule spans
-    ``total_steps = ceil(epochs * N / B)``; the mapping keeps the LR a function of the images
-    seen, ending at ``total_steps - 1`` on the last step of the last epoch).
+    count with ``plan.schedule_step``: the identity in ``full_batch`` epoch mode (every step a
+    full batch, ``total_steps`` of them); in ``padded`` mode the loader pads each epoch's last
+    batch, so a run takes ``epochs * steps_per_epoch`` optimizer steps while the paper's schedule
+    spans ``total_steps = ceil(epochs * N / B)``; the mapping keeps the LR a function of the
+    images seen, ending at ``total_steps - 1`` on the last step of the last epoch.
     """
     name = spec.name
-    if name == "poly":
+    if name in ("poly", "poly_after_warmup"):
+        form = warmup_poly if name == "poly" else poly_after_warmup
         warm, total, power = plan.warmup_steps, plan.total_steps, float(spec.power)
-        return lambda step: warmup_poly(plan.schedule_step(step), warm, total, power)
+        end = float(getattr(plan, "end_lr", 0.0)) / plan.lr
+        return lambda step: form(plan.schedule_step(step), warm, total, power, end)
     if name == "goyal":
         warm, miles, gamma = plan.warmup_steps, tuple(plan.milestone_steps), float(spec.gamma)
         return lambda step: goyal(plan.schedule_step(step), warm, miles, gamma)

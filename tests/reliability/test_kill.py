@@ -10,6 +10,9 @@
   rank and the signal and torchrun.sh's line saying how to resume; last.ckpt loads and a relaunch
   on ONE process resumes it: same global batch (accumulation 4 instead of 2), the step count and
   every logged LR as the schedule says (item 6: another world size).
+- full-batch epochs (issue 12): a run whose 23 steps do not fill its 3 Lightning epochs (240 images,
+  batch 32: epochs of 8 steps, the last of 7), SIGKILLed at a random point inside an epoch, resumes
+  from the epoch boundary at the right stream position and ends bit-identical to one never killed.
 (Kill right after the epoch-1 checkpoint, 3 backends: tests/test_train_resume.py; a killed worker
 with MAX_RESTARTS=1: tests/test_launch.py.)
 """
@@ -43,6 +46,7 @@ def on_train_start(self):
     real_start(self)
     open(os.environ["STARTED"], "w").close()
 def on_train_batch_end(self, *a):
+    real_end(self, *a)
     time.sleep(float(os.environ.get("STEP_SLEEP", "0")))  # widens the window; no numbers change
 m.LambModule.on_train_start, m.LambModule.on_train_batch_end = on_train_start, on_train_batch_end
 
@@ -220,3 +224,35 @@ def test_torchrun_rank_killed_stops_then_resumes_on_one_process(tmp_path, digits
     plan = recipe(0.0)
     plan["data"]["train_images"] = 80
     assert [lrs[s] for s in range(10)] == pytest.approx(expected_lrs(plan, 10), rel=1e-6)
+
+
+def test_full_batch_killed_mid_epoch_resumes_bit_identical(tmp_path, digits_root_large, one_thread):
+    recipe = tiny_recipe(digits_root_large, **{
+        "model.arch": "mlp", "model.mlp_hidden": [32], "trainer.max_epochs": 3, "data.backend": "memory",
+        "data.epoch_mode": "full_batch", "model.schedule.name": "poly_after_warmup"})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    runs = tmp_path / "runs"
+    common = ["fit", "--config", str(path), "--run.root", str(runs), "--run.wandb", "false"]
+    ck_dir = runs / "k" / "checkpoints"
+    started = tmp_path / "started"
+    per_epoch, total = 8, 23  # ceil(240 / 32); ceil(3 * 240 / 32): the paper's count, no padding
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *common, "--run.name", "k"], cwd=REPO,
+                            env=_env(STARTED=started, STEP_SLEEP=0.05), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait(lambda: (ck_dir / "last.ckpt").exists(), proc, 300, "the first checkpoint")
+    time.sleep(random.Random(12).uniform(0.2, 1.0))  # inside epoch 1 (8 steps of >= 2 x 0.05 s)
+    assert proc.poll() is None, "the run ended before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_at = _ckpts_load(ck_dir)
+    assert killed_at in (per_epoch, 2 * per_epoch), killed_at  # an epoch boundary: steps 8 or 16
+    assert run_cli(*common, "--run.name", "k", "--ckpt_path", "last") == 0
+    assert run_cli(*common, "--run.name", "straight") == 0
+    resumed = torch.load(ck_dir / "last.ckpt", weights_only=False)
+    straight = torch.load(runs / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == straight["global_step"] == total  # validated and saved inside epoch 2
+    _same_weights(resumed, straight)
+    steps = sorted(int(r["step"]) for r in read_csv(runs / "k") if r.get("train/lr"))
+    assert steps == list(range(total)), steps
+    vals = [int(r["step"]) for r in read_csv(runs / "straight") if r.get("val/top1")]
+    assert vals == [per_epoch - 1, 2 * per_epoch - 1, total - 1], vals  # the last one after the short epoch

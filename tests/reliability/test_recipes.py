@@ -113,6 +113,22 @@ ROWS = {
         "model.schedule.warmup_epochs: 0.5 epochs at model.optimizer.base_batch 4 scale linearly to 4 epochs at "
         "data.global_batch 32, longer than training (trainer.max_epochs 2)",
         "scale linearly to 4 epochs at data.global_batch 32, longer than training"),
+    "end-lr-above-peak": (_edit(model__schedule__end_lr=0.1), [],
+                          "model.schedule.end_lr: 0.1 is above the peak LR 0.01 (model.optimizer.base_lr 0.01 x (32/32)^1/2); "
+                          "set model.schedule.end_lr to at most 0.01",
+                          "model.schedule.end_lr: 0.1 is above the peak LR 0.01"),
+    # issue 12: ghost BatchNorm and the epoch mode
+    "bn-batch-not-dividing": (_edit(model__bn_batch=12), [],
+                              "model.bn_batch: 12 does not divide data.micro_batch 16 (ghost BatchNorm normalises over "
+                              "groups of model.bn_batch samples of each micro batch); set model.bn_batch to one of 1, 2, "
+                              "4, 8, 16 or data.micro_batch to a multiple of 12",
+                              "model.bn_batch: 12 does not divide data.micro_batch 16"),
+    "bn-batch-not-dividing-flag": (_edit(model__bn_batch=8), ["--data.micro_batch", "4", "--model.bn_batch", "3"],
+                                   "model.bn_batch: 3 does not divide data.micro_batch 4", None),
+    "unknown-epoch-mode": (_edit(data__epoch_mode="fullbatch"), [],
+                           "data.epoch_mode: unknown epoch mode 'fullbatch' (did you mean 'full_batch'?); choose one of "
+                           "padded, full_batch",
+                           "data.epoch_mode: unknown epoch mode 'fullbatch' (did you mean 'full_batch'?)"),
     "missing-base-lr": (_edit(model__optimizer__base_lr=DROP), [],
                         "model.optimizer.base_lr: missing; set the peak LR at model.optimizer.base_batch",
                         "model.optimizer.base_lr: missing; set the peak LR at model.optimizer.base_batch"),
@@ -158,10 +174,11 @@ def _one_error_line(stderr: str) -> str:
 
 
 def test_the_matrix_covers_the_issue():
-    """Issue 7 item 3's list, each kind at least once, and at least 15 rows."""
+    """Issue 7 item 3's list and issue 12's three, each kind at least once, and at least 15 rows."""
     kinds = ["unknown-top-level-key", "wrong-type-batch", "unknown-optimizer", "unknown-backend", "unknown-schedule",
              "negative-batch", "zero-micro-batch", "micro-over-global", "non-dividing", "warmup-longer-than-training",
-             "missing-base-lr", "expected-top1-percent", "yaml-syntax-error", "empty-file"]
+             "missing-base-lr", "expected-top1-percent", "yaml-syntax-error", "empty-file",
+             "bn-batch-not-dividing", "unknown-epoch-mode", "end-lr-above-peak"]  # issue 12
     assert set(kinds) <= set(ROWS) and len(ROWS) >= 15
 
 
