@@ -106,14 +106,21 @@ def test_auto_backend_and_missing_dali(folder, monkeypatch, capsys):
         ImageDataModule(root=folder, backend="dali").setup("fit")
 
 
-@pytest.mark.parametrize("backend", ["dali", "torchvision"])
-def test_epoch_from_trainer_and_from_state_dict(tmp_path, backend):
+@pytest.mark.parametrize("backend, mode", [("dali", "padded"), ("torchvision", "padded"), ("dali", "full_batch"),
+                                           ("torchvision", "full_batch"), ("memory", "full_batch")])
+def test_epoch_from_trainer_and_from_state_dict(tmp_path, backend, mode):
+    """Every backend reads epoch_plan's order in both epoch modes, for the epoch the trainer (or a
+    restored state) says: full_batch epochs continue the stream where the previous one ended."""
     if backend == "dali" and not dali_backend.available():
         pytest.skip("nvidia-dali not installed")
     root = make_folder(tmp_path, classes=7, train_per=1, val_per=1, size=(16, 16))  # label == image index
-    want = [epoch_plan(7, 4, 2, 1, 0, epoch=e, seed=5) for e in (0, 1, 2)]
+    want = [epoch_plan(7, 4, 2, 1, 0, epoch=e, seed=5, mode=mode) for e in (0, 1, 2)]
     want = [np.where(real, idx, -1).tolist() for idx, real in want]
-    kw = dict(seed=5, workers=0 if backend == "torchvision" else 1)
+    if mode == "full_batch":  # 2 full steps of 4 per epoch: 3 epochs are 24 stream positions, passes of 7
+        flat = sum(want, [])  # micro-batches of 2, 2 a step; stream position j of a step is micro j % 2, row j // 2
+        stream = [flat[4 * s + 2 * (j % 2) + j // 2] for s in range(6) for j in range(4)]
+        assert -1 not in stream and all(sorted(stream[p * 7:(p + 1) * 7]) == list(range(7)) for p in range(3))
+    kw = dict(seed=5, workers=0 if backend == "torchvision" else 1, epoch_mode=mode)
     dm = dm_for(root, backend, **kw)
     got = [torch.cat([y for _, y in dm.train_dataloader()]).tolist() for _ in range(2)]
     assert got == want[:2]

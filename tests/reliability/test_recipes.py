@@ -129,6 +129,9 @@ ROWS = {
                            "data.epoch_mode: unknown epoch mode 'fullbatch' (did you mean 'full_batch'?); choose one of "
                            "padded, full_batch",
                            "data.epoch_mode: unknown epoch mode 'fullbatch' (did you mean 'full_batch'?)"),
+    "sources-unknown-key": (_edit(sources={"model.optimizer.base_l": "Table 5"}), [],
+                            "sources.model.optimizer.base_l: names no key this recipe sets",
+                            "sources.model.optimizer.base_l: names no key this recipe sets"),
     "missing-base-lr": (_edit(model__optimizer__base_lr=DROP), [],
                         "model.optimizer.base_lr: missing; set the peak LR at model.optimizer.base_batch",
                         "model.optimizer.base_lr: missing; set the peak LR at model.optimizer.base_batch"),
