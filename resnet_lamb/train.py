@@ -366,7 +366,7 @@ def _cli_class():
 
     from resnet_lamb.data import ImageDataModule
     from resnet_lamb.model import LambModule
-    from resnet_lamb.telemetry import RunStatus, Throughput, TrustRatios, progress_bar
+    from resnet_lamb.telemetry import FirstStepRow, RunStatus, Throughput, TrustRatios, progress_bar
 
     class SaveConfig(SaveConfigCallback):
         """Writes the resolved config to ``<run dir>/config.yaml`` (not the first logger's dir)."""
@@ -419,6 +419,9 @@ def _cli_class():
             parser.add_argument("--run.force_resume", type=bool, default=False,
                                 help="resume --ckpt_path with another optimizer, schedule, global batch or "
                                      "epoch count than the checkpoint's (refused otherwise)")
+            parser.add_argument("--run.progress_seconds", type=float, default=30.0,
+                                help="when the output is not a terminal, a progress line at least this often, "
+                                     "inside a long accumulated step too (micro-batches done, img/s, ETA)")
 
         # -- before anything is built: validate, plan, trainer numbers
         def before_instantiate_classes(self) -> None:
@@ -510,9 +513,11 @@ def _cli_class():
             callbacks = config.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             if config.get("enable_progress_bar", True) is not False:
-                callbacks.append(progress_bar(every=max(int(config.get("log_every_n_steps") or 50), 1)))
+                callbacks.append(progress_bar(every=max(int(config.get("log_every_n_steps") or 50), 1),
+                                              every_s=float(cfg.run.get("progress_seconds", 30.0))))
             if self.subcommand == "fit":
-                callbacks += [Throughput(), TrustRatios(self.model.trust_ratio_every), RunStatus(str(self.run_dir))]
+                callbacks += [Throughput(), TrustRatios(self.model.trust_ratio_every), RunStatus(str(self.run_dir)),
+                              FirstStepRow()]
                 if config.get("enable_checkpointing", True) is not False:
                     callbacks.append(_checkpoint_class()(
                         dirpath=str(self.run_dir / "checkpoints"), monitor="val/top1", mode="max",
@@ -525,7 +530,10 @@ def _cli_class():
 
         def _loggers(self, cfg) -> list:
             csv_name = "csv" if self.subcommand == "fit" else f"csv_{self.subcommand}"
-            loggers = [_csv_logger_class()(save_dir=str(self.run_dir), name=csv_name, version="")]
+            # every logged row written at once (Lightning's default: every 100 rows), so a short or
+            # killed run keeps what it logged
+            loggers = [_csv_logger_class()(save_dir=str(self.run_dir), name=csv_name, version="",
+                                           flush_logs_every_n_steps=1)]
             if cfg.run.wandb and self.subcommand == "fit":
                 loggers.append(_wandb_logger(self.run_dir, cfg, resume=bool(cfg.get("ckpt_path"))))
             return loggers
