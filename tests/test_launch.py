@@ -139,7 +139,8 @@ def _check_shards(records: list[dict], key: str, labels: list[int], n: int, worl
 def test_two_processes_train_validate_disjoint_shards(splits, data_odd):
     run = splits[2]
     p = run["proc"]
-    assert "world size 2" in p.stdout and "accumulation 2" in p.stdout, p.stdout[-2000:]
+    assert "world size 2" in p.stdout and "accumulation 2," in p.stdout, p.stdout[-2000:]
+    assert p.stdout.count("resnet-lamb plan:") == 1, "the plan once (torchrun.sh's), not again from fit"
     records = [json.loads((run["rec"] / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world_size"] == 2 for r in records)
     _check_shards([{"train": r["train"]["0"]} for r in records], "train", _labels(data_odd, "train"), 72, 2)
@@ -236,7 +237,7 @@ def test_same_global_batch_three_ways_same_weights(splits):
           for n in (1, 2, 4)}
     for n in (1, 2, 4):
         assert ck[n]["global_step"] == 5, (n, ck[n]["global_step"])
-        assert f"accumulation {4 // n} " in splits[n]["proc"].stdout
+        assert f"accumulation {4 // n}, " in splits[n]["proc"].stdout  # torchrun.sh's plan line
     ref, ref_opt = _trainable(ck[1]), ck[1]["optimizer_states"][0]["state"]
     assert all(v.dtype == torch.float64 for v in ref.values())
     worst = {}
