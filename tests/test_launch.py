@@ -141,6 +141,8 @@ def test_two_processes_train_validate_disjoint_shards(splits, data_odd):
     p = run["proc"]
     assert "world size 2" in p.stdout and "accumulation 2," in p.stdout, p.stdout[-2000:]
     assert p.stdout.count("resnet-lamb plan:") == 1, "the plan once (torchrun.sh's), not again from fit"
+    for noise in ("sync_dist=True", "LeafSpec", "💡 Tip", "The anonymous setting"):  # tests/test_console.py
+        assert noise not in p.stdout + p.stderr, noise
     records = [json.loads((run["rec"] / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world_size"] == 2 for r in records)
     _check_shards([{"train": r["train"]["0"]} for r in records], "train", _labels(data_odd, "train"), 72, 2)
@@ -279,6 +281,38 @@ def test_two_nodes_c10d_rendezvous(splits, data_odd, tmp_path):
     a = _trainable(torch.load(tmp_path / "runs" / "n2" / "checkpoints" / "last.ckpt", weights_only=False))
     b = _trainable(torch.load(splits[2]["dir"] / "checkpoints" / "last.ckpt", weights_only=False))
     assert max(_rel(a[k], b[k]) for k in b) <= RTOL64
+
+
+def test_padding_only_micro_batches_skipped_under_ddp(tmp_path, digits_root):
+    """15 images, global batch 8, micro batch 1: the second step holds 7 real images in 8 slots. On 2
+    processes (accumulation 4) rank 1's last micro-batch, the one whose backward all-reduces, is padding
+    only: it goes on empty and is not computed while rank 0's is. The run ends (no rank waits on a
+    collective the other skipped) with the weights of 1 process (accumulation 8, whose last micro-batch
+    is padding only too), in float64 to RTOL64 (test_same_global_batch_three_ways_same_weights)."""
+    root = tmp_path / "digits15"
+    shutil.copytree(digits_root, root)
+    for c, cls in enumerate(sorted((root / "train").iterdir())):  # 2 images in 5 classes, 1 in 5
+        for f in sorted(cls.iterdir())[1 if c >= 5 else 2:]:
+            f.unlink()
+    assert sum(1 for p in (root / "train").rglob("*") if p.is_file()) == 15
+    ckpts, seen = {}, {}
+    for nproc in (1, 2):
+        rec = tmp_path / f"rec{nproc}"
+        recipe = launch_recipe(root, rec, micro=1)
+        recipe["data"]["global_batch"] = 8
+        recipe["trainer"]["precision"] = "64-true"
+        path = write_recipe(tmp_path / f"p{nproc}.yaml", recipe)
+        p = torchrun(path, "--run.root", str(tmp_path / "runs"), "--run.name", f"p{nproc}", "--run.wandb", "false",
+                     NPROC=nproc)
+        assert p.returncode == 0, _fail_msg(p)
+        assert "larger than" not in p.stderr  # 15 images >= 8: no small-data warning
+        ckpts[nproc] = _trainable(torch.load(tmp_path / "runs" / f"p{nproc}" / "checkpoints" / "last.ckpt",
+                                             weights_only=False))
+        seen[nproc] = [len(json.loads((rec / f"rank{r}.json").read_text())["train"]["0"]["labels"])
+                       for r in range(nproc)]
+    # labels each rank trained on: 2 steps x its slots, less the padding-only micro-batch that came empty
+    assert seen == {1: [15], 2: [8, 7]}, seen
+    assert max(_rel(ckpts[2][k], ckpts[1][k]) for k in ckpts[1]) <= RTOL64
 
 
 def test_killed_worker_group_restarts_and_resumes(data_odd, tmp_path):
