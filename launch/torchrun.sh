@@ -84,6 +84,8 @@ fi
 # a restarted group can read the killed group's stale addresses and fail in init_process_group
 # (gloo connectFullMesh "Connection refused"; pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# preflight.py printed the plan above: fit's rank 0 does not print it a second time
+export RESNET_LAMB_PLAN_SHOWN=1
 # devices x num_nodes = torchrun's world size (Lightning checks it); strategy ddp (gloo on the CPU);
 # --ckpt_path last: a restart (MAX_RESTARTS) or a requeued job resumes, a first start starts fresh.
 # The user's overrides come last and win (preflight has checked devices/num_nodes among them).

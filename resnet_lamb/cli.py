@@ -22,8 +22,25 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: resnet-lamb COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "`resnet-lamb COMMAND --help` for a command's options."]
+    lines += ["", "`resnet-lamb COMMAND --help` for a command's options; `resnet-lamb --version`."]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """``resnet-lamb X.Y.Z`` and the versions of the libraries a run's numbers depend on (read from
+    the installed packages' metadata: nothing heavy is imported)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from resnet_lamb import __version__
+
+    libs = []
+    for name in ("torch", "torchvision", "lightning", "nvidia-dali-cuda130", "wandb"):
+        try:
+            libs.append(f"{name.split('-cuda')[0]} {installed(name)}")
+        except PackageNotFoundError:
+            pass
+    return f"resnet-lamb {__version__}" + (f" ({', '.join(libs)})" if libs else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version())
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"resnet-lamb: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)

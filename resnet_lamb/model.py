@@ -186,6 +186,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class LambModule(pl.LightningModule):
     """ResNet + loss + metrics + the recipe's optimizer and schedule (init args: CONTRACTS.md)."""
 
+    # training micro-batches of padding only may come empty (ImageDataModule.on_before_batch_transfer)
+    skip_padding = True
+
     def __init__(
         self,
         arch: str = "resnet50",
@@ -202,6 +205,23 @@ class LambModule(pl.LightningModule):
         nonfinite: str = "stop",
         bn_batch: Optional[int] = None,
     ) -> None:
+        """
+        Args:
+            arch: a torchvision ResNet (resnet18/34/50/101/152, wide_resnet*, resnext*) or mlp.
+            num_classes: classes of the last layer (the data's class count).
+            small_input: 3x3 stride-1 stem and no max-pool, for 28-64 px proxies.
+            label_smoothing: cross-entropy label smoothing in [0, 1).
+            zero_init_residual: zero each residual block's last BatchNorm gamma (Goyal et al.).
+            grad_clip_norm: clip the global gradient norm to this before each step; null = off.
+            trust_ratio_every: log optim/trust_ratio/<param> every N optimizer steps; 0 = off.
+            optimizer: name, base_lr at base_batch, scaling rule, weight decay, param_rule, kwargs
+                (`--model.optimizer.help` lists them).
+            schedule: poly | goyal | constant, warmup epochs at base_batch and its scaling
+                (`--model.schedule.help` lists them).
+            input_size: image size the mlp flattens (the CLI copies data.image_size).
+            mlp_hidden: hidden layer widths of the mlp.
+            nonfinite: at a NaN/Inf loss or gradient, stop the run or skip the step.
+        """
         super().__init__()
         if nonfinite not in NONFINITE:
             raise RecipeError(f"model.nonfinite: expected one of {', '.join(NONFINITE)}, got {nonfinite!r}; "
@@ -247,6 +267,9 @@ class LambModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.configure_model()
+        size = self.hparams.get("input_size")
+        if isinstance(size, int) and size > 0:  # the model summary's FLOPs and sizes, per image
+            self.example_input_array = self.trainer.precision_plugin.convert_input(torch.zeros(1, 3, size, size))
         dm = getattr(self.trainer, "datamodule", None)
         dm_classes = getattr(dm, "num_classes", None)
         if isinstance(dm_classes, int) and dm_classes > self.num_classes:
@@ -266,6 +289,11 @@ class LambModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- train
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        if images.shape[0] == 0:
+            # a micro-batch of padding only, emptied by the data module (skip_padding): no forward; a
+            # zero loss that reaches every parameter, so that backward (and under DDP its gradient
+            # all-reduce, the same on every rank) runs as for any micro-batch, adding exact zeros
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         labels = labels.reshape(-1).long()
         logits = self(images)
         loss_sum = self._loss_sum(logits, labels)

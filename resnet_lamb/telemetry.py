@@ -9,9 +9,13 @@
 * :class:`RunStatus` writes ``<run folder>/failed.txt`` (one line: the error) when a fit dies of
   an exception, and removes it when a fit of that folder finishes, so ``report`` can tell a
   failed run (a diverged optimizer, say) from one still in progress.
-* :func:`progress_bar`: Lightning's ``RichProgressBar`` on a terminal; on a pipe or CI log a
-  :class:`LineProgress` that prints one plain line every N optimizer steps (rich draws nothing
-  useful into a non-terminal until each bar finishes).
+* :class:`FirstStepRow` sends the first optimizer step's ``train/*`` values of each fit to the
+  loggers and flushes them, whatever ``log_every_n_steps``: a 3-step run still leaves
+  ``csv/metrics.csv``, a short epoch a train row (the CLI flushes the CSV at every logged row).
+* :func:`progress_bar`: Lightning's ``RichProgressBar`` on a terminal (it advances per
+  micro-batch, with rate and ETA); on a pipe or CI log a :class:`LineProgress` that prints one
+  plain line every N optimizer steps and, inside a long accumulated step, a line at least every
+  ``every_s`` seconds (rich draws nothing useful into a non-terminal until each bar finishes).
 """
 from __future__ import annotations
 
@@ -118,16 +122,56 @@ class RunStatus(Callback):
         self.path.unlink(missing_ok=True)
 
 
-class LineProgress(ProgressBar):
-    """Plain progress lines for logs that are not a terminal: step, loss, lr, images/s, ETA."""
+class FirstStepRow(Callback):
+    """The first optimizer step's logged ``train/*`` values, sent to every logger and flushed."""
 
-    def __init__(self, every: int = 10) -> None:
+    def __init__(self) -> None:
+        self._start = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._start is None or trainer.global_step == self._start:  # not started, or accumulating
+            return
+        self._start = None
+        every = trainer.log_every_n_steps
+        if not every or trainer.global_step % every == 0:  # logging off, or Lightning logs this step itself
+            return
+        row = {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("train/")}
+        if not row:
+            return
+        row["epoch"] = trainer.current_epoch
+        for logger in trainer.loggers:  # the same step index Lightning's rows carry: the step just taken
+            logger.log_metrics(row, step=trainer.global_step - 1)
+            logger.save()
+
+
+class LineProgress(ProgressBar):
+    """Plain progress lines for logs that are not a terminal (rank 0 only).
+
+    * Every ``every`` optimizer steps, the last one and any step ending ``every_s`` seconds after
+      the previous line: ``epoch E  step S [D/T]  loss ..  lr ..  img/s  eta``; S is the index of
+      the step just taken and lr the LR it used, as in the CSV's ``step`` and ``train/lr``
+      columns; D/T steps done of the run's.
+    * Inside an accumulated step, whenever ``every_s`` seconds passed since the last line:
+      ``epoch E  step S [D/T]  micro-batch A/N  img/s  eta``, S the step in progress, A of its N
+      micro-batches done.
+    img/s: images of all ranks (padding included) since the previous line; eta: from the
+    micro-batch rate of this fit. Counted on the host from batch shapes: no device sync per
+    micro-batch (a step line reads the logged loss, one sync per line).
+    """
+
+    def __init__(self, every: int = 10, every_s: float = 30.0) -> None:
         super().__init__()
         self.every = max(int(every), 1)
+        self.every_s = float(every_s)
         self._enabled = True
-        self._t0 = None
-        self._step0 = 0
-        self._last_step = -1
+        self._t0 = 0.0
+        self._step0 = 0  # optimizer steps done when this fit started (a resumed run)
+        self._micro = 0  # micro-batches done in this fit
+        self._last_print = 0.0
+        self._images = 0  # images since the last line
 
     def disable(self) -> None:
         self._enabled = False
@@ -138,42 +182,54 @@ class LineProgress(ProgressBar):
     def _print(self, msg: str) -> None:
         if self._enabled and self.trainer.is_global_zero:
             print(msg, flush=True)
+            self._last_print, self._images = time.perf_counter(), 0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = self._last_print = time.perf_counter()
         self._step0 = trainer.global_step
+        self._micro = self._images = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
+        if not (self._enabled and trainer.is_global_zero):
             return
-        self._last_step = step
-        if step == 0:
-            return
+        self._micro += 1
+        self._images += _batch_rows(batch) * _world(trainer)
+        accum = max(int(trainer.accumulate_grad_batches), 1)
+        in_step = (batch_idx + 1) % accum  # micro-batches of the current step done; 0: a step just ended
+        now = time.perf_counter()
+        due = now - self._last_print >= self.every_s
+        step = trainer.global_step  # optimizer steps done
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        if step % self.every and step != total:
+        done = f"[{step}/{total}]" if total else f"[{step}]"
+        if in_step:
+            if due:
+                self._print("  ".join([f"epoch {trainer.current_epoch}", f"step {step} {done}",
+                                       f"micro-batch {in_step}/{accum}", *self._rate_eta(now, total, accum)]))
             return
-        m = self.get_metrics(trainer, pl_module)
-        parts = [f"epoch {trainer.current_epoch}", f"step {step}" + (f"/{total}" if total else "")]
-        for key, fmt in (("train/loss", "loss {:.4f}"), ("train/img_per_s", "{:.1f} img/s")):
-            if key in m:
-                parts.append(fmt.format(float(m[key])))
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
-        if lr is not None:
-            parts.append(f"lr {lr:.5g}")
-        done = step - self._step0
-        if total and done > 0 and self._t0 is not None:
-            eta = (time.perf_counter() - self._t0) / done * (total - step)
-            parts.append(f"eta {_fmt_time(eta)}")
-        self._print("  ".join(parts))
+        if step % self.every and step != total and not due:
+            return
+        parts = [f"epoch {trainer.current_epoch}", f"step {step - 1} {done}"]
+        metrics = trainer.callback_metrics
+        if "train/loss" in metrics:
+            parts.append(f"loss {float(metrics['train/loss']):.4f}")
+        if "train/lr" in metrics:  # the LR this step used (the CSV's train/lr)
+            parts.append(f"lr {float(metrics['train/lr']):.5g}")
+        self._print("  ".join(parts + self._rate_eta(now, total, accum)))
+
+    def _rate_eta(self, now: float, total, accum: int) -> list[str]:
+        out = [f"{self._images / (now - self._last_print):.1f} img/s"] if now > self._last_print else []
+        if total and self._micro and now > self._t0:  # micro-batches left of the run, at this fit's rate
+            left = total * accum - (self._step0 * accum + self._micro)
+            out.append(f"eta {_fmt_time((now - self._t0) / self._micro * max(left, 0))}")
+        return out
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         m = trainer.callback_metrics
         vals = [f"{k} {float(m[k]):.4f}" for k in ("val/top1", "val/top5", "val/loss") if k in m]
-        if vals:
-            self._print(f"epoch {trainer.current_epoch}  step {trainer.global_step}  " + "  ".join(vals))
+        if vals:  # after the epoch's last step: its index, as the CSV's val row
+            self._print(f"epoch {trainer.current_epoch}  step {trainer.global_step - 1}  " + "  ".join(vals))
 
 
 def _fmt_time(seconds: float) -> str:
@@ -183,8 +239,8 @@ def _fmt_time(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def progress_bar(every: int = 10) -> ProgressBar:
+def progress_bar(every: int = 10, every_s: float = 30.0) -> ProgressBar:
     """Rich bar (with the logged images/s, loss and ETA) on a terminal, plain lines otherwise."""
     if sys.stdout.isatty() and sys.stderr.isatty():
         return RichProgressBar(leave=True)
-    return LineProgress(every)
+    return LineProgress(every, every_s)

@@ -30,6 +30,7 @@ What happens, in order:
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -102,10 +103,22 @@ def _one_line(message: str) -> str:
 
 
 def _parser_class():
+    from jsonargparse import DefaultHelpFormatter
     from lightning.pytorch.cli import LightningArgumentParser
+
+    class ShortHelpFormatter(DefaultHelpFormatter):
+        """``--help`` without the options of :data:`_UNLISTED_OPTIONS` (they are still accepted)."""
+
+        def add_argument(self, action) -> None:
+            if not _unlisted(action):
+                super().add_argument(action)
 
     class OneLineParser(LightningArgumentParser):
         """Reports any parse error as one line and exit status 2 (the CLI's contract)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs.setdefault("formatter_class", ShortHelpFormatter)
+            super().__init__(*args, **kwargs)
 
         def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
             if os.environ.get("RESNET_LAMB_DEBUG_PARSER"):
@@ -288,6 +301,74 @@ def _configured_world_size(trainer_cfg: Any) -> int:
     return max(n, 1) * int(nodes)
 
 
+# ``--print_config[=flags]``: taken off the command line and answered after the plan has filled in the
+# derived trainer numbers (jsonargparse's own prints the config as parsed: accumulate_grad_batches 1)
+_PRINT_CONFIG: dict[str, Optional[str]] = {"flags": None}
+# schedule keys the named schedule does not read (resnet_lamb.optim.schedules); --print_config leaves them out
+_UNUSED_SCHEDULE_KEYS = {"poly": ("milestones", "gamma"), "goyal": ("power",),
+                         "constant": ("power", "milestones", "gamma")}
+
+
+def _take_print_config(args: list[str]) -> list[str]:
+    """``args`` without ``--print_config[=flags]``, the flags ("" when none) kept in _PRINT_CONFIG."""
+    _PRINT_CONFIG["flags"] = None
+    out = []
+    for a in args:
+        if a == "--print_config" or a.startswith("--print_config="):
+            _PRINT_CONFIG["flags"] = a.partition("=")[2]
+        else:
+            out.append(a)
+    return out
+
+
+def _print_config(parser: Any, cfg: Any, flags: str) -> None:
+    """The resolved config as the run will use it: the plan's max_steps and accumulation, the chosen
+    precision, and only the schedule keys its schedule reads."""
+    flags_ = flags.split(",")
+    text = parser.dump(cfg, skip_unset="skip_unset" in flags_, skip_default="skip_default" in flags_,
+                       skip_validation=True)
+    data = yaml.safe_load(text) or {}
+    schedule = (data.get("model") or {}).get("schedule")
+    if isinstance(schedule, dict):
+        for key in _UNUSED_SCHEDULE_KEYS.get(schedule.get("name"), ()):
+            schedule.pop(key, None)
+    print(yaml.safe_dump(data, sort_keys=False), end="", flush=True)
+
+
+# Trainer options `fit --help` does not list (they stay accepted): set by this CLI (the plan's
+# accumulation, the run folder, its loggers), or for features this harness does not use (test and
+# predict loops, debugging shortcuts, Lightning's model registry)
+_UNLISTED_OPTIONS = (
+    "trainer.accumulate_grad_batches", "trainer.default_root_dir", "trainer.logger", "trainer.fast_dev_run",
+    "trainer.limit_test_batches", "trainer.limit_predict_batches", "trainer.overfit_batches",
+    "trainer.inference_mode", "trainer.use_distributed_sampler", "trainer.barebones", "trainer.model_registry",
+    "trainer.enable_autolog_hparams", "trainer.reload_dataloaders_every_n_epochs", "trainer.min_epochs",
+    "trainer.min_steps", "trainer.detect_anomaly", "weights_only",
+)
+_SHORT_HELP = {
+    "ckpt_path": "fit: resume from `last` (the run folder's checkpoints/last.ckpt) or a checkpoint's path; "
+                 "validate: the checkpoint to validate",
+    "trainer.callbacks": "more Lightning callbacks (class_path, init_args); the CLI adds its progress, "
+                         "throughput, trust-ratio, first-row and checkpoint callbacks itself",
+    "trainer.plugins": "Lightning plugins (class_path, init_args); the CLI adds its atomic checkpoint writer",
+}
+
+
+def _unlisted(action: Any) -> bool:
+    names = [opt.lstrip("-") for opt in action.option_strings]
+    return any(n == o or n.startswith(o + ".") for n in names for o in _UNLISTED_OPTIONS)
+
+
+def _shrink_help(parser: Any) -> None:
+    """Shorter texts for Lightning's page-long ``ckpt_path``, ``callbacks`` and ``plugins`` help
+    (the options of :data:`_UNLISTED_OPTIONS` are left out by the parser's help formatter; hiding
+    them with argparse's SUPPRESS would also drop them from the saved config.yaml)."""
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if opt.lstrip("-") in _SHORT_HELP:
+                action.help = _SHORT_HELP[opt.lstrip("-")]
+
+
 def _to_dict(ns: Any) -> Any:
     if hasattr(ns, "as_dict"):
         return ns.as_dict()
@@ -348,13 +429,16 @@ def wandb_mode() -> str:
         return mode
     sync = "(sync later with `wandb sync runs/<name>/wandb/offline-run-*`)"
     url = _wandb_url()
+    say = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank decides, rank 0 says it once
     if not _wandb_key_configured(url):
         os.environ["WANDB_MODE"] = "offline"
-        print(f"resnet-lamb: no W&B API key configured; logging to W&B offline {sync}", file=sys.stderr)
+        if say:
+            print(f"resnet-lamb: no W&B API key configured; logging to W&B offline {sync}", file=sys.stderr)
         return "offline"
     if not _wandb_reachable(url):
         os.environ["WANDB_MODE"] = "offline"
-        print(f"resnet-lamb: W&B server {url} unreachable; logging to W&B offline {sync}", file=sys.stderr)
+        if say:
+            print(f"resnet-lamb: W&B server {url} unreachable; logging to W&B offline {sync}", file=sys.stderr)
         return "offline"
     return "online"
 
@@ -366,7 +450,7 @@ def _cli_class():
 
     from resnet_lamb.data import ImageDataModule
     from resnet_lamb.model import LambModule
-    from resnet_lamb.telemetry import RunStatus, Throughput, TrustRatios, progress_bar
+    from resnet_lamb.telemetry import FirstStepRow, RunStatus, Throughput, TrustRatios, progress_bar
 
     class SaveConfig(SaveConfigCallback):
         """Writes the resolved config to ``<run dir>/config.yaml`` (not the first logger's dir)."""
@@ -407,6 +491,13 @@ def _cli_class():
                 return
             cfg[key] = seed_everything(None if seed is True else seed, workers=True, verbose=False)
 
+        def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            _shrink_help(parser)
+            parser.usage = (f"resnet-lamb {subcommand} --config RECIPE [--config OVERRIDE.yaml] "
+                            "[--section.key value ...]")  # argparse's lists all ~80 options
+            return parser
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--expected", type=Optional[dict], default=None,
                                 help="the paper's numbers for this recipe (read by `report`)")
@@ -414,13 +505,16 @@ def _cli_class():
                                 help="where each recipe setting comes from (dotted key -> text; shown by `plan`)")
             parser.add_argument("--run.name", type=Optional[str], default=None,
                                 help="run folder name under run.root (default: the recipe's file stem)")
-            parser.add_argument("--run.project", type=str, default=RUN_DEFAULTS["project"], help="W&B project")
-            parser.add_argument("--run.tags", type=list[str], default=[], help="W&B tags")
+            parser.add_argument("--run.project", type=str, default=RUN_DEFAULTS["project"], help="the W&B project the run logs to")
+            parser.add_argument("--run.tags", type=list[str], default=[], help="tags of the W&B run")
             parser.add_argument("--run.root", type=str, default=RUN_DEFAULTS["root"], help="folder of run folders")
             parser.add_argument("--run.wandb", type=bool, default=True, help="log to W&B as well as CSV")
             parser.add_argument("--run.force_resume", type=bool, default=False,
                                 help="resume --ckpt_path with another optimizer, schedule, global batch or "
                                      "epoch count than the checkpoint's (refused otherwise)")
+            parser.add_argument("--run.progress_seconds", type=float, default=30.0,
+                                help="when the output is not a terminal, a progress line at least this often, "
+                                     "inside a long accumulated step too (micro-batches done, img/s, ETA)")
 
         # -- before anything is built: validate, plan, trainer numbers
         def before_instantiate_classes(self) -> None:
@@ -460,6 +554,8 @@ def _cli_class():
                       "steps (the schedule still follows the plan)", file=sys.stderr)
             else:
                 cfg.trainer.max_steps = steps
+            if sub == "fit" and int(os.environ.get("RANK", "0")) == 0:
+                _warn_small_data(plan)
             cfg.trainer.accumulate_grad_batches = int(plan.accumulation)
             if cfg.data.get("num_classes") is None:
                 # one class count for both (Lightning refuses differing hparams of the same name);
@@ -476,6 +572,9 @@ def _cli_class():
                 cfg.data.channels_last = True
             if cfg.run.name is None:
                 cfg.run.name = Path(path).stem if _RECIPE["path"] else "run"
+            if _PRINT_CONFIG["flags"] is not None:  # what the run uses, before any folder is made
+                _print_config(self._parser(sub), cfg, _PRINT_CONFIG["flags"])
+                sys.exit(0)
             self.run_dir = Path(cfg.run.root) / cfg.run.name
             rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; the trainer does not exist yet
             if rank0:
@@ -492,7 +591,7 @@ def _cli_class():
                     raise RecipeError(
                         f"run.name: {self.run_dir} already holds checkpoints; resume it with --ckpt_path last, "
                         f"start a new run with --run.name NEW, or delete the folder")
-            if rank0:
+            if rank0 and not os.environ.get("RESNET_LAMB_PLAN_SHOWN"):  # launch/torchrun.sh printed it already
                 print(_format_plan(plan), flush=True)
                 if sub == "fit":  # the run's own record of its numbers and their sources
                     import json
@@ -517,9 +616,11 @@ def _cli_class():
             callbacks = config.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             if config.get("enable_progress_bar", True) is not False:
-                callbacks.append(progress_bar(every=max(int(config.get("log_every_n_steps") or 50), 1)))
+                callbacks.append(progress_bar(every=max(int(config.get("log_every_n_steps") or 50), 1),
+                                              every_s=float(cfg.run.get("progress_seconds", 30.0))))
             if self.subcommand == "fit":
-                callbacks += [Throughput(), TrustRatios(self.model.trust_ratio_every), RunStatus(str(self.run_dir))]
+                callbacks += [Throughput(), TrustRatios(self.model.trust_ratio_every), RunStatus(str(self.run_dir)),
+                              FirstStepRow()]
                 if config.get("enable_checkpointing", True) is not False:
                     callbacks.append(_checkpoint_class()(
                         dirpath=str(self.run_dir / "checkpoints"), monitor="val/top1", mode="max",
@@ -532,7 +633,10 @@ def _cli_class():
 
         def _loggers(self, cfg) -> list:
             csv_name = "csv" if self.subcommand == "fit" else f"csv_{self.subcommand}"
-            loggers = [_csv_logger_class()(save_dir=str(self.run_dir), name=csv_name, version="")]
+            # every logged row written at once (Lightning's default: every 100 rows), so a short or
+            # killed run keeps what it logged
+            loggers = [_csv_logger_class()(save_dir=str(self.run_dir), name=csv_name, version="",
+                                           flush_logs_every_n_steps=1)]
             if cfg.run.wandb and self.subcommand == "fit":
                 loggers.append(_wandb_logger(self.run_dir, cfg, resume=bool(cfg.get("ckpt_path"))))
             return loggers
@@ -682,9 +786,24 @@ def _wandb_logger(run_dir: Path, cfg: Any, resume: bool):
     if int(os.environ.get("RANK", "0")) == 0:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")
-    return WandbLogger(project=cfg.run.project, name=cfg.run.name, save_dir=str(run_dir),
-                       tags=list(cfg.run.tags or []), id=run_id, resume="allow",
-                       offline=(mode == "offline"))
+    logger = WandbLogger(project=cfg.run.project, name=cfg.run.name, save_dir=str(run_dir),
+                         tags=list(cfg.run.tags or []), id=run_id, resume="allow",
+                         offline=(mode == "offline"))
+    # Lightning 2.6 always passes anonymous=None to wandb.init, which wandb 0.31 answers with "The
+    # anonymous setting has no effect and will be removed"; leaving the key out changes nothing else
+    logger._wandb_init.pop("anonymous", None)
+    return logger
+
+
+def _warn_small_data(plan: Any) -> None:
+    """One line when the global batch is larger than the data set: most of each step is padding."""
+    n, batch = int(plan.train_images), int(plan.global_batch)
+    if n >= batch:
+        return
+    computed = min(n, plan.accumulation * plan.world_size) * plan.micro_batch  # slots holding a real image
+    print(f"resnet-lamb: warning: data.global_batch {batch} is larger than the {n} training images: each step "
+          f"pads them with {batch - n} repeats labelled -1 (no gradient) and computes {computed} of the {batch} "
+          "(micro-batches of padding only are skipped); a smaller data.micro_batch computes fewer", file=sys.stderr)
 
 
 def _format_plan(plan: Any) -> str:
@@ -699,11 +818,53 @@ def _format_plan(plan: Any) -> str:
             f"{plan.bn_images} images")
 
 
+def _quiet_libraries() -> None:
+    """Library messages that do not concern a user of this CLI, each silenced by its own text (a
+    warning filter or a logging filter on the logger that emits it, nothing blanket)."""
+    import logging
+    import warnings
+
+    for message in (
+        # torch 2.14 deprecates LeafSpec, which Lightning 2.6's own _pytree still uses
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        # a resumed run writes into its own checkpoints/ (a fresh fit into a non-empty one is refused)
+        r"Checkpoint directory .* exists and is not empty",
+        # val/top1, val/top5, val/loss come from torchmetrics objects, already synced across ranks
+        r"It is recommended to use `self\.log\('val/(top1|top5|loss)', \.\.\., sync_dist=True\)`",
+        # counts micro-batches against a step interval; the first step is always logged (FirstStepRow)
+        r"The number of training batches \(\d+\) is smaller than the logging interval",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+    for name, prefix in (
+        # Lightning's advertisements for its cloud loggers and model registry
+        ("lightning.pytorch.utilities.rank_zero", "💡 Tip:"),
+        # torch found a CUDA toolkit (nvcc) on a machine without a GPU (said when torch.compile loads)
+        ("torch.utils.cpp_extension", "No CUDA runtime is found"),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropPrefix(prefix))
+
+
+class _DropPrefix(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry of the dispatcher: ``main(["fit", *args])`` / ``main(["validate", *args])``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("fit", "validate"):
         raise UserError("usage: resnet-lamb fit|validate --config RECIPE [--key value ...]")
+    _quiet_libraries()
+    argv = [argv[0], *_take_print_config(argv[1:])]
     _ARGV[:] = argv
     _RECIPE.update(path=None, stated=[])
     with tempfile.TemporaryDirectory(prefix="resnet-lamb-") as tmp:

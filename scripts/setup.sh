@@ -17,6 +17,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: apt-get install dataset-fashion-mnist (Debian's Fashion-MNIST, the demo's data; output hidden)" >&2
     (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
         || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) \
         || echo "setup: Debian's dataset-fashion-mnist could not be installed; the demo falls back to scikit-learn digits" >&2

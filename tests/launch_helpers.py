@@ -13,6 +13,11 @@ starts, so a test can SIGKILL one worker, and can sleep after each batch to wide
 ``fixed_crops``: train on the deterministic validation transform (resize + centre crop) instead of
 the random crops, so that the same image is the same tensor whichever process reads it (the
 equivalence test needs identical micro-batches in every split).
+
+``grads``: for the first optimizer step, rank 0 writes ``<out>/grads.pt``: ``reduced``, each
+parameter's gradient as the optimizer sees it (accumulated over the rank's micro-batches and
+all-reduced), and ``abs_sum``, the sum over the rank's micro-batches of the absolute value of each
+micro-batch's contribution (a tensor hook sees it before it is added to ``.grad``).
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ import lightning.pytorch as pl
 
 
 class Recorder(pl.Callback):
-    def __init__(self, out: str, fixed_crops: bool = False, sleep: float = 0.0):
-        self.out, self.fixed_crops, self.sleep = Path(out), fixed_crops, sleep
+    def __init__(self, out: str, fixed_crops: bool = False, sleep: float = 0.0, grads: bool = False):
+        self.out, self.fixed_crops, self.sleep, self.grads = Path(out), fixed_crops, sleep, grads
         self.record: dict = {"train": {}, "val": {}}
+        self.abs_sum: dict = {}
 
     def _loader(self, trainer, split):
         dm = trainer.datamodule
@@ -44,6 +50,21 @@ class Recorder(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         (self.out / f"pid-rank{trainer.global_rank}-attempt{attempt}").write_text(str(os.getpid()))
+        if self.grads and trainer.global_step == 0:
+            for name, p in pl_module.named_parameters():
+                p.register_hook(lambda g, name=name: self._contribution(trainer, name, g))
+
+    def _contribution(self, trainer, name, grad):
+        if trainer.global_step == 0:
+            self.abs_sum[name] = self.abs_sum.get(name, 0) + grad.detach().abs()
+        return grad
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads and trainer.global_step == 0 and trainer.global_rank == 0:
+            import torch
+
+            reduced = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
+            torch.save({"reduced": reduced, "abs_sum": self.abs_sum}, self.out / "grads.pt")
 
     def _shard(self, trainer, split, epoch):
         from resnet_lamb.data.sampling import epoch_plan

@@ -92,3 +92,58 @@ def test_wandb_offline_csv_and_config_layout(fit, monkeypatch):
         assert key in keys
     assert "optimizer" in (run / "config.yaml").read_text()
     assert math.isfinite(float([r for r in read_csv(run) if r.get("val/top1")][-1]["val/top1"]))
+
+
+def test_progress_within_one_long_accumulated_step(fit, capsys):
+    """Accumulation 16 (global batch 32, micro batch 2) with a progress line due at every micro-batch
+    (--run.progress_seconds 0): the micro-batches of the first step show before the step ends, with
+    img/s and ETA; the step's line names the step and LR as the CSV's row does (index 0, its LR)."""
+    recipe = tiny_recipe(None, **{"trainer.max_epochs": 1, "trainer.log_every_n_steps": 50,
+                                  "data.micro_batch": 2, "model.trust_ratio_every": 0})
+    run = fit(recipe, "--run.progress_seconds", "0", name="progress")
+    out = capsys.readouterr().out.splitlines()
+    first_step = next(i for i, ln in enumerate(out) if "step 0 [1/3]" in ln)
+    within = [ln for ln in out[:first_step] if "micro-batch" in ln]
+    assert [ln.split("micro-batch ")[1].split()[0] for ln in within] == [f"{a}/16" for a in range(1, 16)], within
+    assert all("step 0 [0/3]" in ln and " img/s" in ln and " eta " in ln for ln in within), within
+    rows = read_csv(run)
+    train = {int(r["step"]): r for r in rows if r.get("train/loss")}
+    assert 0 in train, "a train row from the first optimizer step on (log_every_n_steps 50)"
+    console_lr = float(out[first_step].split(" lr ")[1].split()[0])
+    assert console_lr == pytest.approx(float(train[0]["train/lr"]), rel=1e-4, abs=1e-12)
+    assert any(r.get("val/top1") for r in rows)
+
+
+def test_short_run_leaves_a_csv_row(fit):
+    """3 optimizer steps of a 5-step epoch (no validation), log_every_n_steps 50: the CSV exists and
+    holds the first step's row."""
+    recipe = tiny_recipe(None, **{"trainer.max_epochs": 1, "trainer.log_every_n_steps": 50,
+                                  "data.train_images": 160, "model.trust_ratio_every": 0})
+    run = fit(recipe, "--trainer.max_steps", "3", name="short")
+    rows = read_csv(run)
+    assert [int(r["step"]) for r in rows if r.get("train/loss")][:1] == [0]
+    assert not any(r.get("val/top1") for r in rows), "stopped before the epoch's validation"
+    assert float([r for r in rows if r.get("train/lr")][0]["train/lr"]) == 0.0  # warmup starts at 0
+
+
+def test_progress_lines_are_time_based(monkeypatch, capsys):
+    """LineProgress alone with a fake clock: one micro-batch per second, every_s 30, 128 micro-batches
+    per step: a line at micro-batches 30, 60, 90 and 120, none in between, no step line before the
+    step ends."""
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(telemetry.time, "perf_counter", lambda: clock[0])
+    trainer = SimpleNamespace(is_global_zero=True, accumulate_grad_batches=128, global_step=0, max_steps=10,
+                              current_epoch=0, world_size=2, callback_metrics={})
+    bar = telemetry.LineProgress(every=50, every_s=30)
+    bar._trainer = trainer
+    bar.on_train_start(trainer, None)
+    batch = (torch.zeros(8, 3, 4, 4), torch.zeros(8))
+    for i in range(127):
+        clock[0] += 1.0
+        bar.on_train_batch_end(trainer, None, None, batch, i)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("micro-batch ")[1].split()[0] for ln in lines] == ["30/128", "60/128", "90/128", "120/128"]
+    assert "16.0 img/s" in lines[0]  # 8 images x 2 ranks per second
+    assert "eta 20:50" in lines[0]  # 10 steps x 128 - 30 micro-batches left at 1 s each

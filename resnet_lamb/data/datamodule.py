@@ -48,6 +48,8 @@ def check_counts(folder, given: dict, root) -> None:
 
 
 class ImageDataModule(L.LightningDataModule):
+    """Train and validation images of one data set, sharded over ranks, in global batches."""
+
     def __init__(
         self,
         backend: str = "auto",
@@ -77,8 +79,10 @@ class ImageDataModule(L.LightningDataModule):
             workers: DALI CPU threads / DataLoader worker processes, per rank.
             channels_last: NHWC memory for images (shape stays NCHW).
             dtype: float32 | bfloat16 | float16 for images.
-            train_images, val_images, num_classes: counted from root when None; when given they must
-                match the folder (synthetic: ImageNet's sizes when None).
+            train_images: training images; counted from root when null, else must match it
+                (synthetic: ImageNet's count when null).
+            val_images: validation images; counted from root when null, else must match it.
+            num_classes: classes; counted from root when null, else must match it.
             seed: seeds the per-epoch permutation (seed, epoch) and the augmentations.
             prefetch: batches prefetched (DALI prefetch_queue_depth; DataLoader prefetch_factor).
             py_workers: DALI parallel external_source processes reading files; None = 0 without a
@@ -263,6 +267,24 @@ class ImageDataModule(L.LightningDataModule):
     def _on_skip(self, path: str):
         if path not in self.skipped:
             self.skipped.append(path)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """A training micro-batch of padding only (label -1 everywhere: most of the last step when
+        the data set is smaller than the global batch) adds exactly zero gradient: it goes on empty
+        when the module takes that (``skip_padding``), told apart from labels still on the host (no
+        device sync) and never with SyncBatchNorm (its forward is a collective every rank joins)."""
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None)
+        if not (trainer is not None and trainer.training and getattr(module, "skip_padding", False)
+                and isinstance(batch, (list, tuple)) and len(batch) == 2):  # (the model summary's input)
+            return batch
+        from torch.nn import SyncBatchNorm
+
+        images, labels = batch
+        if (labels.device.type != "cpu" or not labels.numel() or bool((labels >= 0).any())
+                or any(isinstance(m, SyncBatchNorm) for m in module.modules())):
+            return batch
+        return images[:0], labels[:0]
 
     def train_dataloader(self):
         self.validate()

