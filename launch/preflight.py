@@ -33,7 +33,8 @@ def fail(msg: str) -> "NoReturn":  # noqa: F821
 
 
 def parse_overrides(args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """``(extra --config files, {dotted key: raw value})`` from the CLI overrides, last one wins."""
+    """``(extra --config files, {dotted key: raw value})`` from the CLI overrides, last one wins (the
+    device flags; the recipe takes them all through :func:`resnet_lamb.recipe.apply_overrides`)."""
     configs, flags, i = [], {}, 0
     while i < len(args):
         a = args[i]
@@ -54,25 +55,6 @@ def parse_overrides(args: list[str]) -> tuple[list[str], dict[str, str]]:
         else:
             flags[key] = value
     return configs, flags
-
-
-def apply_overrides(cfg: dict, configs: list[str], flags: dict[str, str]) -> dict:
-    from resnet_lamb.recipe import deep_merge, load_recipe, parse_value
-
-    for path in configs:
-        cfg = deep_merge(cfg, load_recipe(path))  # RecipeError naming the file: missing, bad YAML
-    for key, raw in flags.items():
-        parts = key.split(".")
-        if parts[0] not in ("trainer", "model", "data", "seed_everything") or key.endswith("+"):
-            continue  # run.*, ckpt_path, callbacks+=...: nothing the plan reads
-        value = parse_value(raw)
-        node = cfg
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                node[p] = {}
-            node = node[p]
-        node[parts[-1]] = value
-    return cfg
 
 
 def _as_int(value, flag: str) -> int | None:
@@ -149,18 +131,20 @@ def main(argv: list[str]) -> int:
     nproc, nnodes, gpus = int(env.get("NPROC", "1")), int(env.get("NNODES", "1")), int(env.get("GPUS", "0"))
     if nproc < 1 or nnodes < 1:
         fail(f"NPROC={nproc} NNODES={nnodes}: both must be positive integers")
-    from resnet_lamb.errors import UserError
-    from resnet_lamb.recipe import format_plan, load_recipe, plan_recipe, validate_recipe
+    from resnet_lamb.errors import RecipeError, UserError
+    from resnet_lamb.recipe import apply_overrides, blame, format_plan, load_recipe, plan_recipe, recipe_part, \
+        validate_recipe
 
-    configs, flags = parse_overrides(rest)
+    _, flags = parse_overrides(rest)
     check_devices(flags, nproc, nnodes, gpus)
-    world = nproc * nnodes
+    world, origins = nproc * nnodes, {}
     try:
-        cfg = apply_overrides(load_recipe(recipe_path), configs, flags)
-        recipe = validate_recipe(cfg, recipe_path)
+        cfg, origins = apply_overrides(load_recipe(recipe_path), rest)
+        recipe = validate_recipe(recipe_part(cfg), recipe_path)
         plan = plan_recipe(recipe, world_size=world)
     except UserError as err:
-        print(f"resnet-lamb: error: {err}", file=sys.stderr, flush=True)
+        msg = blame(str(err), recipe_path, origins) if isinstance(err, RecipeError) else str(err)
+        print(f"resnet-lamb: error: {msg}", file=sys.stderr, flush=True)
         return 2
     print(f"torchrun.sh: {nnodes} node(s) x {nproc} process(es) = world size {world} "
           f"({'GPU' if gpus else 'CPU, gloo'}); micro batch {plan.micro_batch}, accumulation {plan.accumulation}, "

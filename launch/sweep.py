@@ -1,12 +1,16 @@
 """Run a grid of one recipe, one run after another, or print one command per run for a scheduler.
 
-    python launch/sweep.py RECIPE --grid model.optimizer.base_lr=0.001,0.002 [--grid KEY=V1,V2 ...]
+    python launch/sweep.py RECIPE --grid lr=0.001,0.002 [--grid KEY=V1,V2 ...]
     python launch/sweep.py RECIPE --paper-grid lr [--paper-grid wd] [--emit] [-- extra CLI overrides]
 
 `--paper-grid lr` is the LAMB paper's learning-rate grid for the adaptive solvers (Figure 4 and
-Appendix tables 9-20); `--paper-grid wd` its AdamW weight-decay grid. Each run gets its own name
-(`<recipe>-<key>=<value>...`), its own run folder under `--root`, and the W&B tags `sweep:<id>` and
-`key=value`. `--emit` prints the commands instead of running them (one line each, to feed
+Appendix tables 9-20); `--paper-grid wd` its AdamW weight-decay grid. The paper's LR grids are over
+the LR a run uses at its batch, so the key `lr` (in `--grid` too) is that LR: each point sets
+`model.optimizer.base_lr` to it with `model.optimizer.scaling none` (no scaling from base_batch),
+and the run named `lr=0.001` trains at 0.001 whatever the recipe's batch (`--grid
+model.optimizer.base_lr=...` sweeps the recipe's base LR, scaled by its rule). Each run gets its
+own name (`<recipe>-<key>=<value>...`), its own run folder under `--root`, and the W&B tags
+`sweep:<id>` and `key=value`. `--emit` prints the commands instead of running them (one line each, to feed
 `xargs`, a job array or `sbatch --wrap`); `--launcher` prefixes each command (for example
 `launch/torchrun.sh` to run every grid point on all local GPUs).
 """
@@ -22,9 +26,17 @@ from pathlib import Path
 
 
 PAPER_GRIDS = {  # key in the paper's tables -> recipe key it sweeps
-    "lr": ("lr_tuning_grid_adaptive", "model.optimizer.base_lr"),
+    "lr": ("lr_tuning_grid_adaptive", "lr"),
     "wd": ("weight_decay_grid_adamw", "model.optimizer.weight_decay"),
 }
+# grid key -> the overrides that set it: `lr` is the LR used at the run's batch, not a recipe key
+USED_LR = "lr"
+
+
+def overrides(key: str, value: str) -> list:
+    if key == USED_LR:
+        return ["--model.optimizer.base_lr", value, "--model.optimizer.scaling", "none"]
+    return [f"--{key}", value]
 
 
 def paper_grid(which: str) -> tuple[str, list[str]]:
@@ -38,7 +50,7 @@ def parse_grid(text: str) -> tuple[str, list[str]]:
     key, sep, values = text.partition("=")
     items = [v.strip() for v in values.split(",") if v.strip()]
     if not sep or not key.strip() or not items:
-        raise SystemExit(f"sweep: --grid {text!r}: expected KEY=V1,V2,... (e.g. model.optimizer.base_lr=0.001,0.002)")
+        raise SystemExit(f"sweep: --grid {text!r}: expected KEY=V1,V2,... (e.g. lr=0.001,0.002)")
     return key.strip(), items
 
 
@@ -54,7 +66,7 @@ def runs(recipe: str, grid: list[tuple[str, list[str]]], sweep_id: str, root: st
         # torchrun.sh takes the recipe as its first argument; `resnet-lamb fit` takes --config.
         cmd = [*launcher, recipe] if launcher else [sys.executable, "-m", "resnet_lamb", "fit", "--config", recipe]
         for k, v in point.items():
-            cmd += [f"--{k}", v]
+            cmd += overrides(k, v)
         tags = [f"sweep:{sweep_id}", *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())]
         cmd += ["--run.name", name, "--run.root", root, "--run.tags", "[" + ",".join(tags) + "]", *extra]
         out.append((name, cmd))
@@ -69,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = argv[:cut], argv[cut + 1:]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe")
-    p.add_argument("--grid", action="append", default=[], type=parse_grid, help="KEY=V1,V2,...")
+    p.add_argument("--grid", action="append", default=[], type=parse_grid,
+                   help="KEY=V1,V2,...: a recipe key (model.optimizer.weight_decay=...), or lr: the LR used")
     p.add_argument("--paper-grid", action="append", default=[], choices=sorted(PAPER_GRIDS))
     p.add_argument("--id", default=None, help="sweep id for names and tags (default: the recipe's stem)")
     p.add_argument("--root", default="runs", help="folder of run folders")

@@ -87,14 +87,15 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # preflight.py printed the plan above: fit's rank 0 does not print it a second time
 export RESNET_LAMB_PLAN_SHOWN=1
 # devices x num_nodes = torchrun's world size (Lightning checks it); strategy ddp (gloo on the CPU);
-# --ckpt_path last: a restart (MAX_RESTARTS) or a requeued job resumes, a first start starts fresh.
+# --ckpt_path last: a restart (MAX_RESTARTS) or a requeued job resumes; --run.fresh_if_missing true: a first
+# start (no last.ckpt yet) starts fresh (plain `fit --ckpt_path last` refuses a run folder without one).
 # The user's overrides come last and win (preflight has checked devices/num_nodes among them).
 "$py" -m torch.distributed.run \
     "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
     -m resnet_lamb fit --config "$recipe" \
     --trainer.accelerator "$accel" --trainer.strategy ddp \
     --trainer.num_nodes "$NNODES" --trainer.devices "$NPROC" \
-    --ckpt_path last "$@" &
+    --ckpt_path last --run.fresh_if_missing true "$@" &
 pid=$!
 # torchrun runs in the background so that its failure can be explained below; pass signals on
 # (a non-interactive shell's background job ignores SIGINT, so Ctrl-C becomes SIGTERM to torchrun).

@@ -1,7 +1,8 @@
 """Console script `resnet-lamb`: dispatches each subcommand to the module that owns it.
 
-Imports are lazy so that `plan` and bad input answer in well under a second and a
-subcommand's heavy imports (Lightning, DALI) are paid only by the subcommand that needs them.
+Imports are lazy so that `plan`, and `fit`'s recipe, data and run-folder errors, answer before
+torch is imported (resnet_lamb.train.check_config), and a subcommand's heavy imports (torch,
+Lightning, DALI) are paid only by the subcommand that needs them.
 """
 
 from __future__ import annotations

@@ -58,11 +58,7 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_lamb.errors import RecipeError, UserError
-from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec
-
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-         "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
-         "resnext101_64x4d", "mlp")
+from resnet_lamb.recipe import ARCHS, OptimizerSpec, ScheduleSpec, check_arch  # noqa: F401 (ARCHS: re-exported)
 
 
 class NonFiniteLossError(UserError):
@@ -108,11 +104,6 @@ def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     lacks counts as its :data:`IDENTITY_DEFAULTS` value)."""
     return sorted(k for k in set(saved) | set(now)
                   if saved.get(k, IDENTITY_DEFAULTS.get(k)) != now.get(k, IDENTITY_DEFAULTS.get(k)))
-
-
-def check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise RecipeError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
 class MLP(nn.Sequential):

@@ -4,9 +4,10 @@ A recipe states rules (``base_lr`` at ``base_batch`` with a scaling rule, warmup
 ``base_batch``, ...); :func:`derive_plan` turns them into every number a run uses, for ``plan``
 and for ``fit`` alike (docs/CONTRACTS.md, "Derived numbers").
 
-``resnet-lamb plan`` reads no data and touches no model or GPU. This module imports
-``resnet_lamb.optim`` (and so torch, while that package imports it eagerly) only where an optimizer
-name is checked or numbers are derived: YAML, key and type errors are reported without torch.
+``resnet-lamb plan`` reads no data and touches no model or GPU. This module imports no torch:
+only checking an optimizer's ``kwargs`` against its constructor (``resnet_lamb.optim.registry``)
+does, so ``plan`` and ``fit``'s start-up checks (:func:`apply_overrides`, :func:`blame`) answer
+before torch is loaded.
 """
 
 import argparse
@@ -138,6 +139,104 @@ def recipe_part(cfg: dict) -> dict:
     return part
 
 
+# ------------------------------------------------------------------- command-line overrides
+def apply_overrides(cfg: dict, args: "list[str]") -> "tuple[dict, dict[str, str]]":
+    """``cfg`` with a command line's overrides applied in order, as ``fit`` (jsonargparse) applies them:
+    each ``--config FILE`` (its ``base:`` chain resolved) over what came before, each
+    ``--section.key value`` / ``--section.key=value`` set (read by :func:`parse_value`); a later one
+    wins.  A mapping given for a section (:data:`SECTIONS`) is merged into it key by key, any other
+    value (``model.optimizer.kwargs`` included) replaces the old one.  Flags ending in ``+`` (list
+    appends) are skipped.
+
+    Also returns where each key got its value: ``{dotted key: origin}``, the origin being
+    ``"--key value"`` for a flag or the file's path for a ``--config`` file (see :func:`blame`).
+    """
+    cfg, origins, i = copy.deepcopy(cfg), {}, 0
+    while i < len(args):
+        a = args[i]
+        if a == "-c":
+            a = "--config"
+        if not a.startswith("--"):
+            i += 1
+            continue
+        if "=" in a:
+            key, raw = a[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, raw = a[2:], args[i + 1]
+            i += 2
+        else:
+            key, raw = a[2:], "true"
+            i += 1
+        if key == "config":
+            key, value, origin = "", load_recipe(raw), os.path.normpath(raw)
+        elif key and not key.endswith("+"):
+            value, origin = parse_value(raw), f"--{key} {raw}"
+        else:
+            continue
+        for done in _set_as_cli(cfg, key, value):
+            origins = {k: v for k, v in origins.items() if k != done and not k.startswith(done + ".")}
+            origins[done] = origin
+    return cfg, origins
+
+
+# the config's sections (LightningCLI groups and the specs' dataclasses): a mapping given for one of
+# them is merged into it; a mapping given for any other key replaces it
+SECTIONS = ("", "trainer", "model", "data", "model.optimizer", "model.schedule")
+
+
+def _set_as_cli(cfg: dict, key: str, value: Any) -> "list[str]":
+    """``cfg[key] = value`` for a dotted ``key`` ("" = the whole config), as jsonargparse sets it;
+    returns the keys whose values were replaced."""
+    if key in SECTIONS and isinstance(value, dict):
+        return [k for sub, item in value.items() for k in _set_as_cli(cfg, f"{key}.{sub}" if key else str(sub), item)]
+    node, parts = cfg, key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = copy.deepcopy(value)
+    return [key]
+
+
+def _origin(key: str, origins: "dict[str, str]") -> Optional[str]:
+    """Where ``key`` (or the mapping holding it) was set, None when in the recipe itself."""
+    key = re.sub(r"\[\d+\]", "", key)
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+_KEY = re.compile(r"(?<![\w./-])((?:model|data|trainer)(?:\.[A-Za-z_]\w*)+|seed_everything|ckpt_path)\b")
+
+
+def blame(message: str, path: "str | os.PathLike[str]", origins: "dict[str, str]") -> str:
+    """A :class:`RecipeError`'s ``"<recipe>: <key>: <problem>"`` naming the command-line override or
+    later ``--config`` file that set the value, not the recipe file: ``"--data.micro_batch -8:
+    expected a positive integer, got -8"``, ``"extra.yaml: data.micro_batch: ..."``.  When the key
+    the error is about comes from the recipe but another key it names was overridden (a global batch
+    that the micro batch does not divide), the override is named beside the recipe:
+    ``"recipe.yaml with --data.micro_batch 7: data.global_batch: ..."``."""
+    shown = os.path.normpath(str(path))
+    rest = message[len(shown) + 2:] if message.startswith(shown + ": ") else message
+    lead, sep, problem = rest.partition(": ")
+    lead_origin = _origin(lead, origins) if sep and _KEY.fullmatch(re.sub(r"\[\d+\]", "", lead)) else None
+    if lead_origin is not None:
+        if lead_origin.startswith("--") and lead_origin.split(" ", 1)[0] == f"--{lead}":
+            return f"{lead_origin}: {problem}"
+        return f"{lead_origin}: {rest}"
+    others = []
+    for key in _KEY.findall(rest):
+        where = _origin(key, origins)
+        if where is not None and where not in others:
+            others.append(where)
+    if others:
+        return f"{shown} with {', '.join(others)}: {rest}"
+    return message
+
+
 def to_lightning_config(cfg: dict) -> dict:
     """The part of a loaded recipe LightningCLI parses: everything but ``base`` and ``expected``."""
     return {k: copy.deepcopy(v) for k, v in cfg.items() if k not in RECIPE_ONLY_KEYS}
@@ -182,6 +281,18 @@ def _unknown_keys(mapping: dict, allowed: "tuple[str, ...]", prefix: str, what: 
             raise RecipeError(f"{prefix}{key}: unknown {what}{did}; allowed: {', '.join(allowed)}")
 
 
+# ------------------------------------------------------------------------------ the model
+# model.arch: the torchvision ResNet constructors resnet_lamb.model builds, and its MLP
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+         "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
+         "resnext101_64x4d", "mlp")
+
+
+def check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise RecipeError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
 # ------------------------------------------------------------------------------ the specs
 # The allowed names, one definition each: the Literal types of the spec fields below
 # (resnet_lamb.optim.schedules implements exactly these; tests/test_recipe.py checks they agree).
@@ -190,6 +301,10 @@ PARAM_RULE = Literal["author", "timm", "none"]
 SCHEDULE = Literal["poly", "poly_after_warmup", "goyal", "constant"]
 WARMUP_SCALING = Literal["linear", "none"]
 EPOCH_MODE = Literal["padded", "full_batch"]
+# the optimizers of resnet_lamb.optim.registry (tests/test_recipe.py checks they agree): named here
+# so that an unknown name is reported without importing torch
+OPTIMIZER = Literal["lamb", "nlamb", "nnlamb", "lars", "lars_classic", "adam", "adamw", "adagrad", "sgd", "nadam"]
+OPTIMIZERS = get_args(OPTIMIZER)
 LR_SCALINGS = get_args(LR_SCALING)
 PARAM_RULES = get_args(PARAM_RULE)
 SCHEDULES = get_args(SCHEDULE)
@@ -228,10 +343,14 @@ class OptimizerSpec:
             self.kwargs = {}
         if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
             raise RecipeError(f"{p}kwargs: expected a mapping of optimizer keyword arguments, got {self.kwargs!r}")
-        from resnet_lamb.optim.registry import list_optimizers  # lazy (torch): after the plain checks
-
-        self.name = _choice(self.name, p + "name", tuple(list_optimizers()), "optimizer")
-        from resnet_lamb.optim.registry import optimizer_options
+        self.name = _choice(self.name, p + "name", OPTIMIZERS, "optimizer")
+        for key, owner in (("lr", "base_lr, base_batch and scaling"), ("weight_decay", "model.optimizer.weight_decay"),
+                           ("params", "param_rule")):
+            if key in self.kwargs:
+                raise RecipeError(f"{p}kwargs.{key}: set by {owner}, not by kwargs; remove it")
+        if not self.kwargs:
+            return
+        from resnet_lamb.optim.registry import optimizer_options  # torch: only when there are kwargs to check
 
         accepted = tuple(sorted(optimizer_options(self.name)))
         for key in self.kwargs:
@@ -240,10 +359,6 @@ class OptimizerSpec:
                 did = f" (did you mean {hint[0]}?)" if hint else ""
                 raise RecipeError(f"{p}kwargs.{key}: unknown option for optimizer {self.name!r}{did}; "
                                   f"allowed: {', '.join(accepted)}")
-        for key, owner in (("lr", "base_lr, base_batch and scaling"), ("weight_decay", "model.optimizer.weight_decay"),
-                           ("params", "param_rule")):
-            if key in self.kwargs:
-                raise RecipeError(f"{p}kwargs.{key}: set by {owner}, not by kwargs; remove it")
 
 
 @dataclass

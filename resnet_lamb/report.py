@@ -35,21 +35,30 @@ reader (the ``DataStore`` of older versions is gone; wandb-core reads it), so
 
 ``DIR/report.md`` holds, in order:
 
-* **Table 5** (ResNet-50 on 1000 classes, LAMB, poly schedule, at a batch of the paper's Table 5): one row per run with
+Only runs on ImageNet-1k itself sit in the paper's tables (:attr:`Run.imagenet`): ResNet-50, a
+backend that reads images (not ``synthetic``) and the counts ``fit`` recorded in config.yaml
+(``data.train_images`` / ``val_images`` / ``num_classes``) equal to ILSVRC2012's 1,281,167 / 50,000
+/ 1000.  The difference to the paper is given for complete runs only.
+
+* **Table 5** (LAMB, poly schedule, at a batch of the paper's Table 5): one row per run with
   batch, LR, warmup epochs, validated epochs / max_epochs, final and best top-1 / top-5, the
   paper's top-1 / top-5 (``table5_lamb`` of ``resnet_lamb/reference/paper_tables.yaml``, matched by
   global batch) and the difference final - paper.
-* **Table 3** (ResNet-50 on 1000 classes, global batch 16384): one row per run whose optimizer has a Table 3 row: the key is
+* **Table 3** (global batch 16384): one row per run whose optimizer has a Table 3 row: the key is
   the optimizer name (``sgd`` -> ``momentum``), plus ``_goyal`` when the schedule is ``goyal``
   (momentum's row already is Goyal et al.'s recipe); columns: the row, LR, final and best top-1,
   the paper's top-1 (``table3_16k``) and the difference.
-* **Other runs**, grouped by optimizer x global batch, each with its recipe's ``expected``.
+* **Other runs**, one section per setting (:attr:`Run.setting`: data set, architecture, classes,
+  epochs), each with a grid optimizer x global batch of final top-1 (complete runs averaged, others
+  counted) and a table per optimizer x global batch with the recipe's ``expected``.
 * **Incomplete runs**: folders that cannot be read (no config, a CSV cut mid-line, a missing
   metric column, and no readable W&B log to fall back on), each with the reason.  A run with
   fewer validated epochs than ``trainer.max_epochs`` that has not reached ``trainer.max_steps``
   either is "in progress"; without ``max_epochs`` (a W&B config), a run whose W&B log has no exit
-  record or whose W&B state is not ``finished`` is.  The status of a run not read from
-  ``config.yaml`` + ``csv/metrics.csv`` says where it was read from.
+  record or whose W&B state is not ``finished`` is.  A run whose last fit died of an error
+  (``failed.txt``) is "failed"; one stopped by Ctrl-C or SIGTERM (``interrupted.txt``) is
+  "interrupted" (both written by :class:`resnet_lamb.telemetry.RunStatus`).  The status of a run
+  not read from ``config.yaml`` + ``csv/metrics.csv`` says where it was read from.
 
 ``DIR/*.png`` (matplotlib, Agg): top-1 and top-5 against epoch, one figure per global batch and one
 per optimizer (a line per run), and for each run that logged ``optim/trust_ratio/<param>`` a
@@ -80,6 +89,8 @@ TRUST_PREFIX = "optim/trust_ratio/"
 REQUIRED_COLUMNS = ("epoch", "step", "val/top1", "val/top5")
 WANDB_STEP = "trainer/global_step"        # Lightning's step key in W&B history (the CSV's "step")
 API_TIMEOUT_S = 10                        # seconds per W&B API request
+INTERRUPTS = ("KeyboardInterrupt", "SIGTERMException")  # a run stopped by Ctrl-C / SIGTERM: interrupted, not failed
+STOPPED = ("failed", "interrupted", "in progress")  # not a result: counted in a grid cell, not averaged
 
 
 @dataclass
@@ -88,11 +99,15 @@ class Run:
 
     name: str
     path: Path
-    status: str = "complete"               # complete | in progress | failed | incomplete
-    reason: str = ""                       # why incomplete / in progress
+    status: str = "complete"               # complete | in progress | interrupted | failed | incomplete
+    reason: str = ""                       # why incomplete / in progress / interrupted / failed
     optimizer: str = "?"
     arch: str = "?"
     num_classes: Optional[int] = None
+    backend: str = "?"                     # data.backend: synthetic data is no data set
+    data_root: str = ""                    # data.root
+    train_images: Optional[int] = None     # the counts fit recorded (data.train_images, data.val_images)
+    val_images: Optional[int] = None
     schedule: str = "?"
     global_batch: Optional[int] = None
     max_epochs: Optional[int] = None
@@ -108,8 +123,29 @@ class Run:
 
     @property
     def imagenet(self) -> bool:
-        """ResNet-50 on 1000 classes: a run the paper's ImageNet tables can be set beside."""
-        return self.arch == "resnet50" and self.num_classes == 1000
+        """ResNet-50 trained on ImageNet-1k itself (real images, ILSVRC2012's counts, 1000 classes):
+        a run the paper's ImageNet tables can be set beside."""
+        from resnet_lamb.data.folder import IMAGENET
+
+        return (self.arch == "resnet50" and self.backend not in ("synthetic", "?")
+                and (self.train_images, self.val_images, self.num_classes)
+                == (IMAGENET["train_images"], IMAGENET["val_images"], IMAGENET["num_classes"]))
+
+    @property
+    def data(self) -> str:
+        """The data set, as the report names it: ``synthetic``, or the data root's folder name and its counts."""
+        if self.backend == "synthetic":
+            return "synthetic data"
+        name = Path(self.data_root).name or self.data_root or "?"
+        counts = "?" if self.train_images is None else f"{self.train_images} train / {self.val_images} val images"
+        return f"{name} ({counts})"
+
+    @property
+    def setting(self) -> str:
+        """Data set, architecture, classes and epochs: runs with different settings never share a
+        cell (with the optimizer and the global batch, the recipe's identity)."""
+        epochs = "? epochs" if self.max_epochs is None else f"{self.max_epochs} epochs"
+        return f"{self.data}, {self.arch}, {self.num_classes} classes, {epochs}"
 
     @property
     def final(self) -> tuple:
@@ -175,7 +211,7 @@ def read_config(run: Run, path: Path) -> None:
     trainer, model, data = cfg.get("trainer") or {}, cfg.get("model") or {}, cfg.get("data") or {}
     run.optimizer = str((model.get("optimizer") or {}).get("name", "?"))
     run.schedule = str((model.get("schedule") or {}).get("name", "poly"))
-    run.arch, run.num_classes = str(model.get("arch", "?")), model.get("num_classes")
+    _read_data(run, model, data)
     run.global_batch = data.get("global_batch")
     run.max_epochs = trainer.get("max_epochs")
     run.expected = cfg.get("expected") or {}
@@ -188,6 +224,15 @@ def read_config(run: Run, path: Path) -> None:
         raise ValueError(f"config.yaml: {err}") from None
     run.lr, run.warmup_epochs = plan.lr, plan.warmup_epochs
     run.max_steps = trainer.get("max_steps")
+
+
+def _read_data(run: Run, model: dict, data: dict) -> None:
+    """Architecture and the data the run used: fit records the counts in config.yaml (data.*) and
+    the model's class count follows data.num_classes (older configs state model.num_classes)."""
+    run.arch = str(model.get("arch", "?"))
+    run.num_classes = data.get("num_classes") if data.get("num_classes") is not None else model.get("num_classes")
+    run.backend, run.data_root = str(data.get("backend", "?")), str(data.get("root") or "")
+    run.train_images, run.val_images = data.get("train_images"), data.get("val_images")
 
 
 def _number(value, where: str, column: str) -> float:
@@ -375,7 +420,7 @@ def config_from_wandb(run: Run, cfg: dict) -> None:
     except RecipeError as err:
         raise ValueError(f"W&B config: {err}") from None
     run.optimizer, run.schedule, run.global_batch = optimizer.name, schedule.name, data["global_batch"]
-    run.arch, run.num_classes = str(model.get("arch", "?")), model.get("num_classes")
+    _read_data(run, model, data)
     run.max_epochs, run.max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
     run.expected = cfg.get("expected") if isinstance(cfg.get("expected"), dict) else {}
     run.lr = scale_lr(optimizer.base_lr, optimizer.base_batch, run.global_batch, optimizer.scaling)
@@ -510,9 +555,13 @@ def load_run(path: Path) -> Run:
         run.status, run.reason = "incomplete", str(err) or type(err).__name__
     else:
         _set_progress(run, last_step, None if ended else "no W&B exit record (killed, or still running)")
-    failed = home / "failed.txt"  # written by fit when it died of an error (resnet_lamb.telemetry.RunStatus)
-    if failed.is_file() and run.optimizer != "?":  # a failed run with no validated epoch is failed too
-        run.status, run.reason = "failed", " ".join(failed.read_text(errors="replace").split())
+    # written by fit when it died of an error / was stopped by Ctrl-C or SIGTERM (resnet_lamb.telemetry.RunStatus)
+    for status in ("failed", "interrupted"):
+        marker = home / f"{status}.txt"
+        if marker.is_file() and run.optimizer != "?":  # such a run with no validated epoch is so too
+            run.status, run.reason = status, " ".join(marker.read_text(errors="replace").split())
+            if run.reason.startswith(INTERRUPTS):  # written as failed.txt before interrupted.txt existed
+                run.status = "interrupted"
     return run
 
 
@@ -565,8 +614,10 @@ def table5_rows(runs: list, paper: dict) -> tuple:
         if run.optimizer != "lamb" or run.schedule != "poly" or ref is None or not run.imagenet:
             continue
         (f1, f5), (b1, b5) = run.final, run.best
+        done = run.status == "complete"  # an unfinished run's last epoch is not set against the paper's
         rows.append([run.name, _status(run), run.global_batch, _lr(run), _warm(run), _epochs(run), _f(f1), _f(f5),
-                     _f(b1), _f(b5), _f(ref["top1"]), _f(ref["top5"]), _diff(f1, ref["top1"]), _diff(f5, ref["top5"])])
+                     _f(b1), _f(b5), _f(ref["top1"]), _f(ref["top5"]), _diff(f1 if done else None, ref["top1"]),
+                     _diff(f5 if done else None, ref["top5"])])
         used.append(run)
     return rows, used
 
@@ -581,18 +632,19 @@ def table3_rows(runs: list, paper: dict) -> tuple:
         label = key.replace("_goyal", "+")
         (f1, _), (b1, _) = run.final, run.best
         rows.append([run.name, _status(run), label, _lr(run), _warm(run), _epochs(run), _f(f1), _f(b1),
-                     _f(table3[key]), _diff(f1, table3[key])])
+                     _f(table3[key]), _diff(f1 if run.status == "complete" else None, table3[key])])
         used.append(run)
     return rows, used
 
 
 def other_sections(runs: list) -> list:
+    """Per optimizer x global batch of one setting (:attr:`Run.setting`), every run with its recipe's ``expected``."""
     groups: dict = {}
     for run in runs:
         groups.setdefault((run.optimizer, run.global_batch or 0), []).append(run)
     lines = []
     for (opt, batch), group in sorted(groups.items()):
-        lines += ["", f"### {opt}, global batch {batch}", ""]
+        lines += ["", f"#### {opt}, global batch {batch}", ""]
         rows = []
         for run in group:
             (f1, f5), (b1, b5) = run.final, run.best
@@ -618,24 +670,28 @@ def mean_text(values: list) -> str:
 
 
 def grid_table(runs: list) -> list:
-    """Final top-1 by optimizer (rows) x global batch (columns); runs sharing a cell (seeds) are
-    averaged, with half their range and count; failed runs (failed.txt) are counted, not averaged."""
+    """Final top-1 by optimizer (rows) x global batch (columns) of runs of one setting
+    (:attr:`Run.setting`); complete runs sharing a cell (seeds) are averaged, with half their range
+    and count; failed, interrupted and unfinished runs are counted, not averaged (their last
+    validated top-1 is not a result)."""
     cells: dict = {}
-    failed: dict = {}
+    stopped: dict = {}
     for run in runs:
-        if run.status == "failed":  # e.g. a NaN loss: its last validated top-1 is not a result
-            failed[(run.optimizer, run.global_batch or 0)] = failed.get((run.optimizer, run.global_batch or 0), 0) + 1
-            cells.setdefault((run.optimizer, run.global_batch or 0), [])
+        key = (run.optimizer, run.global_batch or 0)
+        values = cells.setdefault(key, [])
+        if run.status in STOPPED:
+            stopped.setdefault(key, []).append(run.status)
         elif run.final[0] is not None:
-            cells.setdefault((run.optimizer, run.global_batch or 0), []).append(run.final[0])
+            values.append(run.final[0])
     batches = sorted({b for _, b in cells})
     rows = []
     for opt in sorted({o for o, _ in cells}):
         row = [opt]
         for b in batches:
-            v, bad = cells.get((opt, b)), failed.get((opt, b), 0)
-            text = mean_text(v) if v else "failed" if bad else "-"
-            row.append(text + (f", {bad} failed" if bad and v else ""))
+            values, states = cells.get((opt, b)), stopped.get((opt, b), [])
+            notes = [status if len(states) == 1 and not values else f"{states.count(status)} {status}"
+                     for status in STOPPED if status in states]
+            row.append(", ".join(([mean_text(values)] if values else []) + notes) or "-")
         rows.append(row)
     return _table(["optimizer, batch →", *map(str, batches)], rows)
 
@@ -657,20 +713,29 @@ def render_report(runs: list, paper: dict, figures: list) -> str:
     lines = ["# resnet-lamb report", "",
              f"{len(runs)} run folders: {sum(r.status == 'complete' for r in runs)} complete, "
              f"{sum(r.status == 'in progress' for r in runs)} in progress, "
+             f"{sum(r.status == 'interrupted' for r in runs)} interrupted, "
              f"{sum(r.status == 'failed' for r in runs)} failed, "
              f"{sum(r.status == 'incomplete' for r in runs)} incomplete. Accuracies are fractions; "
              f"diff = final - paper. {_sources(runs)}", "",
+             "Only ResNet-50 runs on ImageNet-1k itself (real images, 1,281,167 train / 50,000 val, 1000 "
+             "classes, as fit recorded them) sit beside the paper's numbers; diff only for complete runs.", "",
              "## Table 5: LAMB, untuned, sqrt LR scaling, linear-epoch warmup", ""]
     lines += _table(["run", "status", "batch", "LR", "warmup epochs", "epochs", "final top-1", "final top-5",
                      "best top-1", "best top-5", "paper top-1", "paper top-5", "diff top-1", "diff top-5"], t5)
     lines += ["", "## Table 3: optimizers at batch 16K (+ = Goyal et al.'s recipe)", ""]
     lines += _table(["run", "status", "optimizer", "LR", "warmup epochs", "epochs", "final top-1", "best top-1",
                      "paper top-1", "diff top-1"], t3)
-    lines += ["", "## Other runs (optimizer x global batch)"]
-    if others:
-        lines += ["", "Final top-1 (mean over runs sharing a cell, ± half their range):", ""]
-        lines += grid_table(others)
-    lines += other_sections(others) if others else ["", "(none)"]
+    lines += ["", "## Other runs (optimizer x global batch, one grid per data set, architecture, classes and epochs)"]
+    settings: dict = {}
+    for run in others:
+        settings.setdefault(run.setting, []).append(run)
+    for setting, group in sorted(settings.items()):
+        lines += ["", f"### {setting}", "",
+                  "Final top-1 (mean over complete runs sharing a cell, ± half their range):", ""]
+        lines += grid_table(group)
+        lines += other_sections(group)
+    if not others:
+        lines += ["", "(none)"]
     bad = [r for r in runs if r.status == "incomplete"]
     if bad:
         lines += ["", "## Incomplete runs", ""]

@@ -7,8 +7,9 @@
   so the cadence does not depend on ``trainer.log_every_n_steps``.  Optimizers without
   ``trust_ratios`` are skipped.
 * :class:`RunStatus` writes ``<run folder>/failed.txt`` (one line: the error) when a fit dies of
-  an exception, and removes it when a fit of that folder finishes, so ``report`` can tell a
-  failed run (a diverged optimizer, say) from one still in progress.
+  an exception, ``interrupted.txt`` instead when Ctrl-C (KeyboardInterrupt) or SIGTERM stopped it,
+  and removes them when a fit of that folder finishes, so ``report`` can tell a failed run (a
+  diverged optimizer, say) from an interrupted one and from one still in progress.
 * :class:`FirstStepRow` sends the first optimizer step's ``train/*`` values of each fit to the
   loggers and flushes them, whatever ``log_every_n_steps``: a 3-step run still leaves
   ``csv/metrics.csv``, a short epoch a train row (the CLI flushes the CSV at every logged row).
@@ -102,24 +103,31 @@ class TrustRatios(Callback):
 
 
 class RunStatus(Callback):
-    """``failed.txt`` in the run folder while the last fit of it ended in an exception."""
+    """``failed.txt`` (an error) or ``interrupted.txt`` (Ctrl-C, SIGTERM) in the run folder while the
+    last fit of it ended so; one line, the exception's type and message."""
 
     def __init__(self, run_dir: str):
         from pathlib import Path
 
-        self.path = Path(run_dir) / "failed.txt"
+        self.folder = Path(run_dir)
 
     @rank_zero_only
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        message = " ".join(str(exception).split()) or type(exception).__name__
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        stopped = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        message = " ".join(str(exception).split())
         try:
-            self.path.write_text(f"{type(exception).__name__}: {message}\n")
+            (self.folder / ("failed.txt" if stopped else "interrupted.txt")).unlink(missing_ok=True)
+            (self.folder / ("interrupted.txt" if stopped else "failed.txt")).write_text(
+                f"{type(exception).__name__}{': ' + message if message else ''}\n")
         except OSError:  # a full or read-only disk: the error itself still reaches the user
             pass
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.path.unlink(missing_ok=True)
+        for name in ("failed.txt", "interrupted.txt"):
+            (self.folder / name).unlink(missing_ok=True)
 
 
 class FirstStepRow(Callback):

@@ -9,22 +9,32 @@ What happens, in order:
 1. The first ``--config`` is the recipe: its ``base:`` chain is merged by
    :func:`resnet_lamb.recipe.load_recipe` and the merged file handed to jsonargparse; later
    ``--config`` files and ``--key value`` flags override it.  ``expected`` is accepted.
-2. Any parse error (unknown key, wrong type) is one line ``resnet-lamb: error: ...`` naming the
-   key, exit 2, before anything is built.
-3. The parsed config is checked by :func:`resnet_lamb.recipe.validate_recipe` and the plan derived
-   by :func:`resnet_lamb.recipe.derive_plan` with the world size (``WORLD_SIZE`` from torchrun,
+2. Before torch or Lightning is imported, :func:`check_config` checks the recipe with the command
+   line applied (:func:`resnet_lamb.recipe.apply_overrides`): the recipe, the data folder and its
+   counts (every mismatch in one line), the class count, the plan (when the world size is known
+   without torch) and ``--ckpt_path`` against the run folder; an error a flag or a later
+   ``--config`` file caused names it (:func:`resnet_lamb.recipe.blame`).  Not for ``--help`` /
+   ``--print_config``.
+3. Any parse error (unknown key, wrong type) is one line ``resnet-lamb: error: ...`` naming the
+   key, exit 2, before anything is built.  ``model.num_classes`` is linked to ``data.num_classes``
+   (counted from the folder when null).
+4. The parsed config goes through :func:`check_config` again and the plan is derived by
+   :func:`resnet_lamb.recipe.derive_plan` with the world size (``WORLD_SIZE`` from torchrun,
    else devices x num_nodes); ``trainer.max_steps`` and ``trainer.accumulate_grad_batches`` come
-   from the plan (an inexact accumulation is an error here), the plan is printed.
-4. Precision: bf16-mixed on CUDA, 32-true on CPU, unless the recipe says otherwise.
-5. Run folder ``<run.root>/<run.name>/`` (name defaults to the recipe's file stem):
+   from the plan (an inexact accumulation is an error here), the plan is printed; the counts used
+   are recorded in ``config.yaml``.
+5. Precision: bf16-mixed on CUDA, 32-true on CPU, unless the recipe says otherwise.
+6. Run folder ``<run.root>/<run.name>/`` (name defaults to the recipe's file stem):
    ``config.yaml`` (the full resolved config), ``csv/metrics.csv`` (always), ``wandb/`` (W&B;
    offline when ``WANDB_MODE=offline``, when no API key is configured or when the server does not
    answer a 5 s connection check), ``checkpoints/`` (``last.ckpt`` + the best by ``val/top1``, each
    written to a temp file in the same folder, fsynced and ``os.replace``d; a write that fails on an
    OSError (disk full) stops the run with one line, the older files intact). A run folder that
    cannot be written is one line before anything is built.
-6. ``fit`` start-up: temp files of an interrupted checkpoint write (``checkpoints/.tmp-*.ckpt``)
-   are removed; ``--ckpt_path`` resuming with another recipe (optimizer, schedule, global batch or
+7. ``fit`` start-up: temp files of an interrupted checkpoint write (``checkpoints/.tmp-*.ckpt``)
+   are removed; ``--ckpt_path last`` for a run folder without ``last.ckpt`` is refused with one
+   line naming the runs that can resume, unless ``--run.fresh_if_missing true`` (then it starts
+   from scratch); ``--ckpt_path`` resuming with another recipe (optimizer, schedule, global batch or
    epochs, :func:`check_resume`) is refused with one line naming the keys unless
    ``--run.force_resume true``; another world size or micro batch is fine (same global batch).
 """
@@ -132,7 +142,10 @@ def _parser_class():
 
 
 # ------------------------------------------------------------------------------------ recipe
-_RECIPE: dict[str, Any] = {"path": None, "stated": []}  # stated: the --config files as written (merged)
+# path: the recipe; stated: the --config files as written (merged); origins: where the command line set
+# keys (resnet_lamb.recipe.apply_overrides)
+_RECIPE: dict[str, Any] = {"path": None, "stated": [], "origins": {}}
+_FOLDERS: dict[str, Any] = {}  # data root -> its validate_root listing, once per `main` call
 
 
 def _stated(cfg: Any, dotted: str) -> Any:
@@ -142,11 +155,12 @@ def _stated(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def _expand_recipe(args: list[str], tmpdir: str) -> list[str]:
-    """Replace the first ``--config PATH`` by the recipe with its ``base:`` chain merged."""
+def _expand_recipe(args: list[str], tmpdir: str) -> tuple[list[str], dict, list[str]]:
+    """Replace the first ``--config PATH`` by the recipe with its ``base:`` chain merged; returns
+    (the arguments for LightningCLI, the merged recipe, the arguments but the recipe's)."""
     from resnet_lamb.recipe import load_recipe
 
-    out, i, done = [], 0, False
+    out, rest, merged, i, done = [], [], {}, 0, False
     while i < len(args):
         a = args[i]
         if a in ("--config", "-c") and i + 1 < len(args):
@@ -155,6 +169,7 @@ def _expand_recipe(args: list[str], tmpdir: str) -> list[str]:
             path, i = a.split("=", 1)[1], i + 1
         else:
             out.append(a)
+            rest.append(a)
             i += 1
             continue
         if done:
@@ -163,6 +178,7 @@ def _expand_recipe(args: list[str], tmpdir: str) -> list[str]:
                 _check_spec_keys(extra, path)
                 _RECIPE["stated"].append(extra)
             out += ["--config", path]
+            rest += ["--config", path]
             continue
         merged = load_recipe(path)  # RecipeError naming the file when missing / bad YAML / bad base
         _check_spec_keys(merged, path)
@@ -172,7 +188,7 @@ def _expand_recipe(args: list[str], tmpdir: str) -> list[str]:
         tmp.write_text(yaml.safe_dump(merged, sort_keys=False))
         out += ["--config", str(tmp)]
         done = True
-    return out
+    return out, merged, rest
 
 
 def _check_spec_keys(cfg: dict, path: str) -> None:
@@ -185,32 +201,124 @@ def _check_spec_keys(cfg: dict, path: str) -> None:
         raise RecipeError(f"{path}: {err}") from None
 
 
-def _check_stated(path: str) -> None:
-    """``model.optimizer.name`` and ``base_lr`` must be stated (in a --config file or a flag), as
-    ``plan`` requires: jsonargparse would silently fill in the OptimizerSpec defaults."""
-    if not _RECIPE["path"]:
-        return
-    from resnet_lamb.recipe import REQUIRED_OPTIMIZER_KEYS
+def check_config(cfg: dict, sub: str, world: Optional[int]) -> tuple:
+    """Every check ``fit``/``validate`` make before anything is built, on a config as a dict: run by
+    :func:`main` on the recipe with the command line applied, before torch or Lightning is imported,
+    and again on LightningCLI's parsed config.
 
-    for key, what in REQUIRED_OPTIMIZER_KEYS:
-        dotted = f"model.optimizer.{key}"
-        if any(_stated(cfg, dotted) is not None for cfg in _RECIPE["stated"]):
-            continue
-        if any(a.split("=", 1)[0] in (f"--{dotted}", "--model.optimizer", "--model") for a in _ARGV):
-            continue
-        raise RecipeError(f"{path}: {dotted}: missing; set {what}")
+    In order: the recipe (:func:`resnet_lamb.recipe.validate_recipe`), ``model.arch``,
+    ``data.backend``; the data folder's layout and its counts against ``data.train_images``,
+    ``data.val_images`` and ``data.num_classes`` (every mismatch in one line); the class count
+    (``model.num_classes`` follows ``data.num_classes``); the plan, when the world size is known
+    (``world``); for ``fit``, the run folder against ``ckpt_path`` (:func:`check_ckpt_path`); last,
+    the optimizer's ``kwargs`` against its constructor (that imports torch).  A RecipeError names the
+    command-line override or ``--config`` file that caused it (:func:`resnet_lamb.recipe.blame`).
+
+    Returns ``(recipe, folder listing or None, plan or None, class count, train image count)``.
+    """
+    from resnet_lamb.recipe import blame
+
+    path = _RECIPE["path"] or "<command line>"
+    try:
+        return _check_config(cfg, sub, world, path)
+    except RecipeError as err:
+        raise RecipeError(blame(str(err), path, _RECIPE["origins"])) from None
 
 
-def _check_counts(cfg: Any, folder: Any) -> None:
-    """Counts the recipe states against the folder, before anything is built (the data module
-    reuses this listing: ``RecipeCLI.instantiate_classes``)."""
-    from resnet_lamb.data.datamodule import check_counts
+def _check_config(cfg: dict, sub: str, world: Optional[int], path: str) -> tuple:
+    from resnet_lamb import recipe as R
+    from resnet_lamb.data.folder import BACKENDS, IMAGENET, check_counts, require_root
 
-    check_counts(folder, {k: cfg.data.get(k) for k in ("train_images", "val_images", "num_classes")}, folder.root)
-    classes = len(folder.classes)
-    if cfg.data.get("num_classes") is None and cfg.model.get("num_classes") != classes:
-        raise RecipeError(f"model.num_classes: {cfg.model.get('num_classes')} but {folder.root} holds "
-                          f"{classes} class folders; set model.num_classes: {classes}")
+    part = R.recipe_part(cfg)
+    model, data = part.get("model"), part.get("data")
+    opt = model.get("optimizer") if isinstance(model, dict) else None
+    light = part
+    if isinstance(opt, dict) and opt.get("kwargs"):  # checked last: the optimizer registry imports torch
+        light = {**part, "model": {**model, "optimizer": {**opt, "kwargs": {}}}}
+    recipe = R.validate_recipe(light, path)
+    if model.get("arch") is not None:
+        R.check_arch(model["arch"])
+    backend = data.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise RecipeError(f"data.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    folder = None
+    if backend == "synthetic":  # what the synthetic data module uses (not a root's counts)
+        images = recipe.train_images or IMAGENET["train_images"]
+        classes = data.get("num_classes") or IMAGENET["num_classes"]
+    else:
+        require_root(backend, data.get("root"))
+        folder = _folder(data["root"])  # every layout error as one line: listings only, no image opened
+        check_counts(folder, {k: data.get(k) for k in ("train_images", "val_images", "num_classes")}, folder.root)
+        images, classes = len(folder.splits["train"]), len(folder.classes)
+    _check_classes(model.get("num_classes"), classes, data.get("num_classes"), backend == "synthetic")
+    plan = R.plan_recipe(recipe, world_size=world, train_images=images) if world else None
+    if sub == "fit":
+        run = cfg.get("run") or {}
+        name = run.get("name") or (Path(path).stem if _RECIPE["path"] else "run")
+        check_ckpt_path(cfg.get("ckpt_path"), Path(run.get("root") or RUN_DEFAULTS["root"]), str(name),
+                        bool(run.get("fresh_if_missing")))
+    if light is not part:
+        recipe = R.validate_recipe(part, path)
+    return recipe, folder, plan, classes, images
+
+
+def _check_classes(model_classes: Any, classes: int, data_classes: Any, synthetic: bool) -> None:
+    """``model.num_classes`` follows ``data.num_classes`` (LightningCLI links them): a recipe that still
+    states it must agree, and the command line sets the data's."""
+    where = _RECIPE["origins"].get("model.num_classes", "")
+    if where.startswith("--"):
+        raise RecipeError(f"model.num_classes: follows data.num_classes (one class count for the data and the "
+                          f"model); pass --data.num_classes {model_classes} instead")
+    if model_classes is not None and model_classes != classes:
+        if data_classes is not None:
+            data, fix = f"data.num_classes is {classes}", "remove model.num_classes from the recipe"
+        elif synthetic:
+            data = f"the synthetic data has {classes} classes (data.num_classes: null, ImageNet's)"
+            fix = f"set data.num_classes: {model_classes} instead of model.num_classes"
+        else:
+            data = f"data.root holds {classes} class folders (data.num_classes: null counts them)"
+            fix = "remove model.num_classes from the recipe"
+        raise RecipeError(f"model.num_classes: {model_classes}, but {data}; the model's class count follows "
+                          f"data.num_classes: {fix}")
+
+
+def check_ckpt_path(ckpt_path: Any, root: Path, name: str, fresh_if_missing: bool) -> None:
+    """``fit``'s ``--ckpt_path`` against the run folder ``root/name``: ``last`` needs its
+    ``checkpoints/last.ckpt`` (a mistyped run name would otherwise start a long run from scratch)
+    unless ``--run.fresh_if_missing true`` asks for a fresh start then; a path must be a file; and
+    without ``--ckpt_path`` a folder that holds checkpoints is not trained over."""
+    run_dir = root / name
+    ck_dir = run_dir / "checkpoints"
+    if ckpt_path == "last":
+        if (ck_dir / "last.ckpt").is_file() or fresh_if_missing:
+            return
+        resumable = sorted(d.name for d in root.iterdir() if (d / "checkpoints" / "last.ckpt").is_file()) \
+            if root.is_dir() else []
+        import difflib
+
+        near = difflib.get_close_matches(name, resumable, n=1)
+        shown = ", ".join(resumable[:10]) + (f" and {len(resumable) - 10} more" if len(resumable) > 10 else "")
+        runs = f"the runs under {root} that can resume: {shown}" if resumable else f"no run under {root} has one"
+        near = f"; did you mean --run.name {near[0]}?" if near else ""
+        raise UserError(f"ckpt_path: last, but {run_dir} has no checkpoints/last.ckpt ({runs}{near}); pass --run.name "
+                        f"of the run to resume, or --run.fresh_if_missing true to start {run_dir} from scratch")
+    if ckpt_path and ckpt_path not in ("best", "hpc", "registry") and not Path(str(ckpt_path)).is_file():
+        raise UserError(f"ckpt_path: {ckpt_path}: no such checkpoint file; pass an existing .ckpt, or "
+                        "--ckpt_path last to resume the run named by --run.name")
+    if not ckpt_path and ck_dir.is_dir() and any(not p.name.startswith(".") for p in ck_dir.glob("*.ckpt")):
+        raise RecipeError(f"run.name: {run_dir} already holds checkpoints; resume it with --ckpt_path last, "
+                          f"start a new run with --run.name NEW, or delete the folder")
+
+
+def _folder(root: Any) -> Any:
+    """:func:`resnet_lamb.data.folder.validate_root` of ``root``, listed once per run (the start-up
+    checks run twice and the data module reuses the listing)."""
+    key = os.path.abspath(os.path.expanduser(str(root)))
+    if key not in _FOLDERS:
+        from resnet_lamb.data.folder import validate_root
+
+        _FOLDERS[key] = validate_root(root)
+    return _FOLDERS[key]
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -268,10 +376,10 @@ def check_resume(ckpt: Path, recipe: Any, force: bool = False) -> None:
                           "checkpoint's values, or pass --run.force_resume true to continue with the new ones")
 
 
-def world_size(trainer_cfg: Any) -> int:
+def world_size(trainer_cfg: Any, configured: Optional[int] = None) -> int:
     """devices x num_nodes as Lightning will resolve them; under torchrun they must equal its
     WORLD_SIZE (Lightning raises otherwise, once per rank, after the plan was printed)."""
-    configured = _configured_world_size(trainer_cfg)
+    configured = _configured_world_size(trainer_cfg) if configured is None else configured
     env = os.environ.get("WORLD_SIZE")
     if env and int(env) != configured:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", env))
@@ -282,9 +390,9 @@ def world_size(trainer_cfg: Any) -> int:
     return configured
 
 
-def _configured_world_size(trainer_cfg: Any) -> int:
-    import torch
-
+def _configured_world_size(trainer_cfg: Any, light: bool = False) -> Optional[int]:
+    """devices x num_nodes; ``light``: without importing torch, None when that needs it (devices
+    ``auto`` on a machine that may have a GPU)."""
     get = trainer_cfg.get if hasattr(trainer_cfg, "get") else lambda k, d=None: getattr(trainer_cfg, k, d)
     devices, nodes, accel = get("devices", "auto"), get("num_nodes", 1) or 1, get("accelerator", "auto")
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
@@ -295,10 +403,33 @@ def _configured_world_size(trainer_cfg: Any) -> int:
         n = len(devices)
     elif isinstance(devices, str) and "," in devices:
         n = len([d for d in devices.split(",") if d.strip()])
-    else:  # "auto" / -1
-        gpu = torch.cuda.is_available() and str(accel) in ("auto", "gpu", "cuda")
-        n = torch.cuda.device_count() if gpu else 1
-    return max(n, 1) * int(nodes)
+    elif str(accel) not in ("auto", "gpu", "cuda") or (light and not _may_have_gpu()):  # "auto" / -1
+        n = 1
+    elif light:
+        return None
+    else:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    if not isinstance(nodes, int):
+        nodes = int(nodes) if str(nodes).isdigit() else 1
+    return max(n, 1) * nodes
+
+
+def _may_have_gpu() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    import shutil
+
+    return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
+
+
+def _known_world_size(trainer_cfg: Any) -> Optional[int]:
+    """:func:`world_size` before torch is imported, None where only torch can tell."""
+    if trainer_cfg is not None and not isinstance(trainer_cfg, dict):
+        return None  # not a mapping: validate_recipe says so
+    configured = _configured_world_size(trainer_cfg or {}, light=True)
+    return None if configured is None else world_size(trainer_cfg or {}, configured)
 
 
 # ``--print_config[=flags]``: taken off the command line and answered after the plan has filled in the
@@ -515,38 +646,20 @@ def _cli_class():
             parser.add_argument("--run.progress_seconds", type=float, default=30.0,
                                 help="when the output is not a terminal, a progress line at least this often, "
                                      "inside a long accumulated step too (micro-batches done, img/s, ETA)")
+            parser.add_argument("--run.fresh_if_missing", type=bool, default=False,
+                                help="with --ckpt_path last: start the run from scratch when its folder has no "
+                                     "last.ckpt yet (refused otherwise: a mistyped --run.name would restart a run)")
+            # one class count: the model's output layer follows the data's (counted from data.root when null)
+            parser.link_arguments("data.num_classes", "model.num_classes")
 
         # -- before anything is built: validate, plan, trainer numbers
         def before_instantiate_classes(self) -> None:
-            from resnet_lamb import recipe as R
-
             sub = self.subcommand
             cfg = self.config[sub] if sub else self.config
             path = _RECIPE["path"] or "<command line>"
-            recipe = R.validate_recipe(R.recipe_part(_to_dict(cfg)), path)
-            _check_stated(path)
-            from resnet_lamb.data.datamodule import BACKENDS
-            from resnet_lamb.model import check_arch
-
-            check_arch(cfg.model.arch)
-            backend = cfg.data.get("backend")
-            if backend not in BACKENDS:
-                raise RecipeError(f"data.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-            root, images, self.folder = cfg.data.get("root"), None, None
-            if backend != "synthetic" and root:
-                from resnet_lamb.data.folder import validate_root
-
-                # every layout error (missing folder, empty class, differing classes, non-image file,
-                # broken symlink, unreadable folder) as one line before anything is built: listings only
-                self.folder = validate_root(root)
-                _check_counts(cfg, self.folder)
-                images = len(self.folder.splits["train"])
-            elif backend == "synthetic" and recipe.train_images is None:
-                from resnet_lamb.data.datamodule import IMAGENET
-
-                images = IMAGENET["train_images"]  # what the synthetic data module uses (not a root's count)
-            ws = world_size(cfg.trainer)
-            plan = R.plan_recipe(recipe, world_size=ws, train_images=images)
+            # main() ran these checks on the recipe and command line before Lightning was imported;
+            # again on what LightningCLI parsed (its defaults filled in), with the world size it will use
+            recipe, self.folder, plan, classes, images = check_config(_to_dict(cfg), sub, world_size(cfg.trainer))
             steps = int(plan.optimizer_steps)
             user_max = cfg.trainer.get("max_steps")
             if user_max is not None and 0 < user_max < steps:
@@ -557,10 +670,11 @@ def _cli_class():
             if sub == "fit" and int(os.environ.get("RANK", "0")) == 0:
                 _warn_small_data(plan)
             cfg.trainer.accumulate_grad_batches = int(plan.accumulation)
-            if cfg.data.get("num_classes") is None:
-                # one class count for both (Lightning refuses differing hparams of the same name);
-                # the datamodule checks it against the folder
-                cfg.data.num_classes = cfg.model.num_classes
+            # one class count (the model's is linked to the data's: Lightning refuses differing hparams of
+            # the same name), and the data the run used recorded in config.yaml (`report` reads it)
+            cfg.data.num_classes = cfg.model.num_classes = classes
+            if self.folder is not None:
+                cfg.data.train_images, cfg.data.val_images = images, len(self.folder.splits["val"])
             if cfg.model.get("input_size") is None:
                 cfg.model.input_size = cfg.data.image_size  # the mlp's input size
             import torch
@@ -580,17 +694,16 @@ def _cli_class():
             if rank0:
                 _check_writable(self.run_dir)  # config, logs and checkpoints go there: fail now, not at epoch 1
             if sub == "fit":
-                ck_dir = self.run_dir / "checkpoints"
                 if rank0:
-                    _remove_partial_checkpoints(ck_dir)
+                    _remove_partial_checkpoints(self.run_dir / "checkpoints")
+                if cfg.get("ckpt_path") == "last" and not (self.run_dir / "checkpoints" / "last.ckpt").is_file():
+                    cfg.ckpt_path = None  # --run.fresh_if_missing (check_ckpt_path refused it otherwise)
+                    if rank0:
+                        print(f"resnet-lamb: {self.run_dir} has no checkpoint yet; starting it from scratch "
+                              "(--run.fresh_if_missing)", file=sys.stderr)
                 resume = _resume_path(cfg.get("ckpt_path"), self.run_dir)
                 if resume is not None:
                     check_resume(resume, recipe, force=bool(cfg.run.get("force_resume")))
-                if not cfg.get("ckpt_path") and ck_dir.is_dir() and any(
-                        not p.name.startswith(".") for p in ck_dir.glob("*.ckpt")):
-                    raise RecipeError(
-                        f"run.name: {self.run_dir} already holds checkpoints; resume it with --ckpt_path last, "
-                        f"start a new run with --run.name NEW, or delete the folder")
             if rank0 and not os.environ.get("RESNET_LAMB_PLAN_SHOWN"):  # launch/torchrun.sh printed it already
                 print(_format_plan(plan), flush=True)
                 if sub == "fit":  # the run's own record of its numbers and their sources
@@ -680,7 +793,8 @@ def _atomic_io_class():
                 if tmp is not None and os.path.exists(tmp):
                     os.unlink(tmp)
                 oserr = err if isinstance(err, OSError) else err.__cause__ or err.__context__
-                if isinstance(oserr, OSError):  # disk full, read-only, quota: stop with one line
+                if isinstance(err, Exception) and isinstance(oserr, OSError):  # disk full, read-only, quota
+                    # (not Ctrl-C: a KeyboardInterrupt inside torch.save may carry an OSError it handled)
                     raise CheckpointWriteError(
                         f"{path}: cannot write checkpoint ({oserr.strerror or oserr}); run stopped, the "
                         f"checkpoints already in {folder} are intact; free space there and resume with "
@@ -866,9 +980,17 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     argv = [argv[0], *_take_print_config(argv[1:])]
     _ARGV[:] = argv
-    _RECIPE.update(path=None, stated=[])
+    _RECIPE.update(path=None, stated=[], origins={})
+    _FOLDERS.clear()
     with tempfile.TemporaryDirectory(prefix="resnet-lamb-") as tmp:
-        args = [argv[0], *_expand_recipe(argv[1:], tmp)]
+        expanded, merged, overrides = _expand_recipe(argv[1:], tmp)
+        if _RECIPE["path"] and not {"-h", "--help", "--print_config"} & {a.split("=", 1)[0] for a in argv}:
+            # recipe, data and run-folder errors before torch and Lightning are imported
+            from resnet_lamb.recipe import apply_overrides
+
+            cfg, _RECIPE["origins"] = apply_overrides(merged, overrides)
+            check_config(cfg, argv[0], _known_world_size(cfg.get("trainer")))
+        args = [argv[0], *expanded]
         RecipeCLI, LambModule, ImageDataModule, SaveConfig = _cli_class()
         saved_argv, sys.argv = sys.argv, sys.argv[:1]  # args are given explicitly (no "both" warning)
         try:

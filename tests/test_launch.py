@@ -16,7 +16,8 @@
   size, NNODES > 1 without an endpoint, unreachable rendezvous endpoint within RDZV_TIMEOUT=3 s);
   node 0 whose peer never joins stops after RDZV_TIMEOUT=4 s with torchrun's RendezvousTimeoutError
   and a last line saying what it means;
-- sweep.py: --emit of the paper's LR grid (34 runs, distinct names) and a real 2-point sweep.
+- sweep.py: --emit of the paper's LR grid (34 runs, distinct names, each deriving the LR in its name on
+  the 32K recipe) and a real 2-point sweep.
 
 Workers: OMP_NUM_THREADS=1, WANDB_MODE=offline, run roots under tmp_path, free ports.
 """
@@ -408,6 +409,37 @@ def test_sweep_emit_paper_lr_grid(tmp_path, data_odd):
                         "launch/torchrun.sh"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert p.returncode == 0 and all(shlex.split(ln)[:2] == ["launch/torchrun.sh", str(recipe)]
                                      for ln in p.stdout.splitlines())
+
+
+def test_sweep_paper_lr_grid_trains_at_the_lr_in_its_name(tmp_path):
+    """Issue 11 item 8: the paper's LR grid is over the LR used at the batch; on the 32K recipe the run
+    named `lr=0.001` derives exactly 0.001 (it trained at 0.008 when the grid set base_lr)."""
+    import shlex
+
+    from resnet_lamb.recipe import apply_overrides, load_recipe, plan_recipe, recipe_part, validate_recipe
+
+    recipe = REPO / "recipes" / "imagenet" / "table5" / "lamb-bs32k.yaml"
+    p = subprocess.run([sys.executable, SWEEP, str(recipe), "--paper-grid", "lr", "--emit"], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [shlex.split(ln) for ln in p.stdout.splitlines()]
+    grid = _paper_lr_grid()
+    assert len(lines) == len(grid) == 34
+    for argv, lr in zip(lines, grid):
+        name = argv[argv.index("--run.name") + 1]
+        assert name == f"lamb-bs32k-lr={lr:g}"
+        cfg, _ = apply_overrides(load_recipe(recipe), argv[argv.index("--config") + 2:])
+        plan = plan_recipe(validate_recipe(recipe_part(cfg), str(recipe)))
+        assert plan.global_batch == 32768 and plan.lr == lr, (name, plan.lr)
+    p = subprocess.run([sys.executable, SWEEP, str(recipe), "--grid", "lr=0.001", "--emit"], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert "--model.optimizer.base_lr 0.001 --model.optimizer.scaling none --run.name lamb-bs32k-lr=0.001" in p.stdout
+
+
+def _paper_lr_grid() -> list:
+    from resnet_lamb.report import paper_tables
+
+    return paper_tables()["lr_tuning_grid_adaptive"]
 
 
 def test_sweep_two_points_sequential(tmp_path, digits_root):

@@ -417,3 +417,11 @@ def test_train_images_counted_from_root(tmp_path):
         plan_recipe(validate_recipe(missing, "r.yaml"))
     with pytest.raises(RecipeError, match=r"data\.micro_batch: missing"):
         plan_recipe(validate_recipe(edited(data__micro_batch=None), "r.yaml"))
+
+
+def test_optimizer_names_are_the_registry_s():
+    """recipe.OPTIMIZERS (checked without torch) names exactly what the registry builds."""
+    from resnet_lamb.optim.registry import list_optimizers
+    from resnet_lamb.recipe import OPTIMIZERS
+
+    assert list(OPTIMIZERS) == list_optimizers()

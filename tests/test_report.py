@@ -40,9 +40,16 @@ def _copy_run(src, dst, **edits):
     return dst
 
 
+IMAGENET = {"model.arch": "resnet50", "data.backend": "dali", "data.root": "data/imagenet",
+            "data.train_images": 1281167, "data.val_images": 50000, "data.num_classes": 1000}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """runs/{tiny (real), lamb-bs512, lamb-bs512-resnet18, adam-goyal-16k, sgd-16k, running, truncated, no-top5}."""
+    """runs/{tiny (real, synthetic data), lamb-bs512, lamb-bs512-resnet18, adam-goyal-16k, sgd-16k, running,
+    truncated, no-top5} and, for what may share a table or a cell: lamb-bs512-{synthetic,foolbox,interrupted},
+    tiny-seed1 (tiny again), tiny-ctrl-c (tiny, Ctrl-C'd before interrupted.txt existed), digits (tiny's
+    recipe on another data set)."""
     tmp = tmp_path_factory.mktemp("report")
     recipe = tiny_recipe(None, expected={"top1": 0.5, "source": "test expectation"})
     path = write_recipe(tmp / "tiny.yaml", recipe)
@@ -55,8 +62,18 @@ def runs(tmp_path_factory):
     root, tiny = tmp / "runs", tmp / "runs" / "tiny"
     bs512 = {"data.global_batch": 512, "model.optimizer.base_batch": 512, "model.optimizer.base_lr": 0.005,
              "model.schedule.warmup_epochs": 0.3125}
-    imagenet = {"model.arch": "resnet50", "model.num_classes": 1000}  # only such runs sit beside the paper
+    imagenet = IMAGENET  # only such runs sit beside the paper
     _copy_run(tiny, root / "lamb-bs512", **bs512, **imagenet)
+    _copy_run(tiny, root / "lamb-bs512-synthetic", **bs512, **{**imagenet, "data.backend": "synthetic"})
+    _copy_run(tiny, root / "lamb-bs512-foolbox", **bs512, **{**imagenet, "data.root": "data/foolbox",
+                                                            "data.backend": "torchvision", "data.train_images": 20,
+                                                            "data.val_images": 20, "data.num_classes": 19})
+    stopped = _copy_run(tiny, root / "lamb-bs512-interrupted", **bs512, **imagenet, **{"trainer.max_epochs": 90})
+    (stopped / "interrupted.txt").write_text("KeyboardInterrupt\n")  # what RunStatus writes on Ctrl-C
+    _copy_run(tiny, root / "tiny-seed1")
+    (_copy_run(tiny, root / "tiny-ctrl-c") / "failed.txt").write_text("KeyboardInterrupt: \n")  # as written then
+    _copy_run(tiny, root / "digits", **{"data.backend": "torchvision", "data.root": "/data/digits",
+                                        "data.train_images": 80, "data.val_images": 40})
     _copy_run(tiny, root / "lamb-bs512-resnet18", **bs512)
     goyal = {**imagenet, "model.schedule.name": "goyal", "model.schedule.warmup_epochs": 0.0,
              "model.schedule.warmup_scaling": "none", "data.global_batch": 16384, "model.optimizer.kwargs": {},
@@ -106,6 +123,73 @@ def test_tables_show_the_papers_numbers(report):
     assert "### lamb, global batch 32" in text
     assert "0.5000" in rows["tiny"] and "test expectation" in rows["tiny"] and "| complete |" in rows["tiny"]
     assert "in progress (2 of 5 epochs validated)" in rows["running"]
+
+
+def test_only_imagenet_runs_sit_beside_the_paper_and_a_cell_holds_one_recipe(report, runs):
+    """Issue 11 item 6: synthetic-data, foolbox and other-data runs are not set beside the paper's
+    ImageNet numbers; an interrupted run is "interrupted" (no difference to the paper); a grid cell
+    averages complete runs of one recipe (data set, epochs, architecture, classes, optimizer, batch)."""
+    from resnet_lamb.report import load_run
+
+    _, text, rows = report
+    table5 = text[text.index("## Table 5"):text.index("## Table 3")]
+    assert "| lamb-bs512 |" in table5 and "| lamb-bs512-interrupted |" in table5
+    for other in ("lamb-bs512-synthetic", "lamb-bs512-foolbox", "lamb-bs512-resnet18", "tiny", "digits"):
+        assert f"| {other} |" not in table5, other
+    cells = [c.strip() for c in rows["lamb-bs512-interrupted"].split("|")]
+    assert cells[2] == "interrupted (KeyboardInterrupt)" and cells[-3:-1] == ["-", "-"]  # no diff to the paper
+    assert [c.strip() for c in rows["lamb-bs512"].split("|")][-3] != "-"
+    assert load_run(runs / "tiny-ctrl-c").status == "interrupted"  # a Ctrl-C'd run is not "failed"
+    assert " 0 failed" in text and " 2 interrupted" in text
+    # one grid per setting: tiny and its seed copy share a cell (n=2), the Ctrl-C'd copy is counted
+    top1 = load_run(runs / "tiny").final[0]
+    synthetic = text[text.index("### synthetic data, resnet18, 10 classes, 2 epochs"):]
+    grid = synthetic[:synthetic.index("####")]
+    assert f"| lamb | {top1:.4f} ±0.0000 (n=2), 1 interrupted |" in grid, grid
+    digits = text[text.index("### digits (80 train / 40 val images), resnet18, 10 classes, 2 epochs"):]
+    assert f"| lamb | {top1:.4f} |" in digits[:digits.index("####")]
+    assert "### synthetic data, resnet18, 10 classes, 5 epochs" in text  # "running": other epochs, own grid
+    assert "### synthetic data, resnet50, 1000 classes, 2 epochs" in text  # synthetic ImageNet-sized: not ImageNet
+    assert "### foolbox (20 train / 20 val images), resnet50, 19 classes, 2 epochs" in text
+
+
+def test_ctrl_c_leaves_an_interrupted_run(tmp_path):
+    """A real `resnet-lamb fit` stopped with SIGINT (Ctrl-C) after its first epoch: interrupted.txt,
+    no failed.txt, and `report` says "interrupted"."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    recipe = tiny_recipe(None, **{"model.arch": "mlp", "model.mlp_hidden": [16], "trainer.max_epochs": 500})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run = tmp_path / "runs" / "stopped"
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_lamb", "fit", "--config", str(path), "--run.root",
+                             str(tmp_path / "runs"), "--run.name", "stopped", "--run.wandb", "false"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last.ckpt").is_file():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, err[-2000:]
+    failed = (run / "failed.txt").read_text() if (run / "failed.txt").is_file() else None
+    assert (run / "interrupted.txt").is_file(), (sorted(p.name for p in run.iterdir()), failed, err[-3000:])
+    assert (run / "interrupted.txt").read_text() == "KeyboardInterrupt\n" and not (run / "failed.txt").exists()
+    out = tmp_path / "out"
+    assert run_cli("report", str(run), "--out", str(out)) == 0
+    line = next(ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| stopped |"))
+    assert "| interrupted (KeyboardInterrupt) |" in line
 
 
 def test_damaged_folders_are_incomplete(report):

@@ -95,6 +95,32 @@ def test_fresh_fit_refuses_a_run_folder_with_checkpoints(tmp_path, capsys):
     assert len(err) == 1 and "--ckpt_path last" in err[0]
 
 
+def test_resume_of_a_mistyped_run_name_is_refused_unless_asked_to_start_fresh(tmp_path, capsys):
+    """Issue 11 item 4: `--ckpt_path last` for a run folder without last.ckpt is one line naming that
+    folder and the runs that can resume (exit 2, nothing created); `--run.fresh_if_missing true`
+    starts it from scratch, saying so, and a second such call resumes it."""
+    recipe = tiny_recipe(None, **{"trainer.max_epochs": 1, "data.train_images": 32, "data.val_images": 16})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    runs = tmp_path / "runs"
+    for name in ("lamb-bs512", "demo"):
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "last.ckpt").write_bytes(b"")
+    args = ["fit", "--config", str(path), "--run.root", str(runs), "--run.wandb", "false", "--ckpt_path", "last"]
+    capsys.readouterr()
+    assert run_cli(*args, "--run.name", "lamb-bs521") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"resnet-lamb: error: ckpt_path: last, but {runs}/lamb-bs521 has no checkpoints/last.ckpt (the "
+                   f"runs under {runs} that can resume: demo, lamb-bs512; did you mean --run.name lamb-bs512?); pass "
+                   f"--run.name of the run to resume, or --run.fresh_if_missing true to start {runs}/lamb-bs521 from "
+                   "scratch"]
+    assert not (runs / "lamb-bs521").exists()
+    assert run_cli(*args, "--run.name", "new", "--run.fresh_if_missing", "true") == 0
+    assert f"{runs}/new has no checkpoint yet; starting it from scratch" in capsys.readouterr().err
+    assert _state(runs / "new" / "checkpoints" / "last.ckpt")["global_step"] == 1  # 32 images, batch 32
+    assert run_cli(*args, "--run.name", "new", "--run.fresh_if_missing", "true") == 0  # now it resumes (and ends)
+    assert "from scratch" not in capsys.readouterr().err
+
+
 def test_resume_with_another_accumulation_keeps_the_global_batch(tmp_path, capsys, monkeypatch):
     """A different micro-batch (as with another device count) changes accumulation, not the plan:
     the run dies in epoch 2, resumes at the epoch boundary with accumulation 4 instead of 2."""

@@ -72,6 +72,6 @@ def test_start_up_lists_the_data_folder_once(fit, digits_root, monkeypatch):
 
 def test_synthetic_with_a_root_plans_the_images_it_trains_on(fit, digits_root, capsys):
     """backend synthetic ignores data.root: the plan counts ImageNet's 1,281,167 images, as the data module does."""
-    recipe = tiny_recipe(digits_root, **{"data.backend": "synthetic"})
+    recipe = tiny_recipe(digits_root, **{"data.backend": "synthetic", "data.num_classes": 10})
     fit(recipe, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", name="synthetic-root")
     assert "1281167 train images" in capsys.readouterr().out

@@ -30,21 +30,8 @@ import sys
 import lightning as L
 
 from resnet_lamb.data.common import torch_dtype
+from resnet_lamb.data.folder import BACKENDS, IMAGENET, check_counts, require_root  # noqa: F401 (re-exported)
 from resnet_lamb.errors import DataError, RecipeError
-
-BACKENDS = ("dali", "torchvision", "memory", "synthetic", "auto")
-# ImageNet-1k sizes, used by the synthetic backend when the counts are not given
-IMAGENET = {"train_images": 1281167, "val_images": 50000, "num_classes": 1000}
-
-
-def check_counts(folder, given: dict, root) -> None:
-    """The image and class counts a recipe states (``given``, None = count it) against the folder."""
-    found = {"train_images": len(folder.splits["train"]), "val_images": len(folder.splits["val"]),
-             "num_classes": len(folder.classes)}
-    for key, value in given.items():
-        if value is not None and value != found[key]:
-            raise DataError(f"data.{key}: {value} given but {root} holds {found[key]}; "
-                            f"set data.{key}: {found[key]} (or null to count it)")
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -79,10 +66,9 @@ class ImageDataModule(L.LightningDataModule):
             workers: DALI CPU threads / DataLoader worker processes, per rank.
             channels_last: NHWC memory for images (shape stays NCHW).
             dtype: float32 | bfloat16 | float16 for images.
-            train_images: training images; counted from root when null, else must match it
-                (synthetic: ImageNet's count when null).
-            val_images: validation images; counted from root when null, else must match it.
-            num_classes: classes; counted from root when null, else must match it.
+            train_images, val_images, num_classes: counted from root when None; when given they must
+                match the folder (synthetic: ImageNet's sizes when None). ``fit`` links
+                ``model.num_classes`` to ``num_classes`` and records the counts it used in config.yaml.
             seed: seeds the per-epoch permutation (seed, epoch) and the augmentations.
             prefetch: batches prefetched (DALI prefetch_queue_depth; DataLoader prefetch_factor).
             py_workers: DALI parallel external_source processes reading files; None = 0 without a
@@ -103,9 +89,7 @@ class ImageDataModule(L.LightningDataModule):
         if epoch_mode not in EPOCH_MODES:
             raise RecipeError(f"data.epoch_mode: unknown epoch mode {epoch_mode!r}; choose one of "
                               f"{', '.join(EPOCH_MODES)}")
-        if backend != "synthetic" and not root:
-            raise DataError(f"data.root: not set; backend {backend} reads root/train/<class>/ and root/val/<class>/ "
-                            "(`resnet-lamb prepare DATASET --out DIR` writes them), or use backend: synthetic")
+        require_root(backend, root)
         self.backend_requested = backend
         self.root = root
         self.global_batch, self.micro_batch, self.image_size = global_batch, micro_batch, image_size

@@ -36,6 +36,11 @@ import numpy as np
 
 from resnet_lamb.errors import DataError
 
+# data.backend's choices (resnet_lamb.data.datamodule), named here so fit checks them before Lightning loads
+BACKENDS = ("dali", "torchvision", "memory", "synthetic", "auto")
+# ImageNet-1k (ILSVRC2012) sizes: the synthetic backend's counts when none are given, and what
+# `report` requires of a run set beside the paper's ImageNet numbers
+IMAGENET = {"train_images": 1281167, "val_images": 50000, "num_classes": 1000}
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
 
 
@@ -130,6 +135,13 @@ def _scan_split(split_dir: Path, classes: list[str]) -> Split:
     return Split(split_dir, np.array(paths, dtype="S"), np.array(labels, dtype=np.int64))
 
 
+def require_root(backend: str, root) -> None:
+    """Every backend but synthetic reads a folder: ``data.root`` must be set."""
+    if backend != "synthetic" and not root:
+        raise DataError(f"data.root: not set; backend {backend} reads root/train/<class>/ and root/val/<class>/ "
+                        "(`resnet-lamb prepare DATASET --out DIR` writes them), or use backend: synthetic")
+
+
 def validate_root(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "val")) -> Folder:
     """Check the folder layout under ``root`` and index its files (no image is opened).
 
@@ -164,3 +176,17 @@ def _few(names: list[str], n: int = 5) -> str:
     if not names:
         return "none"
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_counts(folder: Folder, given: dict, root) -> None:
+    """The counts a recipe states (``given``: ``train_images``, ``val_images``, ``num_classes``;
+    None = count it) against the folder: every mismatch in one DataError."""
+    found = {"train_images": len(folder.splits["train"]), "val_images": len(folder.splits["val"]),
+             "num_classes": len(folder.classes)}
+    wrong = [key for key, value in given.items() if value is not None and value != found[key]]
+    if wrong:
+        stated = ", ".join(f"data.{key} {given[key]} (the folder: {found[key]})" for key in wrong)
+        fix = " ".join(f"--data.{key} {found[key]}" for key in wrong)
+        raise DataError(f"{root} does not hold what the recipe states: {stated}; pass {fix}, or set "
+                        f"{'them' if len(wrong) > 1 else 'it'} in the recipe (null: counted from the folder; the "
+                        "model's class count follows data.num_classes)")

@@ -1,12 +1,24 @@
 """Optimizers for resnet-lamb: LAMB (+ N-/NN-LAMB), LARS (paper / classic), the registry of
-baselines and the parameter-group rule."""
-from resnet_lamb.optim.lamb import Lamb
-from resnet_lamb.optim.lars import Lars
-from resnet_lamb.optim.param_groups import param_groups
-from resnet_lamb.optim.registry import build_optimizer, list_optimizers
+baselines and the parameter-group rule.
+
+Imports are lazy (as in ``resnet_lamb.data``): ``resnet_lamb.optim.schedules`` holds the batch
+rules that ``resnet-lamb plan`` and ``fit``'s start-up checks use, and importing it must not pay
+for torch.
+"""
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["Lamb", "Lars", "build_optimizer", "list_optimizers", "param_groups"]
+_WHERE = {"Lamb": "lamb", "Lars": "lars", "build_optimizer": "registry", "list_optimizers": "registry",
+          "param_groups": "param_groups"}
 
 # ---- schedules: the schedules engineer adds their re-export here, e.g. -------------------
 # from resnet_lamb.optim.schedules import ...   (and extend __all__)
 # -------------------------------------------------------------------------------------------
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"resnet_lamb.optim.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'resnet_lamb.optim' has no attribute {name!r}")

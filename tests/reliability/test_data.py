@@ -89,10 +89,13 @@ STARTUP = {
     "symlink-loop-class": (lambda r: os.symlink(".", r / "train" / "loop"),
                            lambda r: f"{r}/train/loop: symlink loop (points to {r}/train, which contains it); "
                                      "remove the link"),
-    "count-differs": (lambda r: None, lambda r: f"data.train_images: 99 given but {r} holds 8; set data.train_images: 8",
+    "count-differs": (lambda r: None, lambda r: f"{r} does not hold what the recipe states: data.train_images 99 (the "
+                                                f"folder: 8); pass --data.train_images 8, or set it in the recipe",
                       {"train_images": 99}),
     "classes-differ-from-model": (lambda r: [shutil.copytree(r / s / "c0", r / s / "c2") for s in ("train", "val")],
-                                  lambda r: f"model.num_classes: 2 but {r} holds 3 class folders; set model.num_classes: 3"),
+                                  lambda r: "model.num_classes: 2, but data.root holds 3 class folders "
+                                            "(data.num_classes: null counts them); the model's class count follows "
+                                            "data.num_classes: remove model.num_classes from the recipe"),
 }
 
 

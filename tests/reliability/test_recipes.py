@@ -1,4 +1,5 @@
-"""Issue 7, item 3: malformed recipes.
+"""Issue 7, item 3: malformed recipes; issue 11, items 3 and 7: an ImageNet recipe on small data, and
+recipe / data / run-folder errors before torch is imported, naming the flag that caused them.
 
 One table, one row per fault. Every row goes through `resnet-lamb fit` (in this process, the CLI's
 own entry point): exit status 2, exactly one stderr line ``resnet-lamb: error: ...`` naming the key
@@ -61,33 +62,36 @@ ROWS = {
     "unknown-schedule-key": (_edit(model__schedule__powr=2.0), [], "model.schedule.powr: unknown key (did you mean power?)",
                              "model.schedule.powr: unknown key (did you mean power?)"),
     # wrong types
-    "wrong-type-epochs": (_edit(trainer__max_epochs="two"), [], "trainer.max_epochs: expected int or null, got 'two'",
+    "wrong-type-epochs": (_edit(trainer__max_epochs="two"), [], "trainer.max_epochs: expected a positive integer, got 'two'",
                           "trainer.max_epochs: expected a positive integer, got 'two'"),
     "wrong-type-epochs-flag": (_edit(), ["--trainer.max_epochs", "abc"],
-                               "trainer.max_epochs: expected int or null, got 'abc'", None),
-    "wrong-type-batch": (_edit(data__global_batch="512x"), [], "data.global_batch: expected int, got '512x'",
+                               "--trainer.max_epochs abc: expected a positive integer, got 'abc'", None),
+    "wrong-type-lightning-flag": (_edit(), ["--trainer.log_every_n_steps", "abc"],
+                                  "trainer.log_every_n_steps: expected int or null, got 'abc'", None),  # LightningCLI's key
+    "wrong-type-batch": (_edit(data__global_batch="512x"), [], "data.global_batch: expected a positive integer, got '512x'",
                          "data.global_batch: expected a positive integer, got '512x'"),
-    "wrong-type-lr": (_edit(model__optimizer__base_lr="fast"), [], "model.optimizer.base_lr: expected float, got 'fast'",
+    "wrong-type-lr": (_edit(model__optimizer__base_lr="fast"), [],
+                      "model.optimizer.base_lr: expected a positive finite number, got 'fast'",
                       "model.optimizer.base_lr: expected a positive finite number, got 'fast'"),
     "negative-lr-flag": (_edit(), ["--model.optimizer.base_lr", "-1"],
-                         "model.optimizer.base_lr: expected a positive finite number, got -1.0", None),
+                         "--model.optimizer.base_lr -1: expected a positive finite number, got -1", None),
     # unknown names
     "unknown-optimizer": (_edit(model__optimizer__name="lamm"), [],
                           "model.optimizer.name: unknown optimizer 'lamm' (did you mean 'lamb'?); choose one of lamb, ",
                           "model.optimizer.name: unknown optimizer 'lamm' (did you mean 'lamb'?); choose one of lamb, "),
     "unknown-optimizer-flag": (_edit(), ["--model.optimizer.name", "lamm"],
-                               "model.optimizer.name: unknown optimizer 'lamm' (did you mean 'lamb'?)", None),
+                               "--model.optimizer.name lamm: unknown optimizer 'lamm' (did you mean 'lamb'?)", None),
     "unknown-optimizer-option-flag": (_edit(), ["--model.optimizer.kwargs", '{"momentum": 0.9}'],
                                       "model.optimizer.kwargs.momentum: unknown option for optimizer 'lamb'", None),
     "unknown-backend": (_edit(data__backend="dalli"), [],
                         "data.backend: unknown backend 'dalli'; choose one of dali, torchvision", None),
     "unknown-schedule": (_edit(model__schedule__name="cosine"), [],
-                         "model.schedule.name: expected one of 'poly', 'goyal', 'constant', got 'cosine'",
+                         "model.schedule.name: unknown schedule 'cosine'; choose one of poly, goyal, constant",
                          "model.schedule.name: unknown schedule 'cosine'; choose one of poly, goyal, constant"),
     "unknown-schedule-flag": (_edit(), ["--model.schedule.name", "pol"],
-                              "model.schedule.name: expected one of 'poly', 'goyal', 'constant', got 'pol'", None),
+                              "--model.schedule.name pol: unknown schedule 'pol' (did you mean 'poly'?)", None),
     "unknown-arch-flag": (_edit(), ["--model.arch", "resnet7"],
-                          "model.arch: unknown architecture 'resnet7'; choose one of resnet18, ", None),
+                          "--model.arch resnet7: unknown architecture 'resnet7'; choose one of resnet18, ", None),
     # batch sizes
     "negative-batch": (_edit(data__global_batch=-32), [], "data.global_batch: expected a positive integer, got -32",
                        "data.global_batch: expected a positive integer, got -32"),
@@ -249,3 +253,92 @@ def test_a_real_process_exits_within_seconds(tmp_path):
         assert stdout == ""
         assert took < PROCESS_SECONDS, f"{command} {row}: {took:.1f} s"
         assert not (tmp_path / row / "runs").exists()
+
+
+# ------------------------------------------------------------------ issue 11: before torch, and blame
+# A fresh process runs `resnet-lamb fit` through the console script's entry (resnet_lamb.cli.main) and
+# reports, at exit, whether torch or Lightning had been imported when the error line was printed.
+PROBE = r"""
+import json, sys
+from resnet_lamb.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "torch": "torch" in sys.modules, "lightning": "lightning" in sys.modules}))
+"""
+
+# id: (fit flags after the recipe, what the one line says)
+EARLY = {
+    "negative-micro-batch-flag": (["--data.micro_batch", "-8"], "error: --data.micro_batch -8: expected a positive integer"),
+    "unknown-optimizer": (["--model.optimizer.name", "lamm"], "--model.optimizer.name lamm: unknown optimizer 'lamm'"),
+    "missing-data-root": (["--data.root", "{tmp}/nowhere"], "{tmp}/nowhere: data root not found"),
+    "non-dividing-flag": (["--data.micro_batch", "12"],
+                          "r.yaml with --data.micro_batch 12: data.global_batch: 32 is not divisible by data.micro_batch 12"),
+    "counts-differ": (["--data.train_images", "1000", "--data.num_classes", "7"],
+                      "data.train_images 1000 (the folder: 80), data.num_classes 7 (the folder: 10)"),
+    "resume-mistyped-run": (["--run.name", "nope", "--ckpt_path", "last"], "ckpt_path: last, but {tmp}/runs/nope has no"),
+}
+
+
+def test_fit_errors_come_before_torch_is_imported(tmp_path, digits_root):
+    """Issue 11 item 7: recipe, data and run-folder errors of `fit` (the recipe with the command line
+    applied: tiny_recipe holds optimizer kwargs, checked last) are printed before torch or Lightning
+    is imported; an error a flag caused names the flag, not the recipe file."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(digits_root))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", WANDB_MODE="offline")
+    procs = {}
+    for row, (flags, _) in EARLY.items():
+        flags = [f.format(tmp=tmp_path) for f in flags]
+        procs[row] = subprocess.Popen(
+            [sys.executable, "-c", PROBE, "fit", "--config", str(path), "--run.root", str(tmp_path / "runs"),
+             "--run.wandb", "false", *flags], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for row, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=PROCESS_SECONDS * 2)
+        line = _one_error_line(stderr)
+        assert EARLY[row][1].format(tmp=tmp_path) in line, line
+        assert str(path) not in line or row == "non-dividing-flag", line  # the flag's error, not the recipe's
+        import json
+
+        seen = json.loads(stdout.splitlines()[-1])
+        assert seen == {"rc": 2, "torch": False, "lightning": False}, (row, seen)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_later_config_file_is_named_for_its_value(tmp_path, capsys):
+    """A bad value from a second --config file is blamed on that file, not on the recipe."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(None))
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("data:\n  micro_batch: -8\n")
+    capsys.readouterr()
+    rc = run_cli("fit", "--config", str(path), "--config", str(extra), "--run.root", str(tmp_path / "runs"))
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and line == f"resnet-lamb: error: {extra}: data.micro_batch: expected a positive integer, got -8"
+
+
+def test_imagenet_recipe_on_small_data_one_message_then_its_fix_runs(tmp_path, capsys, digits_root):
+    """Issue 11 item 3: an ImageNet recipe on a small folder names every count that differs in one
+    line; the flags it gives are all it takes (model.num_classes follows data.num_classes); a
+    --model.num_classes flag is refused before anything is built, naming both keys."""
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "imagenet" / "table5" / "lamb-bs512.yaml")
+    base = ["fit", "--config", recipe, "--data.root", str(digits_root), "--data.backend", "torchvision",
+            "--run.root", str(tmp_path / "runs"), "--run.wandb", "false"]
+    capsys.readouterr()
+    assert run_cli(*base) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert (f"{digits_root} does not hold what the recipe states: data.train_images 1281167 (the folder: 80), "
+            "data.val_images 50000 (the folder: 40), data.num_classes 1000 (the folder: 10); pass "
+            "--data.train_images 80 --data.val_images 40 --data.num_classes 10, or set them in the recipe") in line
+    advice = line.split("; pass ", 1)[1].split(", or", 1)[0].split()
+    assert run_cli(*base, *advice, "--model.num_classes", "10") == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--model.num_classes 10: follows data.num_classes" in line and "pass --data.num_classes 10 instead" in line
+    assert not (tmp_path / "runs").exists()
+    small = ["--data.image_size", "16", "--data.global_batch", "16", "--data.micro_batch", "16", "--data.workers", "0",
+             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
+    assert run_cli(*base, *advice, *small) == 0
+    import torch
+
+    run = tmp_path / "runs" / "lamb-bs512"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert tuple(ckpt["state_dict"]["model.fc.weight"].shape) == (10, 2048)  # ResNet-50 with the data's 10 classes
+    data = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    assert (data["train_images"], data["val_images"], data["num_classes"]) == (80, 40, 10)  # recorded for `report`
