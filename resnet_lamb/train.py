@@ -235,6 +235,9 @@ def _check_config(cfg: dict, sub: str, world: Optional[int], path: str) -> tuple
     light = part
     if isinstance(opt, dict) and opt.get("kwargs"):  # checked last: the optimizer registry imports torch
         light = {**part, "model": {**model, "optimizer": {**opt, "kwargs": {}}}}
+        if isinstance(part.get("sources"), dict):  # their sources are checked with them
+            light["sources"] = {k: v for k, v in part["sources"].items()
+                                if not str(k).startswith("model.optimizer.kwargs.")}
     recipe = R.validate_recipe(light, path)
     if model.get("arch") is not None:
         R.check_arch(model["arch"])
@@ -709,7 +712,9 @@ def _cli_class():
                 if sub == "fit":  # the run's own record of its numbers and their sources
                     import json
 
-                    sources = {k: src for k, _, _, src in R.plan_rows(plan, recipe) if src}
+                    from resnet_lamb.recipe import plan_rows
+
+                    sources = {k: src for k, _, _, src in plan_rows(plan, recipe) if src}
                     (self.run_dir / "plan.json").write_text(json.dumps({**plan.to_dict(), "sources": sources}, indent=1))
 
         def instantiate_classes(self) -> None:

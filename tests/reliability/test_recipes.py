@@ -50,7 +50,7 @@ ROWS = {
     # unknown keys
     "unknown-top-level-key": (_edit(bogus=1), [],
                               "bogus: unknown key (not an option of the recipe's top level)",
-                              "bogus: unknown top-level key; allowed: base, expected, seed_everything"),
+                              "bogus: unknown top-level key; allowed: base, expected, sources, seed_everything"),
     "unknown-model-key-flag": (_edit(), ["--model.foo", "1"], "model.foo: unknown key (not an option of model)", None),
     "unknown-data-key": (_edit(data__bogus=1), [], "data.bogus: unknown key (not an option of data)", None),
     "unknown-optimizer-key": (_edit(model__optimizer__nme="lamb"), [],
@@ -86,8 +86,8 @@ ROWS = {
     "unknown-backend": (_edit(data__backend="dalli"), [],
                         "data.backend: unknown backend 'dalli'; choose one of dali, torchvision", None),
     "unknown-schedule": (_edit(model__schedule__name="cosine"), [],
-                         "model.schedule.name: unknown schedule 'cosine'; choose one of poly, goyal, constant",
-                         "model.schedule.name: unknown schedule 'cosine'; choose one of poly, goyal, constant"),
+                         "model.schedule.name: unknown schedule 'cosine'; choose one of poly, poly_after_warmup, goyal, constant",
+                         "model.schedule.name: unknown schedule 'cosine'; choose one of poly, poly_after_warmup, goyal, constant"),
     "unknown-schedule-flag": (_edit(), ["--model.schedule.name", "pol"],
                               "--model.schedule.name pol: unknown schedule 'pol' (did you mean 'poly'?)", None),
     "unknown-arch-flag": (_edit(), ["--model.arch", "resnet7"],
@@ -128,7 +128,7 @@ ROWS = {
                               "4, 8, 16 or data.micro_batch to a multiple of 12",
                               "model.bn_batch: 12 does not divide data.micro_batch 16"),
     "bn-batch-not-dividing-flag": (_edit(model__bn_batch=8), ["--data.micro_batch", "4", "--model.bn_batch", "3"],
-                                   "model.bn_batch: 3 does not divide data.micro_batch 4", None),
+                                   "--model.bn_batch 3: 3 does not divide data.micro_batch 4", None),
     "unknown-epoch-mode": (_edit(data__epoch_mode="fullbatch"), [],
                            "data.epoch_mode: unknown epoch mode 'fullbatch' (did you mean 'full_batch'?); choose one of "
                            "padded, full_batch",
@@ -332,7 +332,8 @@ def test_imagenet_recipe_on_small_data_one_message_then_its_fix_runs(tmp_path, c
     line = _one_error_line(capsys.readouterr().err)
     assert "--model.num_classes 10: follows data.num_classes" in line and "pass --data.num_classes 10 instead" in line
     assert not (tmp_path / "runs").exists()
-    small = ["--data.image_size", "16", "--data.global_batch", "16", "--data.micro_batch", "16", "--data.workers", "0",
+    small = ["--data.image_size", "16", "--data.global_batch", "16", "--data.micro_batch", "16", "--model.bn_batch", "16",
+             "--data.workers", "0",
              "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
     assert run_cli(*base, *advice, *small) == 0
     import torch
