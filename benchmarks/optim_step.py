@@ -4,7 +4,8 @@ is present.
 
 Every contender gets its own copy of the parameters and the same random gradients; the
 contenders run interleaved (one step each, in a shuffled order, per repetition) so machine load
-hits all of them alike; medians (and minima) are reported.  Each thread count runs in its own
+hits all of them alike; medians, minima and the median of per-repetition (paired) ratios are
+reported.  Each thread count runs in its own
 process (inductor bakes the thread count into its CPU kernels).  The compiled paths are warmed up
 first and their one-time compile cost (first step, state init included) is reported;
 ``--cold-compile`` disables inductor's on-disk caches to show the cold cost.  Parameters are
@@ -183,6 +184,9 @@ def run(args: argparse.Namespace, threads: int, device: str) -> dict:
         if a in med and b in med:
             out[key] = round(med[a] / med[b], 3)
             out[key + "_min"] = round(low[a] / low[b], 3)
+            # a and b ran back to back in each repetition: the median of per-repetition ratios
+            # is the figure least moved by other jobs on a shared machine
+            out[key + "_paired"] = round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
             out[key + "_over_floor"] = round(med[a] / med[b] / FLOORS[floor], 3)
     if device == "cuda":
         out["launches_per_step"] = {n: launches_per_step(o, device) for n, o in opts.items()}
@@ -243,11 +247,14 @@ def main(argv: list[str] | None = None) -> dict:
            "tensors": sum(1 for _ in model.parameters()),
            "params": sum(p.numel() for p in model.parameters()), "rule": args.rule,
            "floor": {k: round(v, 3) for k, v in FLOORS.items()},
-           "compile_cache": "cold" if args.cold_compile else "default"}
+           "compile_cache": "cold" if args.cold_compile else "default",
+           "load_avg": {name: r["load_avg"] for name, r in runs.items()},
+           "compile_s": {name: r["compile_s"] for name, r in runs.items()}}
     for key in RATIOS:
         per = {name: r[key] for name, r in runs.items() if key in r}
         if per:
             out[key] = per
+            out[key + "_paired"] = {name: r[key + "_paired"] for name, r in runs.items() if key in r}
     out["headline_max"] = max((r[k] for r in runs.values() if r["device"] == "cpu"
                                for k in HEADLINE if k in r), default=None)
     out["runs"] = runs

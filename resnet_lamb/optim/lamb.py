@@ -170,7 +170,7 @@ class Lamb(LayerwiseOptimizer):
         if (uniform and not adapt and nesterov is None and bc and self._fast_cpu
                 and dev.type in ("cpu", "cuda")):
             # ratio 1 everywhere: exactly AdamW; torch's fused kernel over the whole buffer
-            step = torch.tensor(float(bucket.steps[0]), device=dev)
+            step = torch.tensor(bucket.t, device=dev)
             torch._fused_adamw_([bucket.p], [bucket.g], [m], [v], [], [step], lr=ctx["lr"],
                                 beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
                                 eps=group["eps"], amsgrad=False, maximize=False)
@@ -183,9 +183,7 @@ class Lamb(LayerwiseOptimizer):
             return torch.ones(bucket.n, device=dev)
         for t in parts:
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        ratio = self._call(lamb_ratios, dict(norm=kw["norm"], clip=group["trust_clip"] is not None),
-                           *parts, bucket.lengths, c)
-        torch._dynamo.maybe_mark_dynamic(ratio, 0)
-        self._call(apply_update, {}, bucket.p, bucket.g, bucket.seg, c, bucket.coef, ratio,
-                   blockwise=3)  # the gradient buffer holds r now
-        return ratio
+        # the gradient buffer holds r now
+        return self._ratio_and_apply(lamb_ratios, dict(norm=kw["norm"], clip=group["trust_clip"] is not None),
+                                     (*parts, bucket.lengths, c), apply_update, {},
+                                     (bucket.p, bucket.g, bucket.seg, c, bucket.coef), blockwise=3)

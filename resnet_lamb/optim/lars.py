@@ -147,25 +147,24 @@ class Lars(LayerwiseOptimizer):
             return torch.ones(bucket.n, device=dev)
         c = self._group_scalars(ctx["scalars"], dev)
         has_wd, clip = group["weight_decay"] != 0, group["trust_clip"] is not None
+        ones = torch.ones(bucket.n, device=dev)
+        torch._dynamo.maybe_mark_dynamic(ones, 0)
+        classic = dict(nesterov=group["nesterov"], has_wd=has_wd)
         if mode == "paper":
             parts = self._call(paper_phase1, dict(has_wd=has_wd, adapt=adapt), bucket.p, bucket.g,
                                buf, bucket.seg, c, bucket.coef, blockwise=4)
-            if not adapt:
-                return torch.ones(bucket.n, device=dev)
-        elif adapt:
+            if not adapt:  # applied in phase 1
+                return ones
+            apply, akw, apply_args = apply_update, {}, (bucket.p, buf, bucket.seg, c, bucket.coef)
+        else:
+            apply_args = (bucket.p, bucket.g, buf, bucket.seg, c, bucket.coef)
+            if not adapt:  # local lr 1 (the fused shortcut switched off)
+                self._call(classic_phase2, classic, *apply_args, ones, blockwise=4)
+                return ones
             parts = self._call(classic_phase1, {}, bucket.p, bucket.g, blockwise=2)
-        if adapt:
-            for t in parts:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-            ratio = self._call(paper_ratios if mode == "paper" else classic_ratios, dict(clip=clip),
-                               *parts, bucket.lengths, c)
-            torch._dynamo.maybe_mark_dynamic(ratio, 0)
-        else:
-            ratio = torch.ones(bucket.n, device=dev)
-        if mode == "paper":
-            self._call(apply_update, {}, bucket.p, buf, bucket.seg, c, bucket.coef, ratio,
-                       blockwise=3)
-        else:
-            self._call(classic_phase2, dict(nesterov=group["nesterov"], has_wd=has_wd), bucket.p,
-                       bucket.g, buf, bucket.seg, c, bucket.coef, ratio, blockwise=4)
-        return ratio
+            apply, akw = classic_phase2, classic
+        for t in parts:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return self._ratio_and_apply(paper_ratios if mode == "paper" else classic_ratios,
+                                     dict(clip=clip), (*parts, bucket.lengths, c), apply, akw,
+                                     apply_args, blockwise=len(apply_args) - 2)

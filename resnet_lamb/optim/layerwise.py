@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import operator
 import sys
 import types
 import warnings
@@ -118,6 +119,15 @@ def apply_update(p, u, seg, c, coef, ratio) -> None:
     p.sub_(u * ((ratio[seg] * c[0]).unsqueeze(1) * coef[seg][:, 0:1]))
 
 
+def ratio_then_apply(*args, ratios: Callable, rkw: tuple, apply: Callable, akw: tuple,
+                     n_apply: int) -> torch.Tensor:
+    """Phase 2 as one graph (compiled path): ``ratio = ratios(*args[n_apply:], **rkw)``, then
+    ``apply(*args[:n_apply], ratio, **akw)``; returns the ratios."""
+    ratio = ratios(*args[n_apply:], **dict(rkw))
+    apply(*args[:n_apply], ratio, **dict(akw))
+    return ratio
+
+
 def segment_norms(partials: torch.Tensor, lengths: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-tensor norms from block partials; ``lengths`` = blocks per tensor."""
     if norm == "inf":
@@ -142,7 +152,7 @@ def get_compiled(fn: Callable, static: dict[str, Any]) -> Callable:
     """
     key = (fn, tuple(sorted(static.items())), torch.get_num_threads())
     if key not in _COMPILED:
-        tag = "_".join(f"{k}{v}" for k, v in sorted(static.items())).replace(".", "p")
+        tag = "_".join(f"{k}{getattr(v, '__name__', v)}" for k, v in sorted(static.items()))
         tag = "".join(ch if ch.isalnum() else "_" for ch in tag) + f"_t{key[2]}"
         code = fn.__code__.replace(co_name=f"{fn.__name__}__{tag}")
         clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
@@ -214,6 +224,10 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+_data_ptr = torch.Tensor.data_ptr
+_grad = operator.attrgetter("grad")
+
+
 def _owns_storage(t: torch.Tensor) -> bool:
     """``t`` spans its whole storage (nobody else can see part of it), or lives in a flat buffer."""
     st = t.untyped_storage()
@@ -270,6 +284,10 @@ class FlatBucket:
                 for k in state_keys:
                     self.buf_views[k][i].copy_(st[k])
                 self._point_state(i, st)
+        self.initialised = all(state.get(p) for p in params)
+        self.all_active = [True] * self.n
+        self.t: float | None = None  # the step count shared by every tensor, when known
+        self.coef_row: list[float] | None = None  # what coef holds when one row fills it
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         flat1 = flat.view(-1)
@@ -296,9 +314,12 @@ class FlatBucket:
 
     def init_state(self, active: list[bool], state: dict) -> None:
         """State entries (views, zero) for tensors stepped for the first time."""
+        if self.initialised:
+            return
         for i, (p, a) in enumerate(zip(self.params, active)):
             if a and not state[p]:
                 self._point_state(i, state[p])
+        self.initialised = all(state[p] for p in self.params)
 
     def fits(self, params: list[torch.Tensor]) -> bool:
         """Same shapes, dtype, device and (dense tensors) strides as the buffers' views."""
@@ -309,7 +330,7 @@ class FlatBucket:
     def sync_params_in(self) -> bool:
         """Check every parameter is still the expected tensor; re-adopt the ones whose data was
         replaced; copy in the ones that are not views.  False: shapes/dtypes changed (rebuild)."""
-        ptrs = [p.data_ptr() for p in self.params]
+        ptrs = list(map(_data_ptr, self.params))
         if ptrs != self.p_ptrs:
             if not self.fits(self.params):
                 return False
@@ -330,6 +351,12 @@ class FlatBucket:
     def sync_grads(self) -> list[bool]:
         """Which tensors have a gradient; gradients that are not the buffer's views are copied
         in (one op) and, if they own their storage, replaced by the views."""
+        grads = list(map(_grad, self.params))
+        try:
+            if list(map(_data_ptr, grads)) == self.g_ptrs:
+                return self.all_active  # the usual step: every gradient is the buffer's view
+        except TypeError:  # a gradient is None
+            pass
         active, dst, src, idle = [], [], [], []
         for i, p in enumerate(self.params):
             g = p.grad
@@ -420,8 +447,10 @@ class LayerwiseOptimizer(Optimizer):
                 bucket.init_state(active, self.state)
                 if all(active):
                     bucket.steps.add_(1.0)
+                    bucket.t = None if bucket.t is None else bucket.t + 1.0
                 else:
                     bucket.steps.add_(torch.tensor(active, dtype=torch.float32))
+                    bucket.t = None
                 ratio = self._bucket_step(group, ctx, bucket, active)
                 bucket.sync_params_out()
                 done.append((bucket.idx, ratio, active))
@@ -431,7 +460,7 @@ class LayerwiseOptimizer(Optimizer):
     def _buckets(self, gi: int, group: dict[str, Any]) -> list[FlatBucket]:
         """The group's buckets, built on first use and rebuilt when its parameters changed
         (list, shape, dtype or device); parameters checked and synced in."""
-        key = tuple(id(p) for p in group["params"])
+        key = tuple(map(id, group["params"]))
         cached = self._flat.get(gi)
         if cached is not None and cached[0] == key:
             if all(b.sync_params_in() for b in cached[1]):
@@ -463,14 +492,21 @@ class LayerwiseOptimizer(Optimizer):
                    row: Callable[[float], list[float]]) -> bool:
         """Fill ``bucket.coef`` ([tensors, 1 + k]): column 0 = 1 where the tensor steps, then
         ``row(t)`` for its step count t.  Returns True when every tensor steps at one t."""
-        steps = bucket.steps.tolist()
-        uniform = all(active) and min(steps) == max(steps)
-        if uniform:
-            table = torch.tensor([1.0, *row(steps[0])]).expand(bucket.n, -1)
-        else:  # rows of idle tensors only need to be finite: they are multiplied by 0
-            table = torch.tensor([[float(a), *row(max(t, 1.0))] for a, t in zip(active, steps)])
+        if bucket.t is None:
+            steps = bucket.steps.tolist()
+            if all(active) and min(steps) == max(steps):
+                bucket.t = steps[0]
+        if bucket.t is not None:
+            values = [1.0, *row(bucket.t)]
+            if values != bucket.coef_row:
+                bucket.coef.copy_(torch.tensor(values).expand(bucket.n, -1), non_blocking=True)
+                bucket.coef_row = values
+            return True
+        # rows of idle tensors only need to be finite: they are multiplied by 0
+        table = torch.tensor([[float(a), *row(max(t, 1.0))] for a, t in zip(active, steps)])
         bucket.coef.copy_(table, non_blocking=True)
-        return uniform
+        bucket.coef_row = None
+        return False
 
     def _call(self, fn: Callable, static: dict[str, Any], *args, blockwise: int = 0):
         """``fn(*args, **static)``, compiled (impl "compiled") or eager; "auto" falls back to
@@ -500,6 +536,20 @@ class LayerwiseOptimizer(Optimizer):
         if outs[0] is None:
             return None
         return tuple(torch.cat(o) for o in zip(*outs))
+
+    def _ratio_and_apply(self, ratios: Callable, rkw: dict[str, Any], ratio_args: tuple,
+                         apply: Callable, akw: dict[str, Any], apply_args: tuple,
+                         blockwise: int) -> torch.Tensor:
+        """Phase 2: per-tensor ratios from the block partials, then the apply pass.  Compiled:
+        one graph for both (each compiled call costs guards and wrappers); eager: the ratios once,
+        then the apply pass chunk by chunk."""
+        if self.impl == "compiled":
+            static = dict(ratios=ratios, rkw=tuple(sorted(rkw.items())), apply=apply,
+                          akw=tuple(sorted(akw.items())), n_apply=len(apply_args))
+            return self._call(ratio_then_apply, static, *apply_args, *ratio_args)
+        ratio = ratios(*ratio_args, **rkw)
+        self._call(apply, akw, *apply_args, ratio, blockwise=blockwise)
+        return ratio
 
     @staticmethod
     def _group_scalars(values: list[float], device: torch.device) -> torch.Tensor:
