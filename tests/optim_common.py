@@ -1,23 +1,15 @@
-"""What the optimizer test modules share: the tensor shapes, the implementations to check, and the
-fixture that sends small tensors through the batched eager form."""
+"""What the optimizer test modules share: the tensor shapes, the implementations to check and the
+reference check."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from resnet_lamb.optim.lamb import compiler_available
+from resnet_lamb.optim.layerwise import compiler_available
 
-SHAPES = [(6, 5), (7,), (3, 2, 2, 2), (4,)]
+# 6x5 and 3x2x2x2 fit in one flat block; the 1500-element tensor spans two (BLOCK = 1024)
+SHAPES = [(6, 5), (7,), (3, 2, 2, 2), (4,), (30, 50)]
 IMPLS = ["eager"] + (["compiled"] if compiler_available() else [])
-
-
-@pytest.fixture(autouse=True)
-def _mixed_small_tensors(monkeypatch):
-    """Compiled path: tensors of >= 20 elements take the compiled kernels, smaller ones the
-    batched eager form (as BatchNorm vectors do on a real model)."""
-    import resnet_lamb.optim.lamb as lamb_mod
-
-    monkeypatch.setattr(lamb_mod, "SMALL_NUMEL", 20)
 
 
 def assert_matches_reference(ps, ref, opt, ratios, ratio_abs):

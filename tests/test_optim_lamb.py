@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from resnet_lamb.optim import Lamb
-from optim_common import IMPLS, SHAPES, _mixed_small_tensors, assert_matches_reference  # noqa: F401 (autouse fixture)
-
-
+from optim_common import IMPLS, SHAPES, assert_matches_reference
 
 # ------------------------------------------------------------------------------------------
 # reference: one tensor at a time, float64, straight from the pseudocode
@@ -46,7 +44,7 @@ def ref_lamb_step(x, g, st, *, lr, betas, eps, weight_decay, bias_correction=Tru
     r = m_hat / (torch.sqrt(v_hat) + eps) + weight_decay * x
     wn, rn = _norm(x, norm), _norm(r, norm)
     phi = wn if trust_clip is None else min(max(wn, trust_clip[0]), trust_clip[1])
-    ratio = phi / rn if (layer_adaptation and wn > 0 and rn > 0) else 1.0
+    ratio = phi / rn if (layer_adaptation and phi > 0 and rn > 0) else 1.0
     x -= lr * ratio * r
     return ratio
 
@@ -71,16 +69,19 @@ def grads_for(step: int, ps):
     return gs
 
 
+NAMES = ["a.weight", "b.bias", "c.weight", "d.weight", "e.weight"]
+GROUP1 = (2, 3)  # the tensors of the second group
+
+
 def run_both(opts: dict, group1: dict, impl: str, steps: int = 4):
-    """Two groups: tensors 0,1 with ``opts``; tensors 2,3 with ``opts`` overridden by group1."""
+    """Two groups: tensors 0,1,4 with ``opts``; tensors 2,3 with ``opts`` overridden by group1."""
     init = make_params()
     ref = [p.clone() for p in init]
     ps = [torch.nn.Parameter(p.float().clone()) for p in init]
-    names = ["a.weight", "b.bias", "c.weight", "d.weight"]
     cfg0 = dict(DEFAULTS, **opts)
     cfg1 = dict(cfg0, **group1)
-    opt = Lamb([{"params": [(names[0], ps[0]), (names[1], ps[1])]},
-                {"params": [(names[2], ps[2]), (names[3], ps[3])], **group1}], impl=impl,
+    opt = Lamb([{"params": [(NAMES[i], ps[i]) for i in range(len(ps)) if i not in GROUP1]},
+                {"params": [(NAMES[i], ps[i]) for i in GROUP1], **group1}], impl=impl,
                **{k: v for k, v in cfg0.items()})
     st = [dict() for _ in ps]
     ratios = {}
@@ -88,7 +89,7 @@ def run_both(opts: dict, group1: dict, impl: str, steps: int = 4):
         gs = grads_for(s, init)
         for i, (p, g) in enumerate(zip(ps, gs)):
             p.grad = g.float()
-            ratios[names[i]] = ref_lamb_step(ref[i], g, st[i], **(cfg0 if i < 2 else cfg1))
+            ratios[NAMES[i]] = ref_lamb_step(ref[i], g, st[i], **(cfg1 if i in GROUP1 else cfg0))
         opt.step()
     return ps, ref, opt, ratios
 
@@ -228,7 +229,8 @@ def test_converges_on_separable_problem(nesterov):
     ({"lr": math.nan}, "lr must be a finite number >= 0; got nan"),
     ({"betas": (0.9, 1.0)}, "betas must be two numbers in [0, 1); got (0.9, 1.0)"),
     ({"betas": (-0.1, 0.9)}, "betas must be two numbers in [0, 1)"),
-    ({"eps": -1e-8}, "eps must be a finite number >= 0"),
+    ({"eps": -1e-8}, "eps must be a finite number > 0 (Algorithm 2)"),
+    ({"eps": 0.0}, "eps must be a finite number > 0 (Algorithm 2); got 0.0"),
     ({"norm": "l3"}, "norm must be one of l2, l1, inf; got 'l3'"),
     ({"nesterov": "x"}, "nesterov must be one of None, 'n', 'nn'; got 'x'"),
     ({"trust_clip": (2.0, 1.0)}, "trust_clip must be None or (lower, upper) with 0 <= lower"),
@@ -248,7 +250,7 @@ def test_bad_group_override():
 
 
 def test_auto_falls_back_to_eager_when_compile_fails(monkeypatch):
-    import resnet_lamb.optim.lamb as lamb_mod
+    import resnet_lamb.optim.layerwise as layerwise
 
     def broken(*a, **k):
         raise RuntimeError("no compiler here")
@@ -257,7 +259,7 @@ def test_auto_falls_back_to_eager_when_compile_fails(monkeypatch):
     opt = Lamb([p], lr=1e-2)
     if opt.impl != "compiled":
         pytest.skip("no working compiler: auto is eager already")
-    monkeypatch.setattr(lamb_mod, "get_compiled", broken)
+    monkeypatch.setattr(layerwise, "get_compiled", broken)
     q = torch.nn.Parameter(p.detach().clone())
     ref = Lamb([q], lr=1e-2, impl="eager")
     p.grad = torch.randn(8, 8)

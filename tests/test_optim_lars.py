@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from resnet_lamb.optim import Lars
-from optim_common import IMPLS, SHAPES, _mixed_small_tensors, assert_matches_reference  # noqa: F401 (autouse fixture)
+from optim_common import IMPLS, SHAPES, assert_matches_reference
 
-NAMES = ["a.weight", "b.bias", "c.weight", "d.weight"]
+NAMES = ["a.weight", "b.bias", "c.weight", "d.weight", "e.weight"]
+GROUP1 = (2, 3)  # the tensors of the second group
 
 
 def _phi(z, clip):
@@ -25,12 +26,14 @@ def ref_lars_step(x, g, st, *, lr, momentum=0.9, weight_decay=0.0, eps=1e-9,
     if mode == "paper":  # Algorithm 1
         m = momentum * m + (1 - momentum) * (g + weight_decay * x)
         mn = float(m.norm())
-        ratio = _phi(wn, trust_clip) / mn if (layer_adaptation and wn > 0 and mn > 0) else 1.0
+        phi = _phi(wn, trust_clip)
+        ratio = phi / mn if (layer_adaptation and phi > 0 and mn > 0) else 1.0
         x -= lr * ratio * m
     else:  # You et al. 2017 / MLPerf
         gn = float(g.norm())
-        ratio = (trust_coefficient * _phi(wn, trust_clip) / (gn + weight_decay * wn + eps)
-                 if (layer_adaptation and wn > 0 and gn > 0) else 1.0)
+        phi = _phi(wn, trust_clip)
+        ratio = (trust_coefficient * phi / (gn + weight_decay * wn + eps)
+                 if (layer_adaptation and phi > 0 and gn > 0) else 1.0)
         d = (g + weight_decay * x) * ratio
         m = momentum * m + d
         x -= lr * (d + momentum * m if nesterov else m)
@@ -46,8 +49,8 @@ def run_both(opts, group1, impl, steps=4):
     ps = [torch.nn.Parameter(p.float().clone()) for p in init]
     cfg0 = dict(dict(lr=0.1), **opts)
     cfg1 = dict(cfg0, **group1)
-    opt = Lars([{"params": [(NAMES[0], ps[0]), (NAMES[1], ps[1])]},
-                {"params": [(NAMES[2], ps[2]), (NAMES[3], ps[3])], **group1}], impl=impl, **cfg0)
+    opt = Lars([{"params": [(NAMES[i], ps[i]) for i in range(len(ps)) if i not in GROUP1]},
+                {"params": [(NAMES[i], ps[i]) for i in GROUP1], **group1}], impl=impl, **cfg0)
     st = [dict() for _ in ps]
     ratios = {}
     for s in range(steps):
@@ -58,7 +61,7 @@ def run_both(opts, group1, impl, steps=4):
             gs[3].zero_()
         for i, (p, g) in enumerate(zip(ps, gs)):
             p.grad = g.float()
-            ratios[NAMES[i]] = ref_lars_step(ref[i], g, st[i], **(cfg0 if i < 2 else cfg1))
+            ratios[NAMES[i]] = ref_lars_step(ref[i], g, st[i], **(cfg1 if i in GROUP1 else cfg0))
         opt.step()
     return ps, ref, opt, ratios
 
