@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_lamb.optim import Lamb, Lars, build_optimizer, list_optimizers, param_groups
+from resnet_lamb.optim import Lamb, Lars, build_optimizer, list_optimizers
+from resnet_lamb.optim.param_groups import param_groups
 from resnet_lamb.optim.registry import AdamWL2, optimizer_options
 
 NAMES = ["lamb", "nlamb", "nnlamb", "lars", "lars_classic", "adam", "adamw", "adagrad", "sgd",

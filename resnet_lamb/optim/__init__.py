@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["Lamb", "Lars", "build_optimizer", "list_optimizers", "param_groups"]
-_WHERE = {"Lamb": "lamb", "Lars": "lars", "build_optimizer": "registry", "list_optimizers": "registry",
-          "param_groups": "param_groups"}
+# The param-group rule is imported from its module (resnet_lamb.optim.param_groups.param_groups): a
+# re-export here would be shadowed by the submodule of the same name once that is imported.
+__all__ = ["Lamb", "Lars", "build_optimizer", "list_optimizers"]
+_WHERE = {"Lamb": "lamb", "Lars": "lars", "build_optimizer": "registry", "list_optimizers": "registry"}
 
-# ---- schedules: the schedules engineer adds their re-export here, e.g. -------------------
-# from resnet_lamb.optim.schedules import ...   (and extend __all__)
-# -------------------------------------------------------------------------------------------
 
 
 def __getattr__(name):
