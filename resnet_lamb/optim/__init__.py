@@ -15,7 +15,6 @@ __all__ = ["Lamb", "Lars", "build_optimizer", "list_optimizers"]
 _WHERE = {"Lamb": "lamb", "Lars": "lars", "build_optimizer": "registry", "list_optimizers": "registry"}
 
 
-
 def __getattr__(name):
     if name in _WHERE:
         return getattr(importlib.import_module(f"resnet_lamb.optim.{_WHERE[name]}"), name)
