@@ -417,3 +417,14 @@ def test_train_images_counted_from_root(tmp_path):
         plan_recipe(validate_recipe(missing, "r.yaml"))
     with pytest.raises(RecipeError, match=r"data\.micro_batch: missing"):
         plan_recipe(validate_recipe(edited(data__micro_batch=None), "r.yaml"))
+
+
+def test_demo_author_recipe_plans():
+    """recipes/demo-author.yaml (README "Reproducing Table 5"): the demo through the author's
+    schedule, full-batch epochs and ghost BatchNorm."""
+    path = REPO / "recipes" / "demo-author.yaml"
+    recipe = validate_recipe(load_recipe(path), path)
+    plan = plan_recipe(recipe, train_images=6000)
+    assert (plan.schedule, plan.epoch_mode, plan.bn_images, plan.micro_batch) == ("poly_after_warmup", "full_batch", 32, 128)
+    assert plan.optimizer_steps == math.ceil(4 * 6000 / 128) and recipe.optimizer.kwargs["bias_correction"] is False
+    assert recipe.sources and recipe.expected["top1"] > 0
