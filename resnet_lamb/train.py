@@ -356,7 +356,7 @@ def _resume_path(ckpt_path: Any, run_dir: Path) -> Optional[Path]:
 
 def check_resume(ckpt: Path, recipe: Any, force: bool = False) -> None:
     """Resuming continues the checkpoint's run: the optimizer (name, LR rule, weight decay, param
-    rule, kwargs but ``impl``), the schedule, the global batch and the epoch count must be the
+    rule, kwargs but ``impl``), the schedule, the global batch, the epoch count and mode must be the
     checkpoint's (``resnet_lamb.model.recipe_identity``); a different world size or micro batch
     only changes the accumulation.  Otherwise one line naming the keys, unless ``force``."""
     import torch

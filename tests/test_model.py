@@ -64,3 +64,16 @@ def test_validation_metrics_ignore_padding():
     m.val_top5.update(logits, labels)
     assert m.val_top1.compute().item() == pytest.approx(0.5)
     assert m.val_top5.compute().item() == pytest.approx(1.0)
+
+
+def test_resume_identity_has_the_epoch_mode_and_reads_older_checkpoints():
+    """Another epoch mode changes the run's steps and data stream: a resume must name it; a
+    checkpoint written before the key existed counts as the default (padded, end_lr 0)."""
+    from resnet_lamb.model import recipe_changes, recipe_identity
+    from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec
+
+    padded = recipe_identity(OptimizerSpec(), ScheduleSpec(), 512, 90)
+    full = recipe_identity(OptimizerSpec(), ScheduleSpec(), 512, 90, "full_batch")
+    assert recipe_changes(padded, full) == ["data.epoch_mode"]
+    older = {k: v for k, v in padded.items() if k not in ("data.epoch_mode", "model.schedule.end_lr")}
+    assert recipe_changes(older, padded) == [] and recipe_changes(older, full) == ["data.epoch_mode"]

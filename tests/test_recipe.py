@@ -425,3 +425,14 @@ def test_optimizer_names_are_the_registry_s():
     from resnet_lamb.recipe import OPTIMIZERS
 
     assert list(OPTIMIZERS) == list_optimizers()
+
+
+def test_demo_author_recipe_plans():
+    """recipes/demo-author.yaml (README "Reproducing Table 5"): the demo through the author's
+    schedule, full-batch epochs and ghost BatchNorm."""
+    path = REPO / "recipes" / "demo-author.yaml"
+    recipe = validate_recipe(load_recipe(path), path)
+    plan = plan_recipe(recipe, train_images=6000)
+    assert (plan.schedule, plan.epoch_mode, plan.bn_images, plan.micro_batch) == ("poly_after_warmup", "full_batch", 32, 128)
+    assert plan.optimizer_steps == math.ceil(4 * 6000 / 128) and recipe.optimizer.kwargs["bias_correction"] is False
+    assert recipe.sources and recipe.expected["top1"] > 0

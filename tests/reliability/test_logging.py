@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import REPO, tiny_recipe, write_recipe
@@ -119,3 +120,20 @@ def test_disk_full_during_checkpoint_save_keeps_the_last_checkpoint(fit, tmp_pat
     monkeypatch.setattr(torch, "save", real)  # space freed: resume from it
     fit(_small(), "--ckpt_path", "last", name="full")
     assert torch.load(ck / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+
+
+def test_ctrl_c_during_a_checkpoint_write_stays_an_interrupt(tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside torch.save that carries an OSError torch handled is Ctrl-C, not a
+    full disk: it propagates as itself (the run is then "interrupted", not "failed"); no temp file."""
+    from resnet_lamb.train import CheckpointWriteError, _atomic_io_class
+
+    def interrupted(obj, f, *args, **kwargs):
+        try:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        except OSError:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        _atomic_io_class()().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    assert not isinstance(caught.value, CheckpointWriteError) and not list(tmp_path.iterdir())
