@@ -207,11 +207,13 @@ class LambModule(pl.LightningModule):
             trust_ratio_every: log optim/trust_ratio/<param> every N optimizer steps; 0 = off.
             optimizer: name, base_lr at base_batch, scaling rule, weight decay, param_rule, kwargs
                 (`--model.optimizer.help` lists them).
-            schedule: poly | goyal | constant, warmup epochs at base_batch and its scaling
+            schedule: poly | poly_after_warmup | goyal | constant, warmup epochs at base_batch and its scaling
                 (`--model.schedule.help` lists them).
             input_size: image size the mlp flattens (the CLI copies data.image_size).
             mlp_hidden: hidden layer widths of the mlp.
             nonfinite: at a NaN/Inf loss or gradient, stop the run or skip the step.
+            bn_batch: ghost BatchNorm: training statistics over groups of this many samples of each
+                micro batch (must divide data.micro_batch); null = plain BatchNorm over the micro batch.
         """
         super().__init__()
         if nonfinite not in NONFINITE:

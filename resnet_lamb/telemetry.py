@@ -158,10 +158,10 @@ class FirstStepRow(Callback):
 class LineProgress(ProgressBar):
     """Plain progress lines for logs that are not a terminal (rank 0 only).
 
-    * Every ``every`` optimizer steps, the last one and any step ending ``every_s`` seconds after
-      the previous line: ``epoch E  step S [D/T]  loss ..  lr ..  img/s  eta``; S is the index of
-      the step just taken and lr the LR it used, as in the CSV's ``step`` and ``train/lr``
-      columns; D/T steps done of the run's.
+    * Every ``every`` optimizer steps, the first and the last of the fit, and any step ending
+      ``every_s`` seconds after the previous line: ``epoch E  step S [D/T]  loss ..  lr ..  img/s
+      eta``; S is the index of the step just taken and lr the LR it used, as in the CSV's ``step``
+      and ``train/lr`` columns; D/T steps done of the run's.
     * Inside an accumulated step, whenever ``every_s`` seconds passed since the last line:
       ``epoch E  step S [D/T]  micro-batch A/N  img/s  eta``, S the step in progress, A of its N
       micro-batches done.
@@ -214,7 +214,7 @@ class LineProgress(ProgressBar):
                 self._print("  ".join([f"epoch {trainer.current_epoch}", f"step {step} {done}",
                                        f"micro-batch {in_step}/{accum}", *self._rate_eta(now, total, accum)]))
             return
-        if step % self.every and step != total and not due:
+        if step % self.every and step != total and step != self._step0 + 1 and not due:
             return
         parts = [f"epoch {trainer.current_epoch}", f"step {step - 1} {done}"]
         metrics = trainer.callback_metrics

@@ -21,8 +21,10 @@ What happens, in order:
 4. The parsed config goes through :func:`check_config` again and the plan is derived by
    :func:`resnet_lamb.recipe.derive_plan` with the world size (``WORLD_SIZE`` from torchrun,
    else devices x num_nodes); ``trainer.max_steps`` and ``trainer.accumulate_grad_batches`` come
-   from the plan (an inexact accumulation is an error here), the plan is printed; the counts used
-   are recorded in ``config.yaml``.
+   from the plan (an inexact accumulation is an error here), the plan is printed (not again under
+   launch/torchrun.sh, which printed it); the counts used are recorded in ``config.yaml``.
+   ``--print_config`` prints the config with these numbers (and only the schedule keys its
+   schedule reads) and exits, writing nothing.
 5. Precision: bf16-mixed on CUDA, 32-true on CPU, unless the recipe says otherwise.
 6. Run folder ``<run.root>/<run.name>/`` (name defaults to the recipe's file stem):
    ``config.yaml`` (the full resolved config), ``csv/metrics.csv`` (always), ``wandb/`` (W&B;
@@ -639,7 +641,8 @@ def _cli_class():
                                 help="where each recipe setting comes from (dotted key -> text; shown by `plan`)")
             parser.add_argument("--run.name", type=Optional[str], default=None,
                                 help="run folder name under run.root (default: the recipe's file stem)")
-            parser.add_argument("--run.project", type=str, default=RUN_DEFAULTS["project"], help="the W&B project the run logs to")
+            parser.add_argument("--run.project", type=str, default=RUN_DEFAULTS["project"],
+                                help="the W&B project the run logs to")
             parser.add_argument("--run.tags", type=list[str], default=[], help="tags of the W&B run")
             parser.add_argument("--run.root", type=str, default=RUN_DEFAULTS["root"], help="folder of run folders")
             parser.add_argument("--run.wandb", type=bool, default=True, help="log to W&B as well as CSV")
@@ -937,10 +940,9 @@ def _format_plan(plan: Any) -> str:
             f"{plan.bn_images} images")
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(subcommand: str) -> None:
     """Library messages that do not concern a user of this CLI, each silenced by its own text (a
     warning filter or a logging filter on the logger that emits it, nothing blanket)."""
-    import logging
     import warnings
 
     for message in (
@@ -954,6 +956,8 @@ def _quiet_libraries() -> None:
         r"The number of training batches \(\d+\) is smaller than the logging interval",
     ):
         warnings.filterwarnings("ignore", message=message)
+    if subcommand == "validate":  # fit's checkpoint callback is not one validate needs
+        warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
 
     for name, prefix in (
         # Lightning's advertisements for its cloud loggers and model registry
@@ -982,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("fit", "validate"):
         raise UserError("usage: resnet-lamb fit|validate --config RECIPE [--key value ...]")
-    _quiet_libraries()
+    _quiet_libraries(argv[0])
     argv = [argv[0], *_take_print_config(argv[1:])]
     _ARGV[:] = argv
     _RECIPE.update(path=None, stated=[], origins={})

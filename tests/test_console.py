@@ -2,7 +2,8 @@
 the numbers the run uses, --version, and the small-data warning with its padding skipped.
 
 The noise test runs `resnet-lamb fit` as a real process (stdout and stderr as a terminal-less user
-sees them, W&B offline but not silenced, the model summary on) and then resumes the finished run.
+sees them, W&B offline but not silenced, the model summary on), resumes the finished run and
+validates its checkpoint.
 Under DDP (the `sync_dist` recommendations, the plan once) tests/test_launch.py checks the same on a
 2-process torchrun.
 """
@@ -24,7 +25,7 @@ COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "resnet_l
 # each seen on every run before (issue 11, item 9)
 NOISE = ("litlogger", "litmodels", "💡 Tip", "The anonymous setting has no effect", "LeafSpec is deprecated",
          "isinstance(treespec, LeafSpec)", "No CUDA runtime is found", "Total FLOPs: 0", "exists and is not empty",
-         "sync_dist=True", "smaller than the logging interval")
+         "sync_dist=True", "smaller than the logging interval", "Be aware that when using `ckpt_path`")
 
 
 def _env(tmp_path: Path) -> dict:
@@ -38,10 +39,12 @@ def test_fit_and_resume_print_no_library_noise(tmp_path):
     recipe = tiny_recipe(None, **{"trainer.max_epochs": 1, "trainer.enable_model_summary": True,
                                   "trainer.log_every_n_steps": 50, "model.trust_ratio_every": 0})
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    args = [*COMMAND, "fit", "--config", str(path), "--run.root", str(tmp_path / "runs"), "--run.name", "n"]
+    args = ["--config", str(path), "--run.root", str(tmp_path / "runs"), "--run.name", "n"]
+    last = str(tmp_path / "runs" / "n" / "checkpoints" / "last.ckpt")
     outs = []
-    for extra in ([], ["--ckpt_path", "last"]):  # the resume finds the run finished and ends at once
-        p = subprocess.run([*args, *extra], capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path),
+    # a fit; its resume, which finds the run finished and ends at once; a validation of its checkpoint
+    for command in (["fit", *args], ["fit", *args, "--ckpt_path", "last"], ["validate", *args, "--ckpt_path", last]):
+        p = subprocess.run([*COMMAND, *command], capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path),
                            stdin=subprocess.DEVNULL, timeout=600)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         outs.append(p.stdout + p.stderr)
@@ -60,7 +63,7 @@ def test_cuda_toolkit_without_gpu_message_is_filtered(tmp_path):
     """torch says "No CUDA runtime is found" when it finds a CUDA toolkit but no GPU and its compiler
     stack is imported (torch.compile); CUDA_HOME pointing at any folder makes it say so here."""
     code = "import torch.utils.cpp_extension"
-    quiet = "from resnet_lamb.train import _quiet_libraries; _quiet_libraries(); " + code
+    quiet = "from resnet_lamb.train import _quiet_libraries; _quiet_libraries('fit'); " + code
     env = _env(tmp_path)
     if torch.cuda.is_available():
         pytest.skip("the message is only printed without a GPU")

@@ -250,7 +250,8 @@ def test_same_global_batch_three_ways_same_weights(splits):
         errs = {k: _rel(params[k], ref[k]) for k in ref}
         worst[n] = max(errs.values())
         bad = {k: e for k, e in errs.items() if e > RTOL64}
-        assert not bad, f"{n} processes: {len(bad)} parameters differ from 1 process by > {RTOL64:.2e}: {list(bad.items())[:3]}"
+        assert not bad, (f"{n} processes: {len(bad)} parameters differ from 1 process by > {RTOL64:.2e}: "
+                         f"{list(bad.items())[:3]}")
         opt = ck[n]["optimizer_states"][0]["state"]
         assert opt.keys() == ref_opt.keys()
         for i in ref_opt:
