@@ -3,7 +3,7 @@ recipe / data / run-folder errors before torch is imported, naming the flag that
 
 One table, one row per fault. Every row goes through `resnet-lamb fit` (in this process, the CLI's
 own entry point): exit status 2, exactly one stderr line ``resnet-lamb: error: ...`` naming the key
-and the problem, nothing built (no network, no data loader, no run folder), well under a second.
+and the problem, nothing built (no network, no data loader, no run folder), within FIT_SECONDS in this process.
 The rows that ``plan`` checks (everything but LightningCLI's own keys and flags) also go through
 `resnet-lamb plan`. A few rows run as real processes, both commands side by side, to show the
 "within seconds" a user sees, imports included.
