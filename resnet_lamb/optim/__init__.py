@@ -8,6 +8,8 @@ for torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __all__ = ["Lamb", "Lars", "build_optimizer", "list_optimizers", "param_groups"]
 _WHERE = {"Lamb": "lamb", "Lars": "lars", "build_optimizer": "registry", "list_optimizers": "registry",
@@ -22,3 +24,15 @@ def __getattr__(name):
     if name in _WHERE:
         return getattr(importlib.import_module(f"resnet_lamb.optim.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'resnet_lamb.optim' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # importing a submodule binds it on its package: the module param_groups would hide the
+        # function param_groups exported here (the eager import used to rebind it)
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
