@@ -10,6 +10,7 @@ The rows that ``plan`` checks (everything but LightningCLI's own keys and flags)
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -276,8 +277,6 @@ def test_fit_errors_come_before_torch_is_imported(tmp_path, digits_root):
         line = _one_error_line(stderr)
         assert EARLY[row][1].format(tmp=tmp_path) in line, line
         assert str(path) not in line or row == "non-dividing-flag", line  # the flag's error, not the recipe's
-        import json
-
         seen = json.loads(stdout.splitlines()[-1])
         assert seen == {"rc": 2, "torch": False, "lightning": False}, (row, seen)
     assert not (tmp_path / "runs").exists()
