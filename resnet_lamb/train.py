@@ -681,6 +681,10 @@ def _cli_class():
             cfg.data.num_classes = cfg.model.num_classes = classes
             if self.folder is not None:
                 cfg.data.train_images, cfg.data.val_images = images, len(self.folder.splits["val"])
+            else:  # synthetic: the counts given, else ImageNet's (what its data module uses)
+                from resnet_lamb.data.folder import IMAGENET
+
+                cfg.data.train_images, cfg.data.val_images = images, cfg.data.val_images or IMAGENET["val_images"]
             if cfg.model.get("input_size") is None:
                 cfg.model.input_size = cfg.data.image_size  # the mlp's input size
             import torch

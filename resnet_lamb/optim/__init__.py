@@ -19,3 +19,4 @@ def __getattr__(name):
     if name in _WHERE:
         return getattr(importlib.import_module(f"resnet_lamb.optim.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'resnet_lamb.optim' has no attribute {name!r}")
+

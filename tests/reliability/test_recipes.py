@@ -3,13 +3,14 @@ recipe / data / run-folder errors before torch is imported, naming the flag that
 
 One table, one row per fault. Every row goes through `resnet-lamb fit` (in this process, the CLI's
 own entry point): exit status 2, exactly one stderr line ``resnet-lamb: error: ...`` naming the key
-and the problem, nothing built (no network, no data loader, no run folder), well under a second.
+and the problem, nothing built (no network, no data loader, no run folder), within FIT_SECONDS in this process.
 The rows that ``plan`` checks (everything but LightningCLI's own keys and flags) also go through
 `resnet-lamb plan`. A few rows run as real processes, both commands side by side, to show the
 "within seconds" a user sees, imports included.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -296,8 +297,6 @@ def test_fit_errors_come_before_torch_is_imported(tmp_path, digits_root):
         line = _one_error_line(stderr)
         assert EARLY[row][1].format(tmp=tmp_path) in line, line
         assert str(path) not in line or row == "non-dividing-flag", line  # the flag's error, not the recipe's
-        import json
-
         seen = json.loads(stdout.splitlines()[-1])
         assert seen == {"rc": 2, "torch": False, "lightning": False}, (row, seen)
     assert not (tmp_path / "runs").exists()
