@@ -127,7 +127,7 @@ def run(args: argparse.Namespace, threads: int, device: str) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    from resnet_lamb.optim import param_groups
+    from resnet_lamb.optim.param_groups import param_groups
 
     load_before = os.getloadavg()
     base = resnet50().to(device)
