@@ -35,22 +35,11 @@ def fail(msg: str) -> "NoReturn":  # noqa: F821
 def parse_overrides(args: list[str]) -> tuple[list[str], dict[str, str]]:
     """``(extra --config files, {dotted key: raw value})`` from the CLI overrides, last one wins (the
     device flags; the recipe takes them all through :func:`resnet_lamb.recipe.apply_overrides`)."""
-    configs, flags, i = [], {}, 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--"):
-            i += 1
-            continue
-        if "=" in a:
-            key, value = a[2:].split("=", 1)
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            key, value = a[2:], args[i + 1]
-            i += 2
-        else:
-            key, value = a[2:], "true"
-            i += 1
-        if key in ("config", "c"):
+    from resnet_lamb.recipe import command_line_flags
+
+    configs, flags = [], {}
+    for key, value in command_line_flags(args):
+        if key == "config":
             configs.append(value)
         else:
             flags[key] = value

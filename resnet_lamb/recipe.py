@@ -21,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Iterator, Literal, Optional, get_args
 
 import yaml
 
@@ -140,6 +140,26 @@ def recipe_part(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------- command-line overrides
+def command_line_flags(args: "list[str]") -> "Iterator[tuple[str, str]]":
+    """``(dotted key, raw value)`` for each ``--key value``, ``--key=value`` or bare ``--key`` (raw
+    "true") in order; ``-c FILE`` is ``--config FILE``; other words are skipped."""
+    i = 0
+    while i < len(args):
+        a = "--config" if args[i] == "-c" else args[i]
+        if not a.startswith("--"):
+            i += 1
+        elif "=" in a:
+            key, raw = a[2:].split("=", 1)
+            i += 1
+            yield key, raw
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            i += 2
+            yield a[2:], args[i - 1]
+        else:
+            i += 1
+            yield a[2:], "true"
+
+
 def apply_overrides(cfg: dict, args: "list[str]") -> "tuple[dict, dict[str, str]]":
     """``cfg`` with a command line's overrides applied in order, as ``fit`` (jsonargparse) applies them:
     each ``--config FILE`` (its ``base:`` chain resolved) over what came before, each
@@ -151,23 +171,8 @@ def apply_overrides(cfg: dict, args: "list[str]") -> "tuple[dict, dict[str, str]
     Also returns where each key got its value: ``{dotted key: origin}``, the origin being
     ``"--key value"`` for a flag or the file's path for a ``--config`` file (see :func:`blame`).
     """
-    cfg, origins, i = copy.deepcopy(cfg), {}, 0
-    while i < len(args):
-        a = args[i]
-        if a == "-c":
-            a = "--config"
-        if not a.startswith("--"):
-            i += 1
-            continue
-        if "=" in a:
-            key, raw = a[2:].split("=", 1)
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            key, raw = a[2:], args[i + 1]
-            i += 2
-        else:
-            key, raw = a[2:], "true"
-            i += 1
+    cfg, origins = copy.deepcopy(cfg), {}
+    for key, raw in command_line_flags(args):
         if key == "config":
             key, value, origin = "", load_recipe(raw), os.path.normpath(raw)
         elif key and not key.endswith("+"):
