@@ -66,9 +66,11 @@ class ImageDataModule(L.LightningDataModule):
             workers: DALI CPU threads / DataLoader worker processes, per rank.
             channels_last: NHWC memory for images (shape stays NCHW).
             dtype: float32 | bfloat16 | float16 for images.
-            train_images, val_images, num_classes: counted from root when None; when given they must
-                match the folder (synthetic: ImageNet's sizes when None). ``fit`` links
-                ``model.num_classes`` to ``num_classes`` and records the counts it used in config.yaml.
+            train_images: training images; counted from root when null, else must match it
+                (synthetic: ImageNet's count when null). ``fit`` records the count it used in config.yaml.
+            val_images: validation images; counted from root when null, else must match it.
+            num_classes: classes; counted from root when null, else must match it; ``fit`` links
+                ``model.num_classes`` to it.
             seed: seeds the per-epoch permutation (seed, epoch) and the augmentations.
             prefetch: batches prefetched (DALI prefetch_queue_depth; DataLoader prefetch_factor).
             py_workers: DALI parallel external_source processes reading files; None = 0 without a
