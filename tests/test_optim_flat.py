@@ -318,17 +318,22 @@ def test_trust_clip_rule_matches_the_literal_formula(name, clip, impl):
 # ------------------------------------------------------------------------------------------
 # determinism, eager chunks, compile keys
 # ------------------------------------------------------------------------------------------
+def _three_steps(opt, ps):
+    """The parameters after three steps on the seeded gradients of :func:`_grads`."""
+    for s in range(3):
+        for p, g in zip(ps, _grads(ps, s)):
+            p.grad = g
+        opt.step()
+    return [p.detach().clone() for p in ps]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_two_runs_are_bit_identical(impl):
     out = []
     for _ in range(2):
         ps = _params([(300, 400), (1000,), (50, 50)])
         opt = Lamb(ps, lr=1e-2, impl=impl)
-        for s in range(3):
-            for p, g in zip(ps, _grads(ps, s)):
-                p.grad = g
-            opt.step()
-        out.append([p.detach().clone() for p in ps])
+        out.append(_three_steps(opt, ps))
     assert all(torch.equal(a, b) for a, b in zip(*out))
 
 
@@ -341,11 +346,7 @@ def test_eager_chunks_do_not_change_results(name, monkeypatch):
         monkeypatch.setattr(layerwise, "EAGER_CHUNK_BLOCKS", chunk)
         ps = _params()
         opt = OPTIMIZERS[name](ps, impl="eager")
-        for s in range(3):
-            for p, g in zip(ps, _grads(ps, s)):
-                p.grad = g
-            opt.step()
-        out.append([p.detach().clone() for p in ps])
+        out.append(_three_steps(opt, ps))
     assert all(torch.equal(a, b) for a, b in zip(*out))
 
 
