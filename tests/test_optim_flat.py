@@ -47,7 +47,7 @@ def _bucket(opt, group=0):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_kernels_per_step_do_not_grow_with_tensors(name, monkeypatch):
     """One step of 4 tensors and one of 40 run the same compiled kernels and the same ops: a
-    fixed number per param group (here 3-4 for the adapted group, 1 for the unadapted)."""
+    fixed number per param group (two graphs for the adapted group, one for the unadapted)."""
     import torch._inductor.config as inductor_config
     from torch.profiler import profile
 

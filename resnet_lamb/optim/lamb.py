@@ -116,8 +116,8 @@ class Lamb(LayerwiseOptimizer):
     ``impl``: "auto" | "eager" | "compiled" (see :mod:`resnet_lamb.optim.layerwise`).
 
     ``step()`` consumes the gradients of adapted groups: afterwards ``p.grad`` holds r (phase 1
-    writes r over the gradient buffer, which costs no extra memory traffic), as torch's fused
-    GradScaler unscale leaves scaled values behind.  Read gradients before the step.
+    writes r over the gradient buffer, which costs no extra memory traffic).  Read gradients
+    before the step.
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")

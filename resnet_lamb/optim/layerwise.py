@@ -5,14 +5,18 @@ step runs on, the eager/compiled switch and ``trust_ratios()``.
 Flat buffers.  Per param group, device and dtype ("bucket"), the parameters, their gradients and
 each optimizer state live in one flat buffer per kind, seen as ``[blocks, BLOCK]``: every tensor
 starts on a block boundary and its last block is zero-padded.  ``p.data``, ``p.grad`` and each
-state tensor are views into these buffers (same shape and strides as the parameter).  A step is
-then a fixed number of wide kernels whatever the number of tensors:
+state tensor are views into these buffers (same shape and strides as the parameter); the CPU
+buffers ask for 2 MiB pages.  A step of a param group with layer adaptation is two compiled
+graphs whatever the number of tensors:
 
 1. phase 1, one pass: the moment update where the math allows it before the norms, and per-block
    partial norms (a plain 2-D reduction, parallel over blocks);
-2. per-tensor norms as a segmented reduction of the block partials (``torch.segment_reduce``,
-   deterministic on CPU and CUDA), then the trust ratios;
-3. phase 2, one pass: ``x -= lr * ratio[tensor of the block] * update``.
+2. phase 2: per-tensor norms as a segmented reduction of the block partials
+   (``torch.segment_reduce``, deterministic on CPU and CUDA), the trust ratios, then one pass
+   ``x -= lr * ratio[tensor of the block] * update``.
+
+A group without adaptation (ratio 1) is one pass: torch's fused AdamW/SGD kernel on the whole
+buffer where that is exactly the update, else phase 1 applies it.
 
 Per-tensor coefficients (whether the tensor has a gradient this step, bias corrections from its
 own step count) enter as a small ``[blocks, k]`` table, so tensors without a gradient are left
@@ -28,8 +32,8 @@ replaced by the view, so the next backward accumulates straight into the buffer.
 zeroes the gradient buffer in one op and keeps the views (see :meth:`LayerwiseOptimizer.zero_grad`).
 
 Implementations, chosen by ``impl``: ``"compiled"`` runs the phase functions under
-``torch.compile`` (inductor: one C++/OpenMP loop nest per phase on CPU, one Triton kernel per phase
-on CUDA); ``"eager"`` runs the same functions op by op, no compiler needed; ``"auto"`` picks
+``torch.compile`` (inductor: C++/OpenMP loop nests on CPU, Triton kernels on CUDA, a few per
+graph); ``"eager"`` runs the same functions op by op over chunks of blocks, no compiler needed; ``"auto"`` picks
 ``"compiled"`` where a compiler works, else ``"eager"`` (one warning), and falls back to eager if
 a compile fails.  lr, the step count and every float hyperparameter enter as small tensors, so an
 LR schedule never recompiles.  State dicts are identical for both (per parameter: ``step``, a 0-dim
@@ -38,6 +42,7 @@ float32 CPU tensor, and the parameter-shaped state tensors).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import operator
 import sys
@@ -193,9 +198,14 @@ def _advise_huge_pages(buf: torch.Tensor) -> None:
     a0, a1 = -(-start // _HUGE_PAGE) * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE
     if a1 > a0:
         try:
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), 14)
+            _libc().madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), 14)
         except (OSError, AttributeError):  # no libc madvise: 4 KiB pages, only slower
             pass
+
+
+@functools.lru_cache(1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
 
 
 def _new_flat(nb: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -505,7 +515,8 @@ class LayerwiseOptimizer(Optimizer):
         if bucket.t is not None:
             values = [1.0, *row(bucket.t)]
             if values != bucket.coef_row:
-                bucket.coef.copy_(torch.tensor(values).expand(bucket.nb, -1), non_blocking=True)
+                row_t = torch.tensor(values).to(bucket.device, non_blocking=True)
+                bucket.coef.copy_(row_t.expand(bucket.nb, -1))
                 bucket.coef_row = values
             return True
         # rows of idle tensors only need to be finite: they are multiplied by 0
