@@ -112,11 +112,12 @@ def trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, lo, hi, clip: bool) 
 def block_partials(x: torch.Tensor, norm: str) -> torch.Tensor:
     """Per block of ``x`` ([blocks, BLOCK]): sum of squares (l2), sum of |x| (l1) or max |x| (inf),
     in float32."""
+    x = x.float()  # no-op for float32; bf16/fp16 squared in float32
     if norm == "l2":
-        return (x * x).sum(1, dtype=torch.float32)
+        return (x * x).sum(1)
     if norm == "l1":
-        return x.abs().sum(1, dtype=torch.float32)
-    return x.abs().amax(1).float()
+        return x.abs().sum(1)
+    return x.abs().amax(1)
 
 
 def apply_update(p, u, coef, block_ratio, c) -> None:
