@@ -47,7 +47,7 @@ def _bucket(opt, group=0):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_kernels_per_step_do_not_grow_with_tensors(name, monkeypatch):
     """One step of 4 tensors and one of 40 run the same compiled kernels and the same ops: a
-    fixed number per param group (here 3-4 for the adapted group, 1 for the unadapted)."""
+    fixed number per param group (two graphs for the adapted group, one for the unadapted)."""
     import torch._inductor.config as inductor_config
     from torch.profiler import profile
 
@@ -382,3 +382,22 @@ def test_lars_changing_lr_does_not_recompile(name):
         opt.step()
     assert dict(counters["stats"]) == before
     assert all(math.isfinite(float(p.detach().sum())) for p in ps)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_params_follow_float32(impl):
+    """bf16 parameters get bf16 buffers and state; the norms are taken in float32."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        ps = [torch.nn.Parameter(p.detach().to(dtype)) for p in _params()]
+        opt = Lamb(ps, lr=1e-2, impl=impl)
+        for s in range(2):
+            for p, g in zip(ps, _grads(ps, s)):
+                p.grad = g.to(dtype)
+            opt.step()
+        assert opt.state[ps[0]]["exp_avg"].dtype == dtype
+        out.append(([p.detach().float() for p in ps], {k: float(v) for k, v in opt.trust_ratios().items()}))
+    (a, ra), (b, rb) = out
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=2e-2, atol=2e-2)
+    assert ra.keys() == rb.keys() and all(rb[k] == pytest.approx(ra[k], rel=2e-2) for k in ra)

@@ -39,13 +39,13 @@ def lamb_coefficients(t: float, b1: float, b2: float, bias_correction: bool,
     return [c_m, c_g, c_v, c_vg]
 
 
-# The phase functions run eagerly or under torch.compile.  Buffers are [blocks, BLOCK], seg is
-# the tensor of each block; c = [lr, b1, 1-b1, b2, 1-b2, eps, wd, lower, upper] (float32);
-# coef = per-tensor rows [steps (1/0), c_m, c_g, c_v, c_vg], gathered per block by seg.
-def lamb_update(p, g, m, v, c, k, *, nesterov: str | None, has_wd: bool) -> torch.Tensor:
-    """r = m_hat / (sqrt(v_hat) + eps) + wd*x, with ``k`` the per-block coefficient rows."""
+# The phase functions run eagerly or under torch.compile.  Buffers are [blocks, BLOCK];
+# coef = per-block rows [steps (1/0), c_m, c_g, c_v, c_vg] (the rows of the block's tensor);
+# c = [lr, b1, 1-b1, b2, 1-b2, eps, wd, lower, upper] (float32).
+def lamb_update(p, g, m, v, coef, c, *, nesterov: str | None, has_wd: bool) -> torch.Tensor:
+    """r = m_hat / (sqrt(v_hat) + eps) + wd*x."""
     eps, wd = c[5], c[6]
-    c_m, c_g, c_v, c_vg = k[:, 1:2], k[:, 2:3], k[:, 3:4], k[:, 4:5]
+    c_m, c_g, c_v, c_vg = coef[:, 1:2], coef[:, 2:3], coef[:, 3:4], coef[:, 4:5]
     if nesterov == "nn":
         den = torch.sqrt(v * c_v + g * g * c_vg) + eps
     else:
@@ -54,16 +54,15 @@ def lamb_update(p, g, m, v, c, k, *, nesterov: str | None, has_wd: bool) -> torc
     return r + wd * p if has_wd else r
 
 
-def lamb_phase1(p, g, m, v, seg, c, coef, *, norm: str, nesterov: str | None, has_wd: bool,
+def lamb_phase1(p, g, m, v, coef, c, *, norm: str, nesterov: str | None, has_wd: bool,
                 adapt: bool):
     """m and v; then with adapt, the block partials of ||x|| and ||r||, and r written over the
     gradient (its last use: the write costs no extra read, where a fresh buffer would); without,
     ``x -= lr * r`` here (ratio 1: one pass)."""
-    k = coef[seg]
-    steps = k[:, 0:1]  # 0 for tensors without a gradient: nothing of theirs changes
+    steps = coef[:, 0:1]  # 0 for tensors without a gradient: nothing of theirs changes
     m.mul_(torch.where(steps > 0, c[1], 1.0)).add_(g * (c[2] * steps))
     v.mul_(torch.where(steps > 0, c[3], 1.0)).add_(g * g * (c[4] * steps))
-    r = lamb_update(p, g, m, v, c, k, nesterov=nesterov, has_wd=has_wd)
+    r = lamb_update(p, g, m, v, coef, c, nesterov=nesterov, has_wd=has_wd)
     if not adapt:
         p.sub_(r * (c[0] * steps))
         return None
@@ -117,8 +116,8 @@ class Lamb(LayerwiseOptimizer):
     ``impl``: "auto" | "eager" | "compiled" (see :mod:`resnet_lamb.optim.layerwise`).
 
     ``step()`` consumes the gradients of adapted groups: afterwards ``p.grad`` holds r (phase 1
-    writes r over the gradient buffer, which costs no extra memory traffic), as torch's fused
-    GradScaler unscale leaves scaled values behind.  Read gradients before the step.
+    writes r over the gradient buffer, which costs no extra memory traffic).  Read gradients
+    before the step.
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
@@ -178,12 +177,10 @@ class Lamb(LayerwiseOptimizer):
         c = self._group_scalars(ctx["scalars"], dev)
         kw = ctx["kw"]
         parts = self._call(lamb_phase1, dict(kw, adapt=adapt), bucket.p, bucket.g, m, v,
-                           bucket.seg, c, bucket.coef, blockwise=5)
+                           bucket.coef, c, chunked=5)
         if not adapt:
             return torch.ones(bucket.n, device=dev)
-        for t in parts:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
         # the gradient buffer holds r now
-        return self._ratio_and_apply(lamb_ratios, dict(norm=kw["norm"], clip=group["trust_clip"] is not None),
-                                     (*parts, bucket.lengths, c), apply_update, {},
-                                     (bucket.p, bucket.g, bucket.seg, c, bucket.coef), blockwise=3)
+        return self._ratio_and_apply(bucket, c, parts, lamb_ratios,
+                                     dict(norm=kw["norm"], clip=group["trust_clip"] is not None),
+                                     apply_update, {}, (bucket.p, bucket.g))

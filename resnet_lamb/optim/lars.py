@@ -24,13 +24,12 @@ def local_lr(w_norm: torch.Tensor, g_norm: torch.Tensor, tc, wd, eps, lo, hi,
     return torch.where((num > 0) & (g_norm > 0), tc * num / (g_norm + wd * w_norm + eps), 1.0)
 
 
-# Phase functions (eager or compiled), buffers [blocks, BLOCK], seg the tensor of each block;
-# c = [lr, momentum, 1-momentum, trust_coefficient, eps, wd, lower, upper] (float32);
-# coef = per-tensor rows [steps (1/0)], gathered per block by seg.
-def paper_phase1(p, g, buf, seg, c, coef, *, has_wd: bool, adapt: bool):
+# Phase functions (eager or compiled), buffers [blocks, BLOCK]; coef = per-block rows
+# [steps (1/0)]; c = [lr, momentum, 1-momentum, trust_coefficient, eps, wd, lower, upper] (float32).
+def paper_phase1(p, g, buf, coef, c, *, has_wd: bool, adapt: bool):
     """m = momentum*m + (1-momentum)*(g + wd*x); with adapt, the block partials of ||x||, ||m||;
     without, ``x -= lr * m`` here (ratio 1: one pass)."""
-    steps = coef[seg][:, 0:1]
+    steps = coef[:, 0:1]
     d = g + c[5] * p if has_wd else g
     buf.mul_(torch.where(steps > 0, c[1], 1.0)).add_(d * (c[2] * steps))
     if not adapt:
@@ -54,11 +53,11 @@ def classic_ratios(w_part, g_part, lengths, c, *, clip: bool) -> torch.Tensor:
                     c[3], c[5], c[4], c[6], c[7], clip)
 
 
-def classic_phase2(p, g, buf, seg, c, coef, ratio, *, nesterov: bool, has_wd: bool) -> None:
+def classic_phase2(p, g, buf, coef, block_ratio, c, *, nesterov: bool, has_wd: bool) -> None:
     """d = local_lr*(g + wd*x); m = momentum*m + d; x -= lr*m (nesterov: lr*(d + momentum*m))."""
     lr, mom, wd = c[0], c[1], c[5]
-    steps = coef[seg][:, 0:1]
-    d = (g + wd * p if has_wd else g) * (ratio[seg].unsqueeze(1) * steps)
+    steps = coef[:, 0:1]
+    d = (g + wd * p if has_wd else g) * block_ratio.unsqueeze(1)
     buf.mul_(torch.where(steps > 0, mom, 1.0)).add_(d)
     p.sub_((d + mom * buf if nesterov else buf) * (lr * steps))
 
@@ -147,24 +146,20 @@ class Lars(LayerwiseOptimizer):
             return torch.ones(bucket.n, device=dev)
         c = self._group_scalars(ctx["scalars"], dev)
         has_wd, clip = group["weight_decay"] != 0, group["trust_clip"] is not None
-        ones = torch.ones(bucket.n, device=dev)
-        torch._dynamo.maybe_mark_dynamic(ones, 0)
         classic = dict(nesterov=group["nesterov"], has_wd=has_wd)
         if mode == "paper":
             parts = self._call(paper_phase1, dict(has_wd=has_wd, adapt=adapt), bucket.p, bucket.g,
-                               buf, bucket.seg, c, bucket.coef, blockwise=4)
-            if not adapt:  # applied in phase 1
-                return ones
-            apply, akw, apply_args = apply_update, {}, (bucket.p, buf, bucket.seg, c, bucket.coef)
-        else:
-            apply_args = (bucket.p, bucket.g, buf, bucket.seg, c, bucket.coef)
-            if not adapt:  # local lr 1 (the fused shortcut switched off)
-                self._call(classic_phase2, classic, *apply_args, ones, blockwise=4)
-                return ones
-            parts = self._call(classic_phase1, {}, bucket.p, bucket.g, blockwise=2)
-            apply, akw = classic_phase2, classic
-        for t in parts:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-        return self._ratio_and_apply(paper_ratios if mode == "paper" else classic_ratios,
-                                     dict(clip=clip), (*parts, bucket.lengths, c), apply, akw,
-                                     apply_args, blockwise=len(apply_args) - 2)
+                               buf, bucket.coef, c, chunked=4)
+            if adapt:
+                return self._ratio_and_apply(bucket, c, parts, paper_ratios, dict(clip=clip),
+                                             apply_update, {}, (bucket.p, buf))
+        elif adapt:
+            parts = self._call(classic_phase1, {}, bucket.p, bucket.g, chunked=2)
+            return self._ratio_and_apply(bucket, c, parts, classic_ratios, dict(clip=clip),
+                                         classic_phase2, classic, (bucket.p, bucket.g, buf))
+        else:  # local lr 1 (the fused shortcut switched off): the steps column is the ratio
+            block_ratio = bucket.coef[:, 0]
+            torch._dynamo.maybe_mark_dynamic(block_ratio, 0)
+            self._call(classic_phase2, classic, bucket.p, bucket.g, buf, bucket.coef, block_ratio,
+                       c, chunked=5)
+        return torch.ones(bucket.n, device=dev)

@@ -5,18 +5,22 @@ step runs on, the eager/compiled switch and ``trust_ratios()``.
 Flat buffers.  Per param group, device and dtype ("bucket"), the parameters, their gradients and
 each optimizer state live in one flat buffer per kind, seen as ``[blocks, BLOCK]``: every tensor
 starts on a block boundary and its last block is zero-padded.  ``p.data``, ``p.grad`` and each
-state tensor are views into these buffers (same shape and strides as the parameter).  A step is
-then a fixed number of wide kernels whatever the number of tensors:
+state tensor are views into these buffers (same shape and strides as the parameter); the CPU
+buffers ask for 2 MiB pages.  A step of a param group with layer adaptation is two compiled
+graphs whatever the number of tensors:
 
 1. phase 1, one pass: the moment update where the math allows it before the norms, and per-block
    partial norms (a plain 2-D reduction, parallel over blocks);
-2. per-tensor norms as a segmented reduction of the block partials (``torch.segment_reduce``,
-   deterministic on CPU and CUDA), then the trust ratios;
-3. phase 2, one pass: ``x -= lr * ratio[tensor of the block] * update``.
+2. phase 2: per-tensor norms as a segmented reduction of the block partials
+   (``torch.segment_reduce``, deterministic on CPU and CUDA), the trust ratios, then one pass
+   ``x -= lr * ratio[tensor of the block] * update``.
+
+A group without adaptation (ratio 1) is one pass: torch's fused AdamW/SGD kernel on the whole
+buffer where that is exactly the update, else phase 1 applies it.
 
 Per-tensor coefficients (whether the tensor has a gradient this step, bias corrections from its
-own step count) enter as a small ``[tensors, k]`` table gathered per block, so tensors without a
-gradient are left alone and tensors with different step counts share the buffers.
+own step count) enter as a small ``[blocks, k]`` table, so tensors without a gradient are left
+alone and tensors with different step counts share the buffers.
 
 Robustness: each step checks (by data pointer) that every parameter and gradient is still the
 expected view.  A parameter whose data was replaced (``module.to()``, ``p.data = ...``) is copied
@@ -28,8 +32,8 @@ replaced by the view, so the next backward accumulates straight into the buffer.
 zeroes the gradient buffer in one op and keeps the views (see :meth:`LayerwiseOptimizer.zero_grad`).
 
 Implementations, chosen by ``impl``: ``"compiled"`` runs the phase functions under
-``torch.compile`` (inductor: one C++/OpenMP loop nest per phase on CPU, one Triton kernel per phase
-on CUDA); ``"eager"`` runs the same functions op by op, no compiler needed; ``"auto"`` picks
+``torch.compile`` (inductor: C++/OpenMP loop nests on CPU, Triton kernels on CUDA, a few per
+graph); ``"eager"`` runs the same functions op by op over chunks of blocks, no compiler needed; ``"auto"`` picks
 ``"compiled"`` where a compiler works, else ``"eager"`` (one warning), and falls back to eager if
 a compile fails.  lr, the step count and every float hyperparameter enter as small tensors, so an
 LR schedule never recompiles.  State dicts are identical for both (per parameter: ``step``, a 0-dim
@@ -38,6 +42,7 @@ float32 CPU tensor, and the parameter-shaped state tensors).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import operator
 import sys
@@ -107,25 +112,31 @@ def trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, lo, hi, clip: bool) 
 def block_partials(x: torch.Tensor, norm: str) -> torch.Tensor:
     """Per block of ``x`` ([blocks, BLOCK]): sum of squares (l2), sum of |x| (l1) or max |x| (inf),
     in float32."""
+    x = x.float()  # no-op for float32; bf16/fp16 squared in float32
     if norm == "l2":
-        return (x * x).sum(1, dtype=torch.float32)
+        return (x * x).sum(1)
     if norm == "l1":
-        return x.abs().sum(1, dtype=torch.float32)
-    return x.abs().amax(1).float()
+        return x.abs().sum(1)
+    return x.abs().amax(1)
 
 
-def apply_update(p, u, seg, c, coef, ratio) -> None:
-    """Phase 2: x -= lr * ratio * u per block (c[0] = lr; coef[:, 0] = 0 leaves a tensor alone)."""
-    p.sub_(u * ((ratio[seg] * c[0]).unsqueeze(1) * coef[seg][:, 0:1]))
+def apply_update(p, u, coef, block_ratio, c) -> None:
+    """Phase 2 of Lamb and Lars (paper): x -= lr * ratio * u, block by block (c[0] = lr;
+    ``block_ratio`` is 0 on the blocks of tensors that do not step)."""
+    p.sub_(u * (block_ratio * c[0]).unsqueeze(1))
 
 
 def ratio_then_apply(*args, ratios: Callable, rkw: tuple, apply: Callable, akw: tuple,
-                     n_apply: int) -> torch.Tensor:
-    """Phase 2 as one graph (compiled path): ``ratio = ratios(*args[n_apply:], **rkw)``, then
-    ``apply(*args[:n_apply], ratio, **akw)``; returns the ratios."""
-    ratio = ratios(*args[n_apply:], **dict(rkw))
-    apply(*args[:n_apply], ratio, **dict(akw))
-    return ratio
+                     n_buf: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 2 as one graph (compiled path).  ``args`` = apply's buffers (``n_buf``), then coef,
+    seg, lengths, c and the block partials: the per-tensor ratios, spread over the blocks (0 where a
+    tensor does not step), then ``apply(*buffers, coef, block_ratio, c)``.  The block ratios are
+    returned, so they are computed once rather than inside the apply loop."""
+    bufs, (coef, seg, lengths, c), parts = args[:n_buf], args[n_buf:n_buf + 4], args[n_buf + 4:]
+    ratio = ratios(*parts, lengths, c, **dict(rkw))
+    block_ratio = ratio[seg] * coef[:, 0]
+    apply(*bufs, coef, block_ratio, c, **dict(akw))
+    return ratio, block_ratio
 
 
 def segment_norms(partials: torch.Tensor, lengths: torch.Tensor, norm: str) -> torch.Tensor:
@@ -188,9 +199,14 @@ def _advise_huge_pages(buf: torch.Tensor) -> None:
     a0, a1 = -(-start // _HUGE_PAGE) * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE
     if a1 > a0:
         try:
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), 14)
+            _libc().madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), 14)
         except (OSError, AttributeError):  # no libc madvise: 4 KiB pages, only slower
             pass
+
+
+@functools.lru_cache(1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
 
 
 def _new_flat(nb: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -256,7 +272,7 @@ class FlatBucket:
         self.nb = off
         self.lengths = torch.tensor(blocks, device=dev)
         self.seg = torch.repeat_interleave(torch.arange(self.n, device=dev), self.lengths)
-        self.coef = torch.zeros(self.n, coef_cols, device=dev)
+        self.coef = torch.zeros(self.nb, coef_cols, device=dev)  # per block, see _fill_coef
         for t in (self.lengths, self.seg, self.coef):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         self.p = _new_flat(self.nb, dev, dt)
@@ -490,8 +506,9 @@ class LayerwiseOptimizer(Optimizer):
 
     def _fill_coef(self, bucket: FlatBucket, active: list[bool],
                    row: Callable[[float], list[float]]) -> bool:
-        """Fill ``bucket.coef`` ([tensors, 1 + k]): column 0 = 1 where the tensor steps, then
-        ``row(t)`` for its step count t.  Returns True when every tensor steps at one t."""
+        """Fill ``bucket.coef`` ([blocks, 1 + k]) with each block's tensor's row: 1 if the
+        tensor steps (else 0), then ``row(t)`` for its step count t.  Returns True when every
+        tensor steps at one t."""
         if bucket.t is None:
             steps = bucket.steps.tolist()
             if all(active) and min(steps) == max(steps):
@@ -499,23 +516,24 @@ class LayerwiseOptimizer(Optimizer):
         if bucket.t is not None:
             values = [1.0, *row(bucket.t)]
             if values != bucket.coef_row:
-                bucket.coef.copy_(torch.tensor(values).expand(bucket.n, -1), non_blocking=True)
+                row_t = torch.tensor(values).to(bucket.device, non_blocking=True)
+                bucket.coef.copy_(row_t.expand(bucket.nb, -1))
                 bucket.coef_row = values
             return True
         # rows of idle tensors only need to be finite: they are multiplied by 0
         table = torch.tensor([[float(a), *row(max(t, 1.0))] for a, t in zip(active, steps)])
-        bucket.coef.copy_(table, non_blocking=True)
+        bucket.coef.copy_(table.to(bucket.device)[bucket.seg], non_blocking=True)
         bucket.coef_row = None
         return False
 
-    def _call(self, fn: Callable, static: dict[str, Any], *args, blockwise: int = 0):
+    def _call(self, fn: Callable, static: dict[str, Any], *args, chunked: int = 0):
         """``fn(*args, **static)``, compiled (impl "compiled") or eager; "auto" falls back to
         eager when compiling fails (a compile error surfaces before the phase writes anything).
 
-        Eager, the first ``blockwise`` args (buffers and seg, all [blocks, ...]) are cut into
-        ``EAGER_CHUNK_BLOCKS`` blocks at a time and the outputs concatenated: the temporaries
-        of op-by-op execution then stay small and in cache (a fresh buffer the size of the
-        model costs a page fault per 4 KiB)."""
+        Eager, the first ``chunked`` args (all [blocks, ...]) are cut into ``EAGER_CHUNK_BLOCKS``
+        blocks at a time and the outputs concatenated: the temporaries of op-by-op execution then
+        stay small and in cache (a fresh buffer the size of the model costs a page fault per
+        4 KiB)."""
         if self.impl == "compiled":
             try:
                 return get_compiled(fn, static)(*args)
@@ -525,30 +543,34 @@ class LayerwiseOptimizer(Optimizer):
                 warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(e).__name__}: "
                               f"{e}); falling back to impl='eager'", stacklevel=4)
                 self.impl = "eager"
-        if not blockwise:
+        if not chunked:
             return fn(*args, **static)
         nb = args[0].shape[0]
         outs = []
         for a in range(0, nb, EAGER_CHUNK_BLOCKS):
-            part = [x[a:a + EAGER_CHUNK_BLOCKS] if i < blockwise and x is not None else x
+            part = [x[a:a + EAGER_CHUNK_BLOCKS] if i < chunked and x is not None else x
                     for i, x in enumerate(args)]
             outs.append(fn(*part, **static))
         if outs[0] is None:
             return None
         return tuple(torch.cat(o) for o in zip(*outs))
 
-    def _ratio_and_apply(self, ratios: Callable, rkw: dict[str, Any], ratio_args: tuple,
-                         apply: Callable, akw: dict[str, Any], apply_args: tuple,
-                         blockwise: int) -> torch.Tensor:
-        """Phase 2: per-tensor ratios from the block partials, then the apply pass.  Compiled:
-        one graph for both (each compiled call costs guards and wrappers); eager: the ratios once,
-        then the apply pass chunk by chunk."""
+    def _ratio_and_apply(self, bucket: FlatBucket, c: torch.Tensor, parts: tuple,
+                         ratios: Callable, rkw: dict[str, Any], apply: Callable,
+                         akw: dict[str, Any], bufs: tuple) -> torch.Tensor:
+        """Phase 2: per-tensor ratios from the block partials, then ``apply(*bufs, coef,
+        block_ratio, c)``.  Compiled: one graph for both (each compiled call costs guards and
+        wrappers); eager: the ratios once, then the apply pass chunk by chunk."""
+        for t in parts:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
         if self.impl == "compiled":
             static = dict(ratios=ratios, rkw=tuple(sorted(rkw.items())), apply=apply,
-                          akw=tuple(sorted(akw.items())), n_apply=len(apply_args))
-            return self._call(ratio_then_apply, static, *apply_args, *ratio_args)
-        ratio = ratios(*ratio_args, **rkw)
-        self._call(apply, akw, *apply_args, ratio, blockwise=blockwise)
+                          akw=tuple(sorted(akw.items())), n_buf=len(bufs))
+            return self._call(ratio_then_apply, static, *bufs, bucket.coef, bucket.seg,
+                              bucket.lengths, c, *parts)[0]
+        ratio = ratios(*parts, bucket.lengths, c, **rkw)
+        block_ratio = ratio[bucket.seg] * bucket.coef[:, 0]
+        self._call(apply, akw, *bufs, bucket.coef, block_ratio, c, chunked=len(bufs) + 2)
         return ratio
 
     @staticmethod
