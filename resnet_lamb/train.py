@@ -437,14 +437,18 @@ def _cli_class():
             if backend not in BACKENDS:
                 raise RecipeError(f"data.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
             root, images, self.folder = cfg.data.get("root"), None, None
+            rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; the trainer does not exist yet
             if backend != "synthetic" and root:
-                from resnet_lamb.data.folder import validate_root
+                from resnet_lamb.data.index import startup_folder
 
                 # every layout error (missing folder, empty class, differing classes, non-image file,
-                # broken symlink, unreadable folder) as one line before anything is built: listings only
-                self.folder = validate_root(root)
-                _check_counts(cfg, self.folder)
-                images = len(self.folder.splits["train"])
+                # broken symlink, unreadable folder; a stale index, a missing or truncated shard) as one
+                # line before anything is built: the index (or, without one, listings) only
+                self.folder = startup_folder(root, rank0=rank0, counts_given=cfg.data.get("train_images") is not None,
+                                             full=bool(cfg.data.get("index_check")))
+                if self.folder is not None:
+                    _check_counts(cfg, self.folder)
+                    images = len(self.folder.splits["train"])
             elif backend == "synthetic" and recipe.train_images is None:
                 from resnet_lamb.data.datamodule import IMAGENET
 
@@ -475,7 +479,6 @@ def _cli_class():
             if cfg.run.name is None:
                 cfg.run.name = Path(path).stem if _RECIPE["path"] else "run"
             self.run_dir = Path(cfg.run.root) / cfg.run.name
-            rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; the trainer does not exist yet
             if rank0:
                 _check_writable(self.run_dir)  # config, logs and checkpoints go there: fail now, not at epoch 1
             if sub == "fit":
@@ -495,7 +498,7 @@ def _cli_class():
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
-            if self.folder is not None:  # listed once, in before_instantiate_classes
+            if self.folder is not None:  # read once, in before_instantiate_classes
                 self.datamodule.validate(self.folder)
 
         def instantiate_trainer(self, **kwargs):
