@@ -37,27 +37,28 @@ def test_prepare_writes_an_index_that_matches_a_listing(digits_root):
 
 def test_index_command_writes_and_checks(tmp_path, digits_root, capsys):
     root = tmp_path / "d"
-    shutil.copytree(digits_root, root, ignore=shutil.ignore_patterns("*.index.npz"))
+    shutil.copytree(digits_root, root, ignore=shutil.ignore_patterns("*.index"))
     assert run_cli("index", str(root), "--check") == 2
     assert capsys.readouterr().err.strip() == (f"resnet-lamb: error: {root}: has no index to check; write one: "
                                                f"resnet-lamb index {root}")
     assert run_cli("index", str(root)) == 0
-    assert capsys.readouterr().out.strip() == f"{root}: wrote train.index.npz (80 images), val.index.npz (40 images)"
+    assert capsys.readouterr().out.strip() == f"{root}: wrote train.index (80 images), val.index (40 images)"
     assert load_root(root).index_hash == load_root(digits_root).index_hash  # the same content, the same hash
     assert run_cli("index", str(root), "--check") == 0
     assert "the index matches the tree (80 train / 40 val images, folder)" in capsys.readouterr().out
     # an edited index fails its content hash
     path = index_path(root, "val")
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["labels"] = arrays["labels"][::-1].copy()
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-    with pytest.raises(DataError, match=r"val.index.npz: damaged or edited \(its content hash does not match\); "
+    idx = read_index(path)
+    raw = bytearray(path.read_bytes())
+    body = len(raw) - sum(a.nbytes for a in idx.arrays.values())
+    _, n, at = idx.meta["arrays"]["labels"]
+    raw[body + at: body + at + 8 * n] = idx.arrays["labels"][::-1].tobytes()  # labels swapped, hash kept
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"val.index: damaged or edited \(its content hash does not match\); "
                                         r"rebuild the index: resnet-lamb index "):
         load_root(root)
     path.unlink()
-    with pytest.raises(DataError, match=r"val.index.npz: missing, but train.index.npz is there"):
+    with pytest.raises(DataError, match=r"val.index: missing, but train.index is there"):
         load_root(root)
 
 
@@ -83,7 +84,7 @@ def test_start_up_on_ranks_other_than_0(tmp_path, digits_root, monkeypatch):
     import resnet_lamb.data.index as index
 
     bare = tmp_path / "bare"
-    shutil.copytree(digits_root, bare, ignore=shutil.ignore_patterns("*.index.npz"))
+    shutil.copytree(digits_root, bare, ignore=shutil.ignore_patterns("*.index"))
     listed = []
     real = index.validate_root
     monkeypatch.setattr(index, "validate_root", lambda *a: listed.append(a) or real(*a))
@@ -101,7 +102,7 @@ def test_a_large_listing_suggests_an_index(tmp_path, digits_root, monkeypatch, c
     import resnet_lamb.data.index as index
 
     bare = tmp_path / "bare"
-    shutil.copytree(digits_root, bare, ignore=shutil.ignore_patterns("*.index.npz"))
+    shutil.copytree(digits_root, bare, ignore=shutil.ignore_patterns("*.index"))
     assert LISTING_HINT_FILES == 50_000
     load_root(bare)
     assert capsys.readouterr().err == ""

@@ -62,7 +62,7 @@ def test_prepare_digits_shards_then_fit_end_to_end(tmp_path, fit, capsys):
     said = capsys.readouterr().out
     assert "80 train / 40 val images in 10 classes" in said and " shards)" in said
     assert sorted(p.name for p in out.iterdir()) == [".resnet-lamb-prepared.json", "classes.txt", "train",
-                                                     "train.index.npz", "val", "val.index.npz"]
+                                                     "train.index", "val", "val.index"]
     assert all(p.suffix == ".tar" for p in (out / "train").iterdir()) and len(list((out / "train").iterdir())) > 3
     # the webdataset layout: <key>.jpg and <key>.cls pairs, the label as decimal text
     with tarfile.open(next((out / "train").glob("*.tar"))) as tf:
@@ -127,7 +127,7 @@ def test_pack_layout_order_size_and_determinism(tmp_path, digits_root, packed):
 def test_pack_refuses_keys_that_collide_and_an_output_inside_its_source(tmp_path, digits_root):
     src = tmp_path / "src"
     shutil.copytree(digits_root, src)
-    for p in src.glob("*.index.npz"):
+    for p in src.glob("*.index"):
         p.unlink()
     one = next((src / "train" / "3").iterdir())
     shutil.copy(one, one.with_name("a.b.JPEG"))

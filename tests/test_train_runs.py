@@ -73,9 +73,9 @@ def test_start_up_reads_the_index_or_lists_the_data_folder_once(fit, digits_root
     monkeypatch.setattr(index, "validate_root", folder.validate_root)
     monkeypatch.setattr(index, "read_index", lambda path: reads.append(path) or real_read(path))
     _check_run(fit(tiny_recipe(digits_root), name="indexed"))
-    assert listings == [] and sorted(p.name for p in reads) == ["train.index.npz", "val.index.npz"]
+    assert listings == [] and sorted(p.name for p in reads) == ["train.index", "val.index"]
     bare = tmp_path / "bare"
-    shutil.copytree(digits_root, bare, ignore=shutil.ignore_patterns("*.index.npz"))
+    shutil.copytree(digits_root, bare, ignore=shutil.ignore_patterns("*.index"))
     reads.clear()
     _check_run(fit(tiny_recipe(bare), name="listed-once"))
     assert len(listings) == 1 and reads == []

@@ -4,6 +4,11 @@ Layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (ImageNe
 ``<class>`` a WordNet id there). Class names are the sorted train folder names; the label of an
 image is the index of its folder's name in that list.
 
+A root with an index (``root/{train,val}.index``, :mod:`resnet_lamb.data.index`) is read from it
+and not listed; the listing below runs for roots without one, once (on rank 0 with several ranks).
+The same interface (``read(i)``, ``name(i)``, ``find(name)``) serves images packed in tar shards
+(:mod:`resnet_lamb.data.shards`).
+
 Start-up checks (:func:`validate_root`, cheap: directory listings only, no image is opened):
 a missing root, a root without ``train/`` or ``val/``, a split without class folders, an empty
 class folder, class folders that differ between train and val, a file whose extension is not

@@ -1,16 +1,19 @@
 """The index of a data root: one file per split that ``fit`` reads instead of listing the tree.
 
-``ROOT/<split>.index.npz`` (numpy's uncompressed .npz, read with ``allow_pickle=False``):
+``ROOT/<split>.index``: a first line ``resnet-lamb-index <version> <header bytes>``, a JSON header,
+then the arrays' raw bytes (read with one ``read()``, the arrays taken from it without a copy):
 
 - ``names`` (bytes): a folder's image path relative to ``ROOT/<split>`` (``<class>/<file>``), or a
   shard member's name (``<class>/<key>.jpg``);
 - ``labels`` (int64), ``sizes`` (int64, bytes per image);
-- shards only: ``shard`` (int32, number of the shard in ``meta.shards``) and ``offset`` (int64, byte
-  offset of the member's data in its shard);
-- ``meta``: JSON text: ``format``, ``version``, ``kind`` (folder | shards), ``split``, ``images``,
-  ``classes`` (label order), ``hash`` (a content hash of everything above), and what the start-up
-  check compares with the tree: ``dirs`` (folder: modification time of the split folder and of each
-  class folder) or ``shards`` (``[name, bytes]`` per shard).
+- shards only: ``shard`` (int32, number of the shard in ``shards``) and ``offset`` (int64, byte
+  offset of the member's data in its shard).
+
+The header holds ``kind`` (folder | shards), ``split``, ``images``, ``classes`` (label order),
+``hash`` (a content hash of the arrays, the kind, the classes and the shard list), the arrays'
+dtypes and places, and what the start-up check compares with the tree: ``dirs`` (folder:
+modification time of the split folder and of each class folder) or ``shards`` (``[name, bytes]``
+per shard).
 
 Who writes it: ``resnet-lamb prepare`` and ``resnet-lamb pack`` (with the data), ``resnet-lamb index
 ROOT`` (over an existing folder or shard set; ``--check`` compares instead of writing).
@@ -47,7 +50,7 @@ LISTING_HINT_FILES = 50_000  # our choice: above this a listing takes seconds on
 
 
 def index_path(root: str | os.PathLike, split: str) -> Path:
-    return Path(root).expanduser() / f"{split}.index.npz"
+    return Path(root).expanduser() / f"{split}.index"
 
 
 def rebuild_hint(root) -> str:
@@ -68,21 +71,29 @@ def content_hash(kind: str, classes: list[str], arrays: dict[str, np.ndarray], s
 
 def write_index(root, split: str, *, kind: str, classes: list[str], names, labels, sizes,
                 shard=None, offset=None, shards: list | None = None, dirs: dict | None = None) -> Path:
-    """Write ``ROOT/<split>.index.npz`` atomically (temp file + rename); returns its path."""
+    """Write ``ROOT/<split>.index`` atomically (temp file + rename); returns its path."""
     arrays = {"names": np.asarray(names, dtype="S"), "labels": np.asarray(labels, dtype=np.int64),
               "sizes": np.asarray(sizes, dtype=np.int64)}
     if kind == "shards":
         arrays.update(shard=np.asarray(shard, dtype=np.int32), offset=np.asarray(offset, dtype=np.int64))
-    meta = {"format": FORMAT, "version": VERSION, "kind": kind, "split": split, "images": len(arrays["labels"]),
-            "classes": list(classes), "hash": content_hash(kind, classes, arrays, shards)}
+    meta = {"kind": kind, "split": split, "images": len(arrays["labels"]), "classes": list(classes),
+            "hash": content_hash(kind, classes, arrays, shards)}
     if shards is not None:
         meta["shards"] = [list(s) for s in shards]
     if dirs is not None:
         meta["dirs"] = dirs
+    layout, at = {}, 0
+    for key, a in arrays.items():
+        layout[key] = [a.dtype.str, len(a), at]
+        at += a.nbytes
+    meta["arrays"] = layout
+    header = json.dumps(meta).encode()
     path = index_path(root, split)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+        f.write(f"{FORMAT} {VERSION} {len(header)}\n".encode() + header)
+        for a in arrays.values():
+            f.write(np.ascontiguousarray(a).data)
     os.replace(tmp, path)
     return path
 
@@ -104,20 +115,29 @@ class Index:
                             f"{rebuild_hint(self.path.parent)}")
 
 
-def read_index(path: Path) -> Index:
+def read_index(path: Path, header_only: bool = False) -> Index:
+    """One open, one read. ``header_only``: the counts and classes without the arrays."""
+    bad = f"{path}: not a readable index ({{}}); {rebuild_hint(path.parent)}"
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            arrays = {k: z[k] for k in z.files if k != "meta"}
-    except (OSError, ValueError, KeyError) as err:
-        raise DataError(f"{path}: not a readable index ({type(err).__name__}: {str(err)[:100]}); "
-                        f"{rebuild_hint(path.parent)}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise DataError(f"{path}: not an index of this version ({meta.get('format')} {meta.get('version')}); "
-                        f"{rebuild_hint(path.parent)}")
-    n = meta["images"]
-    if any(len(a) != n for a in arrays.values()):
-        raise DataError(f"{path}: damaged (arrays of different lengths); {rebuild_hint(path.parent)}")
+        with open(path, "rb") as f:
+            data = f.read(4096) if header_only else f.read()
+            nl = data.find(b"\n", 0, 200)
+            fmt, version, size = data[:max(nl, 0)].decode("ascii", "replace").split(" ")
+            if fmt != FORMAT:
+                raise ValueError(f"it starts with {data[:40]!r}")
+            if int(version) != VERSION:
+                raise DataError(f"{path}: an index of version {version}, not {VERSION}; {rebuild_hint(path.parent)}")
+            start, size = nl + 1, int(size)
+            if header_only and len(data) < start + size:
+                data += f.read(start + size - len(data))
+        meta = json.loads(data[start:start + size])
+        arrays = {}
+        if not header_only:
+            body = memoryview(data)[start + size:]  # the arrays share the bytes read (no copy)
+            for key, (dtype, n, at) in meta["arrays"].items():
+                arrays[key] = np.frombuffer(body, dtype=dtype, count=n, offset=at)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(bad.format(f"{type(err).__name__}: {str(err)[:100]}")) from None
     return Index(path, meta, arrays)
 
 
@@ -125,7 +145,7 @@ def count_images(root, split: str = "train") -> int:
     """Images in a split: the index's count when there is one (nothing else is read), else a listing."""
     path = index_path(root, split)
     if path.is_file():
-        return int(read_index(path).meta["images"])
+        return int(read_index(path, header_only=True).meta["images"])
     from resnet_lamb.data import shards
 
     if shards.is_shard_split(Path(root).expanduser() / split):
@@ -185,7 +205,8 @@ def load_root(root, *, check: bool = True, full: bool = False) -> Folder:
     ``check``: the cheap checks against the tree (rank 0 at start-up); ``full``: compare every entry
     (re-list the folder, read every shard's headers). Any failure: DataError, one line."""
     root = Path(root).expanduser()
-    if not has_index(root):
+    present = [s for s in SPLITS if index_path(root, s).is_file()]
+    if not present:
         folder = discover(root)
         if check and folder.kind == "folder":
             n = sum(len(s) for s in folder.splits.values())
@@ -193,13 +214,11 @@ def load_root(root, *, check: bool = True, full: bool = False) -> Folder:
                 print(f"resnet-lamb: {root}: listed {n} files (no index); `resnet-lamb index {root}` writes one "
                       "so that later runs read it instead", file=sys.stderr, flush=True)
         return folder
-    idx = {}
-    for s in SPLITS:
-        path = index_path(root, s)
-        if not path.is_file():
-            other = next(x for x in SPLITS if x != s)
-            raise DataError(f"{path}: missing, but {index_path(root, other).name} is there; {rebuild_hint(root)}")
-        idx[s] = read_index(path)
+    if len(present) < len(SPLITS):
+        gone = next(s for s in SPLITS if s not in present)
+        raise DataError(f"{index_path(root, gone)}: missing, but {index_path(root, present[0]).name} is there; "
+                        f"{rebuild_hint(root)}")
+    idx = {s: read_index(index_path(root, s)) for s in SPLITS}
     kinds = {i.kind for i in idx.values()}
     first = idx[SPLITS[0]]
     if len(kinds) > 1 or any(i.meta["classes"] != first.meta["classes"] for i in idx.values()):
@@ -242,8 +261,9 @@ def _split_from_index(root: Path, split: str, i: Index):
 def _check_folder_times(root: Path, split: str, i: Index) -> None:
     """One stat per class folder: adding, removing or renaming a file changes its folder's time."""
     dirs = i.meta.get("dirs") or {}
+    base = os.path.join(root, split)
     for name, mtime in dirs.items():
-        d = root / split / name if name else root / split
+        d = os.path.join(base, name) if name else base  # (plain strings: a pathlib join per class costs more)
         try:
             now = os.stat(d).st_mtime_ns
         except OSError as err:
@@ -303,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="resnet-lamb index", description=(
-        "Write ROOT/train.index.npz and ROOT/val.index.npz for a data root (a folder ROOT/<split>/<class>/<image> "
+        "Write ROOT/train.index and ROOT/val.index for a data root (a folder ROOT/<split>/<class>/<image> "
         "or tar shards ROOT/<split>/*.tar), so that fit reads them instead of listing the tree; "
         "--check compares an existing index with the tree instead."))
     p.add_argument("root")

@@ -1,5 +1,5 @@
 """``resnet-lamb prepare DATASET --out DIR``: write a data set as DIR/train/<class>/*.JPEG, DIR/val/<class>/*.JPEG
-plus its index (DIR/train.index.npz, DIR/val.index.npz: what ``fit`` reads instead of listing the tree);
+plus its index (DIR/train.index, DIR/val.index: what ``fit`` reads instead of listing the tree);
 with ``--shards``, as tar shards DIR/{train,val}/*.tar plus their index instead (``resnet-lamb pack``).
 
 Data sets (nothing is downloaded; each reads files the user or the system already has):

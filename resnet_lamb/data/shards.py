@@ -4,7 +4,7 @@ Layout (``resnet-lamb pack SRC --out DIR`` or ``resnet-lamb prepare ... --shards
 
     DIR/train/train-000000.tar ...   members <key>.<ext> (the image's bytes, unchanged) and <key>.cls
     DIR/val/val-000000.tar ...       (its label, decimal text); key = <class>/<file name without extension>
-    DIR/train.index.npz, DIR/val.index.npz   per image: member name, label, size, shard, byte offset
+    DIR/train.index, DIR/val.index   per image: member name, label, size, shard, byte offset
     DIR/classes.txt                          class names in label order
 
 Shards close at ``--shard-size`` bytes (default 512 MiB; our choice: webdataset's advice is 100 MB
@@ -473,7 +473,7 @@ def pack(src, out, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, quiet: b
         placed = np.random.default_rng(seed).permutation(order) if split == "train" else order
         split_dir = out / split
         split_dir.mkdir(parents=True, exist_ok=True)
-        index_file = out / f"{split}.index.npz"
+        index_file = out / f"{split}.index"
         if index_file.exists():
             index_file.unlink()  # an interrupted pack leaves no index that describes other shards
         for old in split_dir.glob(f"{split}-*.tar"):

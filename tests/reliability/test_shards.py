@@ -201,7 +201,7 @@ def test_shards_without_index_are_read_and_indexed(shards, tmp_path, capsys):
                          workers=0)
     dm.setup("fit")
     assert (dm.train_images, dm.val_images, dm.classes) == (8, 4, ["c0", "c1"])
-    assert run_cli("index", str(root)) == 0 and "train.index.npz (8 images)" in capsys.readouterr().out
+    assert run_cli("index", str(root)) == 0 and "train.index (8 images)" in capsys.readouterr().out
     assert run_cli("index", str(root), "--check") == 0
     assert read_bytes_equal(root, shards)
 
