@@ -16,7 +16,9 @@ processes), which load does not skew, and the files each loader opened under the
 epoch, in every process that reads (DALI on the CPU reads in this process; torchvision in its
 --workers worker processes, counted by an audit hook installed in each), with the number of reading
 processes and of shards: a shard is opened once per reading process, when that process first reads
-from it, and kept open. Last line: one JSON object with the rates, the counts and their ratios.
+from it, and kept open. Then, what the layout alone changes: an epoch's bytes read through each
+layout's ``read(i)`` in epoch_plan's order, without decoding (interleaved, median of --read-repeats).
+Last line: one JSON object with the rates, the counts and their ratios.
 
     python benchmarks/dataloader.py [--images 1024] [--epochs 3] [--workers 2] [--batch 64] [--shard-size 8M]
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -123,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefetch", type=int, default=2, help="batches prefetched per DataLoader worker (prefetch_factor)")
     p.add_argument("--shard-size", default="8M", help="bytes per shard when packing (default 8M: several shards "
                                                       "for the default 1024 images of ~60 KB)")
+    p.add_argument("--read-repeats", type=int, default=5, help="passes of the read-only comparison per layout")
     args = p.parse_args(argv)
     if args.skip_batches is None:
         args.skip_batches = max(4, args.workers * args.prefetch)
@@ -152,6 +156,25 @@ def main(argv=None) -> int:
     pack(root, shards_root, shard_size=parse_size(args.shard_size), quiet=True)
     n_shards = len([f for f in os.listdir(os.path.join(shards_root, "train")) if f.endswith(".tar")])
     print(f"packed into {n_shards} train shards in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+
+    # what the layout changes, without the decoding both share: an epoch's bytes read in epoch_plan's
+    # order through each split's read(i), in this process, interleaved, median of --read-repeats (before
+    # any audit hook is installed here: they would tax the folder's one open per image)
+    from resnet_lamb.data.index import load_root
+    from resnet_lamb.data.sampling import epoch_plan
+
+    splits = {"folder": load_root(root).splits["train"], "shards": load_root(shards_root).splits["train"]}
+    order = epoch_plan(len(splits["folder"]), args.batch, args.batch, 1, 0, epoch=0)[0]
+    read_s = {k: [] for k in splits}
+    for _ in range(args.read_repeats):
+        for layout, split in splits.items():
+            t = time.perf_counter()
+            for i in order:
+                split.read(int(i))
+            read_s[layout].append(time.perf_counter() - t)
+    read_rate = {k: len(order) / statistics.median(v) for k, v in read_s.items()}
+    print(f"read only: folder {read_rate['folder']:.0f} img/s, shards {read_rate['shards']:.0f} img/s",
+          file=sys.stderr)
 
     loaders, opens, distinct, roots, active = {}, {}, {}, {}, [None]
     # the same number of batches in flight on both sides: the DataLoader's prefetch_factor is per worker
@@ -221,6 +244,8 @@ def main(argv=None) -> int:
             f"{backend}_folder_files_opened_per_epoch": opened[backend],
             f"{backend}_shards_files_opened_per_epoch": opened[sh],
             f"{backend}_shards_distinct_files_opened": distinct[sh].value})
+    result.update({"read_only_folder_img_s": round(read_rate["folder"]), "read_only_shards_img_s": round(read_rate["shards"]),
+                   "read_only_ratio_shards_over_folder": round(read_rate["shards"] / read_rate["folder"], 2)})
     result.update({"train_shards": n_shards, "shard_size": args.shard_size,
                    "workers": args.workers, "prefetch_batches": args.workers * args.prefetch, "batch": args.batch,
                    "image_size": args.image_size, "images": n_train, "epochs": args.epochs,

@@ -141,7 +141,7 @@ def test_pack_refuses_keys_that_collide_and_an_output_inside_its_source(tmp_path
 
 
 # ---------------------------------------------------------------------------------- reading
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["memory"])
 def test_folder_and_its_shards_give_the_same_batches(digits_root, packed, backend):
     a, b = _dm(digits_root, backend), _dm(packed, backend)
     assert (a.train_images, a.val_images, a.classes) == (b.train_images, b.val_images, b.classes)

@@ -167,7 +167,7 @@ def validate_root(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "
     """Check the folder layout under ``root`` and index its files (no image is opened).
 
     Raises DataError (one line naming the path) on any structural problem. Callable before any
-    model is built; ``ImageDataModule.prepare_data``/``setup`` call it too.
+    model is built; :func:`resnet_lamb.data.index.load_root` calls it for a root without an index.
     """
     root = Path(root).expanduser()
     if not root.is_dir():

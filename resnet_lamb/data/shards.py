@@ -159,12 +159,13 @@ class ShardSplit:
 
     def read(self, i: int) -> memoryview:
         """Image ``i``'s bytes: one ``pread`` of its header and data from the open shard."""
-        s, off, size = int(self.shard[i]), int(self.offset[i]), int(self.sizes[i])
-        buf = os.pread(self._fd(s), size + HEADER, off - HEADER)
+        s, off, size = self.shard.item(i), self.offset.item(i), self.sizes.item(i)
+        fd = self._fds.get(s)
+        buf = os.pread(self._fd(s) if fd is None else fd, size + HEADER, off - HEADER)
         if len(buf) < size + HEADER:
             raise DataError(f"{self.shard_path(s)}: truncated: member {self.member(i)} (bytes {off}-{off + size}) "
                             f"is cut off; copy the shard again, or {_rebuild(self.root.parent)}")
-        if not _header_matches(buf[:HEADER], self.paths[i], size):
+        if not _header_matches(buf, self.paths[i], size):
             raise DataError(f"{self.shard_path(s)}: no member {self.member(i)} at byte {off} as the index says (the "
                             f"index is stale or from another data set); {_rebuild(self.root.parent)}")
         return memoryview(buf)[HEADER:]
@@ -242,9 +243,14 @@ class ShardSplit:
 
 
 def _header_matches(block: bytes, member: bytes, size: int) -> bool:
-    """A member's header block: its name field (the first 100 bytes of the name) and its size."""
-    if len(block) < HEADER or block[:100].rstrip(b"\0") != bytes(member)[:100]:
+    """A member's header block (or a buffer starting with it): its name field (the first 100 bytes of
+    the name, NUL-padded) and its size field (octal text, or base-256 for sizes of 8 GiB and more)."""
+    name = bytes(member)[:100]
+    n = len(name)
+    if len(block) < HEADER or block[:n] != name or (n < 100 and block[n] != 0):
         return False
+    if block[124:135] == b"%011o" % size:
+        return True
     try:
         return tarfile.nti(block[124:136]) == size
     except tarfile.InvalidHeaderError:
