@@ -6,7 +6,8 @@ prepared layout; packed with `resnet-lamb pack` into shards of --shard-size), sa
 (random-resized-crop 224, flip, normalise), same number of threads / worker processes (--workers),
 same batch, same number of batches in flight (--prefetch per DataLoader worker, so workers * prefetch
 for DALI's prefetch queue). Epochs are interleaved (DALI folder, DALI shards, torchvision folder,
-torchvision shards, ...) so that load from other processes hits all alike; before each one the
+torchvision shards, then each pair the other way round, ...) so that load from other processes hits
+all alike, and shards/folder ratios are also given per round (median of the paired epochs); before each one the
 benchmark waits until the others have stopped working in the background (DALI prefetches the next
 epoch's first batches), the first epoch of each is a warm-up, and each epoch is timed from its
 --skip-batches-th batch on (steady state: what a loader prefetched while another one ran is not
@@ -17,7 +18,7 @@ epoch, in every process that reads (DALI on the CPU reads in this process; torch
 --workers worker processes, counted by an audit hook installed in each), with the number of reading
 processes and of shards: a shard is opened once per reading process, when that process first reads
 from it, and kept open. Then, what the layout alone changes: an epoch's bytes read through each
-layout's ``read(i)`` in epoch_plan's order, without decoding (interleaved, median of --read-repeats).
+layout's ``read(i)`` in epoch_plan's order, without decoding (alternating, median of --read-repeats).
 Last line: one JSON object with the rates, the counts and their ratios.
 
     python benchmarks/dataloader.py [--images 1024] [--epochs 3] [--workers 2] [--batch 64] [--shard-size 8M]
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefetch", type=int, default=2, help="batches prefetched per DataLoader worker (prefetch_factor)")
     p.add_argument("--shard-size", default="8M", help="bytes per shard when packing (default 8M: several shards "
                                                       "for the default 1024 images of ~60 KB)")
-    p.add_argument("--read-repeats", type=int, default=5, help="passes of the read-only comparison per layout")
+    p.add_argument("--read-repeats", type=int, default=15, help="passes of the read-only comparison per layout")
     args = p.parse_args(argv)
     if args.skip_batches is None:
         args.skip_batches = max(4, args.workers * args.prefetch)
@@ -166,8 +167,9 @@ def main(argv=None) -> int:
     splits = {"folder": load_root(root).splits["train"], "shards": load_root(shards_root).splits["train"]}
     order = epoch_plan(len(splits["folder"]), args.batch, args.batch, 1, 0, epoch=0)[0]
     read_s = {k: [] for k in splits}
-    for _ in range(args.read_repeats):
-        for layout, split in splits.items():
+    for rep in range(args.read_repeats):
+        for layout in ("folder", "shards") if rep % 2 == 0 else ("shards", "folder"):
+            split = splits[layout]
             t = time.perf_counter()
             for i in order:
                 split.read(int(i))
@@ -200,8 +202,12 @@ def main(argv=None) -> int:
     counts = {b: [] for b in loaders}
     cpu = {b: [] for b in loaders}
     opened = {b: [] for b in loaders}  # files opened under the data root, per epoch
+    names = list(loaders)  # dali, dali_shards, torchvision, torchvision_shards
+    swapped = [names[1], names[0], names[3], names[2]]
     for epoch in range(args.epochs + 1):
-        for backend, loader in loaders.items():
+        # folder then shards in even rounds, shards then folder in odd ones: neither always goes first
+        for backend in names if epoch % 2 == 0 else swapped:
+            loader = loaders[backend]
             settle(loaders.values())
             active[0] = backend
             before = opens[backend].value
@@ -240,6 +246,11 @@ def main(argv=None) -> int:
             f"{key}_shards_img_s": round(rate[sh], 1),
             f"ratio_shards_over_folder_{backend}": round(rate[sh] / rate[backend], 3),
             f"cpu_ratio_shards_over_folder_{backend}": round(per_cpu[sh] / per_cpu[backend], 3),
+            # the two epochs of one round ran next to each other: their ratio drifts less with the load
+            f"paired_ratio_shards_over_folder_{backend}": round(statistics.median(
+                (counts[sh][e] / times[sh][e]) / (counts[backend][e] / times[backend][e]) for e in range(args.epochs)), 3),
+            f"paired_cpu_ratio_shards_over_folder_{backend}": round(statistics.median(
+                (counts[sh][e] / cpu[sh][e]) / (counts[backend][e] / cpu[backend][e]) for e in range(args.epochs)), 3),
             f"{backend}_reading_processes": readers[backend],
             f"{backend}_folder_files_opened_per_epoch": opened[backend],
             f"{backend}_shards_files_opened_per_epoch": opened[sh],

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, read_csv, run_cli, tiny_recipe, write_recipe
+from conftest import read_csv, run_cli, tiny_recipe, write_recipe
 from resnet_lamb.data import ImageDataModule
 from resnet_lamb.data import dali as dali_backend
 from resnet_lamb.data.index import index_path, load_root, read_index

@@ -121,7 +121,7 @@ class ShardSplit:
         for fd in getattr(self, "_fds", {}).values():
             try:
                 os.close(fd)
-            except OSError:
+            except Exception:  # noqa: BLE001 - also at interpreter exit, when os may be gone
                 pass
         self._fds = {}
 
@@ -218,8 +218,8 @@ class ShardSplit:
                         f"after the index); {_rebuild(self.root.parent)}")
 
     def check_full(self) -> None:
-        """Read every shard's headers and labels; compare every member with the index."""
-        self.check_cheap()
+        """Read every shard's headers and labels; compare every member with the index (after
+        :meth:`check_cheap`, which names a missing or truncated shard first)."""
         found = {m: entry for m, entry in ((e[3], e) for e in _scan_members(self.root, self.shard_names).values())}
         for i in range(len(self)):
             s, off, size = int(self.shard[i]), int(self.offset[i]), int(self.sizes[i])
@@ -482,8 +482,8 @@ def pack(src, out, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, quiet: b
         index_file = out / f"{split}.index"
         if index_file.exists():
             index_file.unlink()  # an interrupted pack leaves no index that describes other shards
-        for old in split_dir.glob(f"{split}-*.tar"):
-            old.unlink()
+        for old in [*split_dir.glob(f"{split}-*.tar"), *split_dir.glob(f".{split}-*.tar.tmp-*")]:
+            old.unlink()  # an earlier pack's shards, or those an interrupted one left half-written
         writer = _ShardWriter(split_dir, split, shard_size)
         where = {}  # image -> (shard, data offset, size)
         for n, i in enumerate(placed):
