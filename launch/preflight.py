@@ -10,7 +10,10 @@
 2. ``--trainer.devices`` / ``--trainer.num_nodes`` given on the command line must agree with
    ``NPROC`` / ``NNODES`` (Lightning requires devices x num_nodes = torchrun's world size);
    ``NPROC`` may not exceed the visible GPUs.
-3. A node that does not host the rendezvous (``NODE_RANK`` > 0, or unset and the endpoint is not
+3. ``STAGE_DIR`` set: the recipe's ``data.root`` (a shard set) is copied there by
+   :func:`resnet_lamb.data.stage.stage` (this script runs once per node, before the node's workers
+   start; a copy already complete is not repeated), and torchrun.sh trains on ``STAGE_DIR``.
+4. A node that does not host the rendezvous (``NODE_RANK`` > 0, or unset and the endpoint is not
    this machine) waits at most ``RDZV_TIMEOUT`` seconds for the endpoint to accept a TCP
    connection, then fails with one line naming it (instead of torchrun's traceback).
 
@@ -139,6 +142,17 @@ def main(argv: list[str]) -> int:
           f"({'GPU' if gpus else 'CPU, gloo'}); micro batch {plan.micro_batch}, accumulation {plan.accumulation}, "
           f"{plan.optimizer_steps} optimizer steps", flush=True)
     print(format_plan(plan, recipe), flush=True)
+    if env.get("STAGE_DIR"):
+        from resnet_lamb.data.stage import main as stage_main
+
+        root = (cfg.get("data") or {}).get("root")
+        if not root:
+            fail("STAGE_DIR is set but the recipe has no data.root to copy there")
+        try:
+            stage_main([str(root), env["STAGE_DIR"]])
+        except UserError as err:
+            print(f"resnet-lamb: error: {err}", file=sys.stderr, flush=True)
+            return 2
     check_rendezvous(env.get("RDZV_ENDPOINT", ""), nnodes, env.get("NODE_RANK", ""),
                      float(env.get("RDZV_TIMEOUT", "300")))
     return 0

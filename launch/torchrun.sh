@@ -17,6 +17,9 @@
 #                  resumes from the run's last.ckpt (--ckpt_path last; a first start with no checkpoint
 #                  starts fresh)
 #   PYTHON         interpreter (default: the checkout's .venv, else python)
+#   STAGE_DIR      a folder on this node's local disk: the recipe's data.root (a shard set: resnet-lamb pack)
+#                  is copied there once per node before the workers start (resnet-lamb stage; a complete copy
+#                  is kept for the next run), and the run reads it from there (--data.root STAGE_DIR)
 #
 # Before any worker starts, launch/preflight.py applies the overrides to the recipe, prints the plan
 # for the world size NPROC x NNODES (micro batch, accumulation, steps) and stops with one line on:
@@ -70,7 +73,9 @@ fi
 
 # The plan first, and the checks: nothing is started when one fails.
 NPROC=$NPROC NNODES=$NNODES GPUS=$gpus NODE_RANK=$NODE_RANK RDZV_TIMEOUT=$RDZV_TIMEOUT \
-    RDZV_ENDPOINT=${RDZV_ENDPOINT:-} "$py" "$here/launch/preflight.py" "$recipe" "$@"
+    RDZV_ENDPOINT=${RDZV_ENDPOINT:-} STAGE_DIR=${STAGE_DIR:-} "$py" "$here/launch/preflight.py" "$recipe" "$@"
+staged=()
+if [ -n "${STAGE_DIR:-}" ]; then staged=(--data.root "$STAGE_DIR"); fi
 
 if [ -z "${RDZV_ENDPOINT:-}" ]; then
     rdzv=(--standalone)
@@ -89,13 +94,14 @@ export RESNET_LAMB_PLAN_SHOWN=1
 # devices x num_nodes = torchrun's world size (Lightning checks it); strategy ddp (gloo on the CPU);
 # --ckpt_path last: a restart (MAX_RESTARTS) or a requeued job resumes; --run.fresh_if_missing true: a first
 # start (no last.ckpt yet) starts fresh (plain `fit --ckpt_path last` refuses a run folder without one).
-# The user's overrides come last and win (preflight has checked devices/num_nodes among them).
+# The user's overrides come last and win (preflight has checked devices/num_nodes among them), but for
+# data.root when STAGE_DIR is set (the node-local copy preflight made).
 "$py" -m torch.distributed.run \
     "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
     -m resnet_lamb fit --config "$recipe" \
     --trainer.accelerator "$accel" --trainer.strategy ddp \
     --trainer.num_nodes "$NNODES" --trainer.devices "$NPROC" \
-    --ckpt_path last --run.fresh_if_missing true "$@" &
+    --ckpt_path last --run.fresh_if_missing true "$@" ${staged[@]+"${staged[@]}"} &
 pid=$!
 # torchrun runs in the background so that its failure can be explained below; pass signals on
 # (a non-interactive shell's background job ignores SIGINT, so Ctrl-C becomes SIGTERM to torchrun).

@@ -765,11 +765,12 @@ def _sources(cfg: dict) -> dict:
 
 
 def count_train_images(root: "str | os.PathLike[str]") -> int:
-    """Number of training images under ``root/train``, counted as the data module counts them
-    (:func:`resnet_lamb.data.folder.validate_root`: hidden files skipped; nothing is opened)."""
-    from resnet_lamb.data.folder import validate_root
+    """Number of training images under ``root/train``, counted as the data module counts them: the
+    root's index when it has one, else a listing (:func:`resnet_lamb.data.folder.validate_root`:
+    hidden files skipped; nothing is opened)."""
+    from resnet_lamb.data.index import count_images
 
-    return len(validate_root(root, ("train",)).splits["train"])
+    return count_images(root, "train")
 
 
 def plan_recipe(recipe: Recipe, *, world_size: int = 1, micro_batch: Optional[int] = None,

@@ -147,7 +147,7 @@ def _parser_class():
 # path: the recipe; stated: the --config files as written (merged); origins: where the command line set
 # keys (resnet_lamb.recipe.apply_overrides)
 _RECIPE: dict[str, Any] = {"path": None, "stated": [], "origins": {}}
-_FOLDERS: dict[str, Any] = {}  # data root -> its validate_root listing, once per `main` call
+_FOLDERS: dict[str, Any] = {}  # data root -> its start-up read (index or listing), once per `main` call
 
 
 def _stated(cfg: Any, dotted: str) -> Any:
@@ -252,9 +252,15 @@ def _check_config(cfg: dict, sub: str, world: Optional[int], path: str) -> tuple
         classes = data.get("num_classes") or IMAGENET["num_classes"]
     else:
         require_root(backend, data.get("root"))
-        folder = _folder(data["root"])  # every layout error as one line: listings only, no image opened
-        check_counts(folder, {k: data.get(k) for k in ("train_images", "val_images", "num_classes")}, folder.root)
-        images, classes = len(folder.splits["train"]), len(folder.classes)
+        given = {k: data.get(k) for k in ("train_images", "val_images", "num_classes")}
+        # every layout error as one line, from the index or listings only (no image opened)
+        folder = _folder(data["root"], full=bool(data.get("index_check")),
+                         counts_given=given["train_images"] is not None and given["num_classes"] is not None)
+        if folder is None:  # a rank > 0, no index, the counts given: it takes rank 0's listing in setup
+            images, classes = given["train_images"], given["num_classes"]
+        else:
+            check_counts(folder, given, folder.root)
+            images, classes = len(folder.splits["train"]), len(folder.classes)
     _check_classes(model.get("num_classes"), classes, data.get("num_classes"), backend == "synthetic")
     plan = R.plan_recipe(recipe, world_size=world, train_images=images) if world else None
     if sub == "fit":
@@ -315,14 +321,16 @@ def check_ckpt_path(ckpt_path: Any, root: Path, name: str, fresh_if_missing: boo
                           f"start a new run with --run.name NEW, or delete the folder")
 
 
-def _folder(root: Any) -> Any:
-    """:func:`resnet_lamb.data.folder.validate_root` of ``root``, listed once per run (the start-up
-    checks run twice and the data module reuses the listing)."""
+def _folder(root: Any, full: bool, counts_given: bool) -> Any:
+    """The data root as this rank reads it at start-up (:func:`resnet_lamb.data.index.startup_folder`:
+    the index, else rank 0's listing), read once per run (the start-up checks run twice and the data
+    module reuses it); None on a rank that waits for rank 0's listing."""
     key = os.path.abspath(os.path.expanduser(str(root)))
     if key not in _FOLDERS:
-        from resnet_lamb.data.folder import validate_root
+        from resnet_lamb.data.index import startup_folder
 
-        _FOLDERS[key] = validate_root(root)
+        rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; no process group yet
+        _FOLDERS[key] = startup_folder(root, rank0=rank0, counts_given=counts_given, full=full)
     return _FOLDERS[key]
 
 
@@ -666,6 +674,7 @@ def _cli_class():
             # main() ran these checks on the recipe and command line before Lightning was imported;
             # again on what LightningCLI parsed (its defaults filled in), with the world size it will use
             recipe, self.folder, plan, classes, images = check_config(_to_dict(cfg), sub, world_size(cfg.trainer))
+            rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; the trainer does not exist yet
             steps = int(plan.optimizer_steps)
             user_max = cfg.trainer.get("max_steps")
             if user_max is not None and 0 < user_max < steps:
@@ -681,7 +690,7 @@ def _cli_class():
             cfg.data.num_classes = cfg.model.num_classes = classes
             if self.folder is not None:
                 cfg.data.train_images, cfg.data.val_images = images, len(self.folder.splits["val"])
-            else:  # synthetic: the counts given, else ImageNet's (what its data module uses)
+            elif cfg.data.get("backend") == "synthetic":  # the counts given, else ImageNet's (what its data module uses): the counts given, else ImageNet's (what its data module uses)
                 from resnet_lamb.data.folder import IMAGENET
 
                 cfg.data.train_images, cfg.data.val_images = images, cfg.data.val_images or IMAGENET["val_images"]
@@ -700,7 +709,6 @@ def _cli_class():
                 _print_config(self._parser(sub), cfg, _PRINT_CONFIG["flags"])
                 sys.exit(0)
             self.run_dir = Path(cfg.run.root) / cfg.run.name
-            rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; the trainer does not exist yet
             if rank0:
                 _check_writable(self.run_dir)  # config, logs and checkpoints go there: fail now, not at epoch 1
             if sub == "fit":
@@ -726,7 +734,7 @@ def _cli_class():
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
-            if self.folder is not None:  # listed once, in before_instantiate_classes
+            if self.folder is not None:  # read once, in before_instantiate_classes
                 self.datamodule.validate(self.folder)
 
         def instantiate_trainer(self, **kwargs):

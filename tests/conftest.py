@@ -19,10 +19,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _prepare_digits(tmp_path_factory, name: str, per_class_train: int) -> Path:
+def _prepare_digits(tmp_path_factory, name: str, per_class_train: int, *extra: str) -> Path:
     out = tmp_path_factory.mktemp("data") / name
     subprocess.run([sys.executable, "-m", "resnet_lamb", "prepare", "digits", "--out", str(out), "--size", "16",
-                    "--per-class-train", str(per_class_train), "--per-class-val", "4"], check=True, cwd=REPO,
+                    "--per-class-train", str(per_class_train), "--per-class-val", "4", *extra], check=True, cwd=REPO,
                    stdout=subprocess.DEVNULL)
     return out
 
@@ -37,6 +37,12 @@ def digits_root(tmp_path_factory) -> Path:
 def digits_root_large(tmp_path_factory) -> Path:
     """240 train / 40 val 16-px JPEGs: epochs long enough to kill a run inside one."""
     return _prepare_digits(tmp_path_factory, "digits_large", 24)
+
+
+@pytest.fixture(scope="session")
+def digits_shards_large(tmp_path_factory) -> Path:
+    """digits_root_large's images packed in tar shards of at most 16 KiB (about 20 images each)."""
+    return _prepare_digits(tmp_path_factory, "digits_shards_large", 24, "--shards", "--shard-size", "16K")
 
 
 def tiny_recipe(root: Path | None, **over) -> dict:

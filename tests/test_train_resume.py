@@ -35,11 +35,15 @@ def _assert_same(a, b):
     assert a["global_step"] == b["global_step"]
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali", "synthetic"])
-def test_kill_after_epoch_1_and_resume_matches_uninterrupted(tmp_path, digits_root_large, backend):
+@pytest.mark.parametrize(("backend", "layout"), [("torchvision", "folder"), ("dali", "folder"), ("synthetic", None),
+                                                 ("torchvision", "shards"), ("dali", "shards")])
+def test_kill_after_epoch_1_and_resume_matches_uninterrupted(tmp_path, request, backend, layout):
+    """shards: the same images packed in tar shards (digits_shards_large), read by byte offset."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    recipe = tiny_recipe(None if backend == "synthetic" else digits_root_large, **{"data.backend": backend})
+    root = request.getfixturevalue({"folder": "digits_root_large", "shards": "digits_shards_large"}[layout]) \
+        if layout else None
+    recipe = tiny_recipe(root, **{"data.backend": backend})
     if backend == "synthetic":
         recipe["data"].update(train_images=240, val_images=40)
     path = write_recipe(tmp_path / "r.yaml", recipe)

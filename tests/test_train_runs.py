@@ -59,15 +59,26 @@ def test_two_epochs_each_optimizer(fit, name):
         assert not ratios, "no trust ratios for optimizers without them"
 
 
-def test_start_up_lists_the_data_folder_once(fit, digits_root, monkeypatch):
-    """fit checks the layout before anything is built and hands that listing to the data module."""
-    import resnet_lamb.data.folder as folder
+def test_start_up_reads_the_index_or_lists_the_data_folder_once(fit, digits_root, tmp_path, monkeypatch):
+    """fit reads the root's index before anything is built and hands it to the data module; a folder
+    without an index is listed once, the listing handed over the same way."""
+    import shutil
 
-    calls = []
-    real = folder.validate_root
-    monkeypatch.setattr(folder, "validate_root", lambda root: calls.append(root) or real(root))
-    _check_run(fit(tiny_recipe(digits_root), name="listed-once"))
-    assert len(calls) == 1
+    import resnet_lamb.data.folder as folder
+    import resnet_lamb.data.index as index
+
+    listings, reads = [], []
+    real_list, real_read = folder.validate_root, index.read_index
+    monkeypatch.setattr(folder, "validate_root", lambda *a: listings.append(a) or real_list(*a))
+    monkeypatch.setattr(index, "validate_root", folder.validate_root)
+    monkeypatch.setattr(index, "read_index", lambda path: reads.append(path) or real_read(path))
+    _check_run(fit(tiny_recipe(digits_root), name="indexed"))
+    assert listings == [] and sorted(p.name for p in reads) == ["train.index", "val.index"]
+    bare = tmp_path / "bare"
+    shutil.copytree(digits_root, bare, ignore=shutil.ignore_patterns("*.index"))
+    reads.clear()
+    _check_run(fit(tiny_recipe(bare), name="listed-once"))
+    assert len(listings) == 1 and reads == []
 
 
 def test_synthetic_with_a_root_plans_the_images_it_trains_on(fit, digits_root, capsys):

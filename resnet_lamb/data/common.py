@@ -43,13 +43,19 @@ def placeholder_jpeg() -> bytes:
 
 
 def warn_corrupt(path: str, why: str) -> None:
-    fix = "replace the file"
-    try:  # only on a failure: tell an unreadable file (permissions) from a corrupt one
-        with open(path, "rb"):
-            pass
-    except PermissionError:
-        why, fix = "permission denied", "make it readable by this user (chmod a+r)"
-    except OSError as err:
-        why = err.strerror or why
+    """One warning line for an image that does not decode. ``path``: a file, or ``<shard>::<member>``."""
+    from resnet_lamb.data.shards import MEMBER_SEP
+
+    if MEMBER_SEP in path:  # the shard itself opened (an unopenable shard stops the run instead)
+        fix = "replace the image and pack the data again (resnet-lamb pack)"
+    else:
+        fix = "replace the file"
+        try:  # only on a failure: tell an unreadable file (permissions) from a corrupt one
+            with open(path, "rb"):
+                pass
+        except PermissionError:
+            why, fix = "permission denied", "make it readable by this user (chmod a+r)"
+        except OSError as err:
+            why = err.strerror or why
     print(f"resnet-lamb: warning: {path}: corrupt or unreadable image ({why}); skipped for the rest "
           f"of the run (label -1); {fix}", file=sys.stderr, flush=True)

@@ -39,7 +39,6 @@ mode for non-image bytes, truncated and damaged JPEGs). The loader then decodes 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 
 import numpy as np
@@ -64,8 +63,8 @@ def available() -> bool:
 class _Source:
     """Picklable per-sample callback (parallel external_source needs that): SampleInfo -> (bytes, label)."""
 
-    def __init__(self, root, paths, labels, n, plan_kw, start, bad, stop=None):
-        self.root, self.paths, self.labels, self.n = str(root), paths, labels, n
+    def __init__(self, split, n, plan_kw, start, bad, stop=None):
+        self.split, self.labels, self.n = split, split.labels, n  # split.read(i): the bytes (folder or shard)
         self.plan_kw, self.start, self.bad = plan_kw, start, frozenset(bad)
         self.stop = stop  # stream position where the source ends (StopIteration); None: endless
         self.per_rank = micro_batches_per_rank(n, **plan_kw) * plan_kw["micro_batch"]
@@ -81,7 +80,7 @@ class _Source:
         return int(plan[0][j]), bool(plan[1][j])
 
     def path(self, i: int) -> str:
-        return os.path.join(self.root, self.paths[i].decode())
+        return self.split.name(i)
 
     def __call__(self, info):
         pos = self.start + info.idx_in_epoch
@@ -90,7 +89,7 @@ class _Source:
         i, real = self.file_at(pos)
         if i in self.bad:
             return np.frombuffer(placeholder_jpeg(), dtype=np.uint8), np.array([-1], dtype=np.int64)
-        data = np.fromfile(self.path(i), dtype=np.uint8)
+        data = np.frombuffer(self.split.read(i), dtype=np.uint8)
         label = self.labels[i] if real else -1
         return data, np.array([label], dtype=np.int64)
 
@@ -148,8 +147,9 @@ def _pipeline_seed(seed: int, epoch: int, rank: int, offset: int = 0) -> int:
     return int(state[0]) << 31 | int(state[1]) >> 1  # 62 bits: DALI takes a signed 64-bit seed
 
 
-def _probe_bad(paths: list[str]) -> dict[str, str]:
-    """Decode each file alone with DALI on the CPU; return {path: error} for those that fail."""
+def _probe_bad(split, files: dict[str, int]) -> dict[str, str]:
+    """Decode each image ({name: index}) alone with DALI on the CPU; return {name: error} for those that fail.
+    A DataError reading the bytes (a shard unlike its index) is raised, not counted."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
@@ -159,12 +159,17 @@ def _probe_bad(paths: list[str]) -> dict[str, str]:
 
     bad: dict[str, str] = {}
     p = None
-    for path in dict.fromkeys(paths):
+    for path, i in files.items():
         if p is None:
             p = probe()
             p.build()
         try:
-            p.feed_input("enc", [np.fromfile(path, dtype=np.uint8)])
+            data = np.frombuffer(split.read(i), dtype=np.uint8)
+        except OSError as err:  # a folder's file gone or unreadable: skipped and counted
+            bad[path] = err.strerror or str(err)
+            continue
+        try:
+            p.feed_input("enc", [data])
             p.run()
         except Exception as err:  # noqa: BLE001 - DALI raises RuntimeError; a broken pipeline is rebuilt
             text = str(err).split("encountered:")[-1]
@@ -205,7 +210,7 @@ class DaliLoader:
     def _make(self, start_batch: int, bad: frozenset) -> tuple[_Source, object]:
         """A source and pipeline reading the stream from ``start_batch``; training: to the end of its epoch."""
         epoch, offset = divmod(start_batch, self.n_batches)
-        source = _Source(self.split.root, self.split.paths, self.split.labels, self.n, self.plan_kw,
+        source = _Source(self.split, self.n, self.plan_kw,
                          start_batch * self.micro_batch, bad,
                          stop=(epoch + 1) * self.n_batches * self.micro_batch if self.train else None)
         pipe = _build_pipeline(
@@ -290,7 +295,7 @@ class DaliLoader:
             i, _ = self._source.file_at(self._source.start + p)
             if i not in self.bad:
                 files[self._source.path(i)] = i
-        bad = _probe_bad(list(files))
+        bad = _probe_bad(self.split, files)
         if not bad:
             raise err
         for path, why in bad.items():

@@ -14,7 +14,14 @@ permutations (no padding; the run's ``max_steps`` ends it). Validation: ``ceil(v
 rank, every image exactly once across ranks, padding labelled -1.
 
 World size and rank come from the trainer at ``setup`` when attached, else from torch.distributed
-when initialised, else 1 / 0. The epoch (which permutation) comes from ``trainer.current_epoch``,
+when initialised, else 1 / 0.
+
+The data root is read through its index when it has one (:mod:`resnet_lamb.data.index`: every rank
+reads it, rank 0 checks it against the tree; ``index_check`` compares every entry), else listed
+(:mod:`resnet_lamb.data.folder`) or, for tar shards, their headers read. With more than one rank,
+``setup`` makes every rank use rank 0's view: a listing is made on rank 0 only and broadcast (the
+ranks cannot disagree about the file list), an index is confirmed by its content hash, and an error
+found on rank 0 is raised on every rank. The epoch (which permutation) comes from ``trainer.current_epoch``,
 or without a trainer from the loader's own count; ``state_dict()`` stores it, so a resumed run
 continues at the epoch boundary with the right permutation.
 
@@ -24,7 +31,6 @@ Corrupt images: skipped and counted (see :mod:`resnet_lamb.data.folder`); ``skip
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import lightning as L
@@ -54,6 +60,7 @@ class ImageDataModule(L.LightningDataModule):
         prefetch: int = 2,
         py_workers: int | None = None,
         epoch_mode: str = "padded",
+        index_check: bool = False,
     ):
         """
         Args:
@@ -77,6 +84,8 @@ class ImageDataModule(L.LightningDataModule):
                 GPU (the main thread reads), min(4, workers // 2) with one.
             epoch_mode: padded | full_batch, how training batches are cut from the data
                 (:mod:`resnet_lamb.data.sampling`); validation is the same in both.
+            index_check: at start-up, compare every entry of the root's index with the tree (re-list
+                the folder, or read every shard's headers) instead of the cheap checks only.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -97,6 +106,8 @@ class ImageDataModule(L.LightningDataModule):
         self.global_batch, self.micro_batch, self.image_size = global_batch, micro_batch, image_size
         self.workers, self.channels_last, self.dtype = workers, channels_last, torch_dtype(dtype)
         self.seed, self.prefetch, self.py_workers, self.epoch_mode = seed, prefetch, py_workers, epoch_mode
+        self.index_check = index_check
+        self._shared_world = 1  # world size whose ranks already agreed on the folder
         self._given = {"train_images": train_images, "val_images": val_images, "num_classes": num_classes}
         self._folder = None
         self._epoch = 0
@@ -133,15 +144,63 @@ class ImageDataModule(L.LightningDataModule):
         return self._backend
 
     def validate(self, folder=None):
-        """Check the folder layout (cheap: directory listings) and the given counts; idempotent.
-        ``folder``: the :func:`validate_root` of ``root`` when the caller already listed it."""
+        """Read the root (its index, else a listing) and check the given counts; idempotent.
+        ``folder``: the :func:`resnet_lamb.data.index.load_root` of ``root`` when the caller has it."""
         if self.backend_requested == "synthetic" or self._folder is not None:
             return
-        from resnet_lamb.data.folder import validate_root
+        from resnet_lamb.data.index import load_root
 
-        folder = folder if folder is not None else validate_root(self.root)
+        folder = folder if folder is not None else load_root(self.root, check=self.global_rank == 0,
+                                                             full=self.index_check and self.global_rank == 0)
         check_counts(folder, self._given, self.root)
         self._folder = folder
+
+    def _share_folder(self):
+        """More than one rank: every rank takes rank 0's view of the root (see the module's docstring).
+        One broadcast from rank 0, on every rank, once per world size."""
+        import torch.distributed as dist
+
+        if self.backend_requested == "synthetic" or self.world_size == self._shared_world:
+            return
+        if not (dist.is_available() and dist.is_initialized()):
+            self.validate()  # no process group (a trainer stand-in): nothing to share with
+            return
+        from resnet_lamb.data.index import load_root
+        from resnet_lamb.errors import UserError
+
+        held, message = self._folder, None
+        if self.global_rank == 0:
+            try:
+                if held is None:
+                    held = load_root(self.root, check=True, full=self.index_check)
+                message = ("index", held.index_hash) if held.index_hash else ("listing", held)
+            except UserError as err:
+                message = ("error", str(err))
+        message = self._broadcast(message)
+        kind, value = message
+        if kind == "error":
+            raise DataError(value)
+        if kind == "listing":
+            folder = value
+        else:
+            folder = held if held is not None and held.index_hash == value else load_root(self.root, check=False)
+            if folder.index_hash != value:
+                raise DataError(f"{self.root}: its index changed while the ranks started (rank 0 read another one); "
+                                "start the run again once nothing writes to the data root")
+        check_counts(folder, self._given, self.root)
+        self._folder = folder
+        self._loaders.clear()
+        self._shared_world = self.world_size
+
+    def _broadcast(self, obj):
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        if strategy is not None and hasattr(strategy, "broadcast"):
+            return strategy.broadcast(obj, src=0)
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _count(self, key: str) -> int:
         if self.backend_requested == "synthetic":
@@ -183,9 +242,6 @@ class ImageDataModule(L.LightningDataModule):
         return math.ceil(self.train_images / self.global_batch)
 
     # ---- Lightning hooks -------------------------------------------------------------------------
-    def prepare_data(self):
-        self.validate()
-
     def setup(self, stage: str | None = None):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
@@ -195,6 +251,8 @@ class ImageDataModule(L.LightningDataModule):
         if (world, rank) != (self.world_size, self.global_rank):
             self._loaders.clear()
         self.world_size, self.global_rank = world, rank
+        if world > 1:
+            self._share_folder()
         self.validate()
         _ = self.accumulation, self.backend  # fail early: inexact accumulation, missing DALI
 
@@ -234,11 +292,10 @@ class ImageDataModule(L.LightningDataModule):
 
                 loader = TorchvisionLoader(**kw)
         if self.skipped and hasattr(loader, "bad"):  # restored from a checkpoint: skip them without a retry
-            where = {p: i for i, p in enumerate(self._folder.splits[split].paths)}
-            for path in self.skipped:
-                rel = os.path.relpath(path, self._folder.splits[split].root).encode()
-                if rel in where:
-                    loader.bad.add(where[rel])
+            for name in self.skipped:
+                i = self._folder.splits[split].find(name)
+                if i is not None:
+                    loader.bad.add(i)
         self._loaders[split] = loader
         return loader
 

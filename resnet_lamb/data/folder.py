@@ -4,6 +4,11 @@ Layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (ImageNe
 ``<class>`` a WordNet id there). Class names are the sorted train folder names; the label of an
 image is the index of its folder's name in that list.
 
+A root with an index (``root/{train,val}.index``, :mod:`resnet_lamb.data.index`) is read from it
+and not listed; the listing below runs for roots without one, once (on rank 0 with several ranks).
+The same interface (``read(i)``, ``name(i)``, ``find(name)``) serves images packed in tar shards
+(:mod:`resnet_lamb.data.shards`).
+
 Start-up checks (:func:`validate_root`, cheap: directory listings only, no image is opened):
 a missing root, a root without ``train/`` or ``val/``, a split without class folders, an empty
 class folder, class folders that differ between train and val, a file whose extension is not
@@ -46,11 +51,17 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".p
 
 @dataclass
 class Split:
-    """One split's files: ``paths[i]`` (relative to the split folder) has label ``labels[i]``."""
+    """One split's files: ``paths[i]`` (relative to the split folder) has label ``labels[i]``.
+
+    The loaders get an image's bytes with ``read(i)`` and name it with ``name(i)`` (its path), the
+    interface :class:`resnet_lamb.data.shards.ShardSplit` shares for images packed in tar shards."""
 
     root: Path
     paths: np.ndarray  # bytes ('S'), relative to root, compact for 1.28M files
     labels: np.ndarray  # int64
+    sizes: np.ndarray | None = None  # bytes per file, when read from an index (a listing does not stat)
+
+    kind = "folder"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,12 +69,34 @@ class Split:
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i].decode())
 
+    def name(self, i: int) -> str:
+        """What a warning and ``ImageDataModule.skipped`` call image ``i``: its path."""
+        return self.path(i)
+
+    def read(self, i: int) -> bytes:
+        """Image ``i``'s bytes: one open per image. OSError (missing, unreadable) is the caller's to
+        handle: the loaders skip and count the image like a corrupt one."""
+        with open(self.path(i), "rb") as f:
+            return f.read()
+
+    def find(self, name: str) -> int | None:
+        """The index of the image ``name(i)`` names, None when the split holds no such image."""
+        rel = os.path.relpath(name, self.root).encode()
+        hits = np.flatnonzero(self.paths == rel)
+        return int(hits[0]) if len(hits) else None
+
 
 @dataclass
 class Folder:
     root: Path
     classes: list[str]
     splits: dict[str, Split] = field(default_factory=dict)
+    index_hash: str | None = None  # the content hash of the index it was read from; None: listed
+
+    @property
+    def kind(self) -> str:
+        """folder (one file per image) | shards (tar shards read by byte offset)."""
+        return next(iter(self.splits.values())).kind if self.splits else "folder"
 
 
 def _listing(folder: Path) -> list[os.DirEntry]:
@@ -146,7 +179,7 @@ def validate_root(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "
     """Check the folder layout under ``root`` and index its files (no image is opened).
 
     Raises DataError (one line naming the path) on any structural problem. Callable before any
-    model is built; ``ImageDataModule.prepare_data``/``setup`` call it too.
+    model is built; :func:`resnet_lamb.data.index.load_root` calls it for a root without an index.
     """
     root = Path(root).expanduser()
     if not root.is_dir():

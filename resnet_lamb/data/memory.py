@@ -13,6 +13,7 @@ split and size, so a study that runs many fits in one process decodes once.
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -20,15 +21,22 @@ import torch
 
 from resnet_lamb.data.common import MEAN, STD, warn_corrupt
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
+from resnet_lamb.errors import DataError
 
 _CACHE: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
 
 
-def _decode(path: str, size: int) -> np.ndarray | None:
+def _decode(split, i: int, size: int) -> np.ndarray | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        data = split.read(i)
+    except DataError:
+        raise
+    except OSError:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
             img = img.convert("RGB")
             w, h = img.size
             scale = size / min(w, h)
@@ -45,11 +53,10 @@ def decode_split(split, size: int, workers: int) -> tuple[torch.Tensor, list[int
     """``(images uint8 (N, 3, size, size), indices of corrupt files)``, cached per process."""
     key = (str(split.root), size)
     if key not in _CACHE:
-        paths = [split.path(i) for i in range(len(split))]
-        out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
+        out = torch.zeros((len(split), 3, size, size), dtype=torch.uint8)
         bad = []
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
-            for i, arr in enumerate(pool.map(lambda p: _decode(p, size), paths)):
+            for i, arr in enumerate(pool.map(lambda i: _decode(split, i, size), range(len(split)))):
                 if arr is None:
                     bad.append(i)
                 else:
@@ -83,8 +90,8 @@ class MemoryLoader:
         for i in corrupt:
             if i not in self.bad:
                 self.bad.add(i)
-                warn_corrupt(self.split.path(i), "PIL cannot decode it")
-                self.on_skip(self.split.path(i))
+                warn_corrupt(self.split.name(i), "PIL cannot decode it")
+                self.on_skip(self.split.name(i))
         epoch = (self.epoch_fn() if self.epoch_fn else self._epochs) if self.train else 0
         index, real = epoch_plan(self.n, **self.plan_kw, epoch=epoch)
         index, real = torch.from_numpy(index), torch.from_numpy(real)

@@ -1,4 +1,6 @@
-"""``resnet-lamb prepare DATASET --out DIR``: write a data set as DIR/train/<class>/*.JPEG, DIR/val/<class>/*.JPEG.
+"""``resnet-lamb prepare DATASET --out DIR``: write a data set as DIR/train/<class>/*.JPEG, DIR/val/<class>/*.JPEG
+plus its index (DIR/train.index, DIR/val.index: what ``fit`` reads instead of listing the tree);
+with ``--shards``, as tar shards DIR/{train,val}/*.tar plus their index instead (``resnet-lamb pack``).
 
 Data sets (nothing is downloaded; each reads files the user or the system already has):
   imagenet          ILSVRC2012 from the user's own archives: --train-tar ILSVRC2012_img_train.tar (one
@@ -22,7 +24,9 @@ Data sets (nothing is downloaded; each reads files the user or the system alread
 
 Idempotent: each image is written to a temporary name and renamed into place (an interrupted run
 leaves no half-written image; a rerun skips the images already there), and a finished run writes
-DIR/.resnet-lamb-prepared.json; a rerun with the same options then does nothing.
+DIR/.resnet-lamb-prepared.json; a rerun with the same options then does nothing (but write the index
+of a folder prepared before there were indexes). ``--shards`` writes the images to DIR/.unpacked/
+first (so it needs the data set's size twice on disk for a while), packs them, then deletes that folder.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import struct
 import sys
 import tarfile
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from resnet_lamb.data.index import build_index, has_index
 from resnet_lamb.errors import DataError
 
 STAMP = ".resnet-lamb-prepared.json"
@@ -338,6 +344,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-tar", default=None)
     p.add_argument("--devkit", default=None)
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for images encoded here")
+    p.add_argument("--shards", action="store_true",
+                   help="write tar shards (webdataset layout) and their index instead of one file per image")
+    p.add_argument("--shard-size", default=None, help="bytes per shard with --shards, K/M/G suffixes (default 512M)")
     return p
 
 
@@ -349,8 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, key)
         if value is not None and value < 1:
             raise DataError(f"--{key.replace('_', '-')}: {value} must be at least 1")
+    if args.shard_size is not None and not args.shards:
+        raise DataError("--shard-size: only with --shards")
+    from resnet_lamb.data.shards import DEFAULT_SHARD_SIZE, pack, parse_size
+
+    shard_size = parse_size(args.shard_size) if args.shard_size is not None else DEFAULT_SHARD_SIZE
     out = Path(args.out).expanduser()
-    options = {k: v for k, v in sorted(vars(args).items()) if k != "out"}
+    options = {k: v for k, v in sorted(vars(args).items()) if k != "out" and (args.shards or k not in ("shards", "shard_size"))}
+    if args.shards:
+        options["shard_size"] = shard_size
     for k in ("source", "train_tar", "val_tar", "devkit"):
         if options.get(k):
             options[k] = str(Path(options[k]).expanduser().resolve())
@@ -361,25 +377,35 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             done = {}
         if done.get("options") == options:
+            if not args.shards and not has_index(out):
+                build_index(out)
+                print(f"{out}: wrote its index")
             print(f"{out}: already prepared ({done.get('train_images')} train / {done.get('val_images')} val images, "
                   f"{done.get('classes')} classes); nothing to do")
             return 0
         raise DataError(f"{out}: already holds a data set prepared with other options ({stamp}); "
                         "pass another --out or delete that folder")
     out.mkdir(parents=True, exist_ok=True)
-    w = Writer(out, args.size, args.quality)
+    target = out / ".unpacked" if args.shards else out
+    w = Writer(target, args.size, args.quality)
     {"digits": _digits, "fashion-mnist": _fashion, "mnist": _mnist, "foolbox-imagenet": _foolbox,
      "imagenet": _imagenet}[args.dataset](args, w)
     if not w.counts["train"] or not w.counts["val"]:
         raise DataError(f"{args.dataset}: nothing to write (train {w.counts['train']}, val {w.counts['val']} images); "
                         "check --per-class-train/--per-class-val and the source")
+    if args.shards:
+        pack(target, out, shard_size, seed=args.seed, quiet=True)
+        shutil.rmtree(target)
+    else:
+        build_index(out)
     record = {"dataset": args.dataset, "options": options, "train_images": w.counts["train"],
               "val_images": w.counts["val"], "classes": len(w.classes)}
     tmp = stamp.with_name(stamp.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, stamp)
+    layout = f", {sum(1 for _ in out.glob('*/*.tar'))} shards" if args.shards else ""
     print(f"{out}: {w.counts['train']} train / {w.counts['val']} val images in {len(w.classes)} classes "
-          f"({w.written} written, {w.kept} already there)")
+          f"({w.written} written, {w.kept} already there{layout})")
     return 0
 
 

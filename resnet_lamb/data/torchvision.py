@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from resnet_lamb.data.common import MEAN, STD, placeholder_jpeg, val_resize, warn_corrupt
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
+from resnet_lamb.errors import DataError
 
 
 def transforms(train: bool, image_size: int):
@@ -31,7 +32,8 @@ def transforms(train: bool, image_size: int):
 
 
 class _FolderDataset(Dataset):
-    """Item ``(file index, real)`` -> ``(image, label)``; label -1 for padding, ``-2 - index`` for a corrupt file."""
+    """Item ``(file index, real)`` -> ``(image, label)``; label -1 for padding, ``-2 - index`` for a corrupt file.
+    The bytes come from ``split.read`` (a folder's file, or a shard's member)."""
 
     def __init__(self, split, transform):
         self.split, self.transform = split, transform
@@ -48,12 +50,11 @@ class _FolderDataset(Dataset):
         # checkpoint); -2 - i: file i failed to decode just now, so the main process warns once
         label = -1
         if i not in self.bad:
-            path = self.split.path(i)
             try:
-                with open(path, "rb") as f:
-                    img = Image.open(f)
-                    img = img.convert("RGB")
+                img = Image.open(io.BytesIO(self.split.read(i))).convert("RGB")
                 return self.transform(img), int(self.split.labels[i]) if real else -1
+            except DataError:  # a shard that is not what its index says: stop, not skip
+                raise
             except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
                 self.bad.add(i)
                 label = -2 - i
@@ -130,18 +131,28 @@ class TorchvisionLoader:
     def __iter__(self):
         epoch = self.epoch_fn() if (self.train and self.epoch_fn) else self._epochs
         self._sampler.set_epoch(epoch if self.train else 0)
-        for x, y in self.loader:
+        for x, y in _one_line_errors(self.loader):
             if (y < -1).any():
                 for i in (-2 - y[y < -1]).tolist():
                     if i not in self._warned:
                         self._warned.add(i)
-                        warn_corrupt(self.split.path(i), "PIL cannot decode it")
-                        self.on_skip(self.split.path(i))
+                        warn_corrupt(self.split.name(i), "PIL cannot decode it")
+                        self.on_skip(self.split.name(i))
                 y = torch.where(y < -1, torch.full_like(y, -1), y)
             if x.dtype != self.dtype:
                 x = x.to(self.dtype)
             yield x, y
         self._epochs += 1
+
+
+def _one_line_errors(loader):
+    """The DataLoader re-raises a worker's DataError with the worker's traceback in its message: keep the
+    one line the worker raised."""
+    try:
+        yield from loader
+    except DataError as err:
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        raise DataError(lines[-1].split("DataError: ", 1)[-1] if lines else str(err)) from None
 
 
 def _dali_running() -> bool:

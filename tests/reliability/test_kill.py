@@ -1,6 +1,6 @@
 """Kill -9 (issue 7, item 1), on real processes:
 
-- one process, SIGKILLed at seeded random points (inside an epoch, after the first checkpoint) and
+- one process (synthetic data, and tar shards), SIGKILLed at seeded random points (inside an epoch, after the first checkpoint) and
   once in the middle of writing last.ckpt (a patched ``torch.save`` writes half the bytes, then
   hangs): after every kill each ``*.ckpt`` present loads and last.ckpt is an epoch boundary no
   older than before; the half-written temp file is never taken for a checkpoint and is removed at
@@ -114,9 +114,15 @@ def _same_weights(a: dict, b: dict) -> None:
             assert torch.equal(t, b["optimizer_states"][0]["state"][i][name]), f"optimizer state {i}.{name}"
 
 
-def test_random_kills_and_a_kill_mid_write_then_resume_matches_never_killed(tmp_path, one_thread):
-    recipe = tiny_recipe(None, **{"model.arch": "mlp", "model.mlp_hidden": [32], "trainer.max_epochs": EPOCHS,
-                                  "data.train_images": STEPS_PER_EPOCH * 32})
+@pytest.mark.parametrize("data", ["synthetic", "shards"])
+def test_random_kills_and_a_kill_mid_write_then_resume_matches_never_killed(tmp_path, one_thread, request, data):
+    """shards: 240 digits packed in tar shards (8 steps of 32 per epoch), read by byte offset."""
+    if data == "shards":
+        recipe = tiny_recipe(request.getfixturevalue("digits_shards_large"), **{
+            "model.arch": "mlp", "model.mlp_hidden": [32], "trainer.max_epochs": EPOCHS})
+    else:
+        recipe = tiny_recipe(None, **{"model.arch": "mlp", "model.mlp_hidden": [32], "trainer.max_epochs": EPOCHS,
+                                      "data.train_images": STEPS_PER_EPOCH * 32})
     path = write_recipe(tmp_path / "r.yaml", recipe)
     runs = tmp_path / "runs"
     common = ["fit", "--config", str(path), "--run.root", str(runs), "--run.wandb", "false"]
