@@ -16,7 +16,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from resnet_lamb.data.common import MEAN, STD, placeholder_jpeg, val_resize, warn_corrupt
+from resnet_lamb.data.common import MEAN, STD, BadFiles, EpochPosition, placeholder_jpeg, val_resize, warn_corrupt
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 
 
@@ -35,7 +35,7 @@ class _FolderDataset(Dataset):
 
     def __init__(self, split, transform):
         self.split, self.transform = split, transform
-        self.bad: set[int] = set()
+        self.bad = BadFiles(len(split))  # shared with the worker processes: one decode attempt per run
 
     def __len__(self):
         return len(self.split)
@@ -65,10 +65,11 @@ class _PlanBatchSampler:
     def __init__(self, n, plan_kw, micro_batch):
         self.n, self.plan_kw, self.micro_batch = n, plan_kw, micro_batch
         self.epoch = 0
+        self.first = 0  # the batch the next pass starts at (a mid-epoch resume)
         self.length = micro_batches_per_rank(n, **plan_kw)
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first: int = 0):
+        self.epoch, self.first = epoch, first
 
     def __len__(self):
         return self.length
@@ -76,7 +77,7 @@ class _PlanBatchSampler:
     def __iter__(self):
         index, real = epoch_plan(self.n, **self.plan_kw, epoch=self.epoch)
         m = self.micro_batch
-        for b in range(self.length):
+        for b in range(self.first, self.length):
             yield [(int(index[j]), bool(real[j])) for j in range(b * m, (b + 1) * m)]
 
 
@@ -102,13 +103,14 @@ class _Collate:
         return x, torch.tensor([it[1] for it in items], dtype=torch.int64)
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(EpochPosition):
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
     def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
                  workers, channels_last, dtype, prefetch=2, epoch_fn=None, on_skip=None):
         plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed)
         self._sampler = _PlanBatchSampler(n, plan_kw, micro_batch)
+        self.images_per_batch = micro_batch * world_size
         self.split, self.train, self.dtype = split, train, dtype
         self._dataset = _FolderDataset(split, transforms(train, image_size))
         self.bad = self._dataset.bad  # files known to be corrupt (filled from a checkpoint before the first pass)
@@ -129,7 +131,8 @@ class TorchvisionLoader:
 
     def __iter__(self):
         epoch = self.epoch_fn() if (self.train and self.epoch_fn) else self._epochs
-        self._sampler.set_epoch(epoch if self.train else 0)
+        first = self._begin(epoch) if self.train else 0
+        self._sampler.set_epoch(epoch if self.train else 0, first)
         for x, y in self.loader:
             if (y < -1).any():
                 for i in (-2 - y[y < -1]).tolist():
@@ -140,6 +143,8 @@ class TorchvisionLoader:
                 y = torch.where(y < -1, torch.full_like(y, -1), y)
             if x.dtype != self.dtype:
                 x = x.to(self.dtype)
+            if self.train:
+                self._advance()
             yield x, y
         self._epochs += 1
 
