@@ -183,8 +183,27 @@ def _fmt_time(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+class StepRichProgressBar(RichProgressBar):
+    """Lightning's rich bar, whose metrics are read after an optimizer step every ``every`` steps
+    (and kept in between): Lightning's bar reads them after every micro-batch, and reading copies
+    each logged device tensor to the host, a GPU sync per micro-batch."""
+
+    def __init__(self, every: int = 10) -> None:
+        super().__init__(leave=True)
+        self.every = max(int(every), 1)
+        self._shown: dict = {}
+        self._read_at = -1
+
+    def get_metrics(self, trainer, pl_module):
+        step = trainer.global_step
+        if self._read_at < 0 or (step != self._read_at and step % self.every == 0):
+            self._read_at = step
+            self._shown = super().get_metrics(trainer, pl_module)
+        return self._shown
+
+
 def progress_bar(every: int = 10) -> ProgressBar:
     """Rich bar (with the logged images/s, loss and ETA) on a terminal, plain lines otherwise."""
     if sys.stdout.isatty() and sys.stderr.isatty():
-        return RichProgressBar(leave=True)
+        return StepRichProgressBar(every)
     return LineProgress(every)

@@ -28,7 +28,8 @@ Devices: on a GPU the decoders run on ``mixed`` (nvJPEG) and the rest on ``gpu``
 (DALI's CPU-only mode). The training decoder preallocates nvJPEG's buffers for full-size ImageNet
 photos (``device/host_memory_padding`` as NVIDIA DeepLearningExamples' ConvNets ``dali.py``,
 ``preallocate_width/height_hint`` as DALI's PyTorch ResNet-50 example); the validation decoder
-takes none of them, as in both examples (once per run, so it grows its buffers on demand).
+takes none of them, as in both examples (once per run, so it grows its buffers on demand). When the
+launcher bound this process to some CPUs, DALI's threads stay on them (:func:`thread_cpus`).
 EXIF orientation is ignored (``adjust_orientation=False``), as Pillow and torchvision do, so the
 window computed on the stored size is the decoder's.
 
@@ -41,8 +42,8 @@ default, set explicitly here) hands out reference-counted buffers that later run
 a batch stays valid while the trainer holds it.
 
 Corrupt files: DALI's decoder fails the whole batch (a "Critical error in pipeline"; checked in CPU
-mode for non-image bytes, truncated and damaged JPEGs; a file whose header Pillow cannot read is
-marked at read time). The loader then decodes the files of the batches in flight one by one with a
+mode for non-image bytes, truncated and damaged JPEGs; a file that cannot be read, or whose header
+Pillow cannot read, is marked at read time). The loader then decodes the files of the batches in flight one by one with a
 small DALI CPU pipeline, marks the failing ones bad (placeholder + label -1 from then on, one warning
 each), rebuilds the pipeline at the failed batch (the only case where a split gets a second
 pipeline) and carries on. See :mod:`resnet_lamb.data.folder` for the policy.
@@ -153,9 +154,9 @@ class _Source:
     Bytes come from :meth:`read` (one call per file index: the only place that touches storage),
     run by a thread pool one batch ahead of the pipeline's request."""
 
-    def __init__(self, split, *, train, n, micro_batch, plan_kw, seed, bad, threads, on_bad_header):
+    def __init__(self, split, *, train, n, micro_batch, plan_kw, seed, bad, threads, on_bad):
         self.split, self.train, self.n, self.micro_batch = split, train, n, micro_batch
-        self.plan_kw, self.seed, self.bad, self.on_bad_header = plan_kw, seed, bad, on_bad_header
+        self.plan_kw, self.seed, self.bad, self.on_bad = plan_kw, seed, bad, on_bad
         self.n_batches = micro_batches_per_rank(n, **plan_kw)
         self.sizes = np.full((n, 2), -1, dtype=np.int32)  # (width, height) per file, read once
         self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -181,7 +182,11 @@ class _Source:
         return index[b * m:(b + 1) * m], real[b * m:(b + 1) * m], epoch
 
     def _read_sized(self, i: int):
-        data = self.read(i)
+        """File ``i``'s bytes (training: and its size from the header), None when it cannot be read."""
+        try:
+            data = self.read(i)
+        except OSError:
+            return None
         if self.train and self.sizes[i, 0] < 0:
             self.sizes[i] = header_size(data)
         return data
@@ -203,11 +208,12 @@ class _Source:
         self._submit(pos + 1)
         data = [f.result() for f in futures]
         known = self.bad.mask(idx)
+        failed = np.array([d is None for d in data])
         if self.train:
-            unreadable = (self.sizes[idx, 0] <= 0) & ~known
-            for j in np.flatnonzero(unreadable):
-                self.on_bad_header(int(idx[j]))
-            known |= unreadable
+            failed |= self.sizes[idx, 0] <= 0
+        for j in np.flatnonzero(failed & ~known):
+            self.on_bad(int(idx[j]))
+        known |= failed
         placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8)
         enc = [placeholder if k else d for d, k in zip(data, known)]
         labels = np.where(real & ~known, self.split.labels[idx], -1).astype(np.int64)
@@ -223,10 +229,35 @@ class _Source:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def thread_cpus(threads: int, allowed: list[int], total: int) -> list[int]:
+    """CPUs for DALI's ``threads`` worker threads (``DALI_AFFINITY_MASK``: thread i on entry i), or []
+    to keep DALI's default.
+
+    By default DALI sets each of its threads' affinity to every CPU NVML lists near the GPU, which
+    undoes a narrower binding of the process (torchrun ``--numa-binding exclusive``, ``srun
+    --cpu-bind``, taskset): ranks bound to their own cores would then share them. A process bound to
+    a subset of the machine's CPUs keeps its DALI threads on that subset; an unbound one keeps the
+    default (the CPUs near its GPU)."""
+    cpus = sorted(allowed)
+    if len(cpus) >= total:
+        return []
+    return [cpus[i % len(cpus)] for i in range(max(1, threads))]
+
+
+def _pin_threads(threads: int) -> None:
+    if "DALI_AFFINITY_MASK" in os.environ or not hasattr(os, "sched_getaffinity"):
+        return
+    cpus = thread_cpus(threads, sorted(os.sched_getaffinity(0)), os.cpu_count() or 1)
+    if cpus:
+        os.environ["DALI_AFFINITY_MASK"] = ",".join(map(str, cpus))
+
+
 def _build_pipeline(feed, *, train, batch_size, image_size, threads, device_id, prefetch, channels_last, half):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
+    if gpu:
+        _pin_threads(threads)
     dec = "mixed" if gpu else "cpu"
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=device_id,
@@ -302,7 +333,7 @@ class DaliLoader(EpochPosition):
         self.on_skip = on_skip or (lambda path: None)
         self.bad = bad if bad is not None else BadFiles(n)
         self._source = _Source(split, train=train, n=n, micro_batch=micro_batch, plan_kw=self.plan_kw, seed=seed,
-                               bad=self.bad, threads=workers, on_bad_header=self._bad_header)
+                               bad=self.bad, threads=workers, on_bad=self._unreadable)
         self._pipe = None
         self._fed = 0  # the stream batch the callback hands over next
         self._out = 0  # the stream batch the pipeline outputs next
@@ -333,8 +364,11 @@ class DaliLoader(EpochPosition):
                 self._fed = self._out = pos
                 return
             stale, self._fed = self._fed - self._out, pos
-            for _ in range(stale):
-                self._run()
+            try:
+                for _ in range(stale):
+                    self._run()
+            except RuntimeError:  # a corrupt file among the dropped batches: start afresh at pos
+                self._build(pos)
             self._out = pos
 
     def _run(self):
@@ -364,8 +398,8 @@ class DaliLoader(EpochPosition):
         self._out += 1
         return self._to_torch(images), self._to_torch(labels).view(-1)
 
-    def _bad_header(self, i: int) -> None:
-        self._mark_bad(i, "Pillow cannot read its image header")
+    def _unreadable(self, i: int) -> None:
+        self._mark_bad(i, "cannot read it, or Pillow cannot read its image header")
 
     def _mark_bad(self, i: int, why: str) -> None:
         if i not in self.bad:

@@ -14,7 +14,8 @@ Two implementations of one update, selected by ``impl``:
   once per option set for any model; per tensor one fused loop updates m and v, writes r to a
   reusable scratch buffer and reduces both norms, then one eager ``add_`` applies
   ``x -= lr*ratio*r`` (two passes: the floor, as the update norm is needed before the update).
-  On GPU: one static graph per bucket of tensors (inductor fuses across tensors).
+  On GPU: one compiled graph (static shapes) per bucket of tensors, fewer Python calls and launches
+  than per-tensor kernels; whether inductor fuses across tensors is not checked here (no CUDA graphs).
   lr, step and every float hyperparameter enter as one small float32 tensor, so an LR schedule
   that changes lr every step does not recompile; dynamo's cache plus inductor's on-disk caches
   keep the one-time compile cost to a few seconds per option set.
@@ -41,29 +42,29 @@ from torch.optim import Optimizer
 _NORMS = {"l2": 2.0, "l1": 1.0, "inf": math.inf}
 _IMPLS = ("auto", "eager", "compiled")
 
-_compiler_ok: bool | None = None
+_compiler_ok: dict[str, bool] = {}
 _compiler_warned = False
 
 
-def compiler_available() -> bool:
-    """True when torch.compile (inductor) can build and run a tiny kernel here (probed once)."""
-    global _compiler_ok
-    if _compiler_ok is None:
+def compiler_available(device_type: str = "cpu") -> bool:
+    """True when torch.compile (inductor) can build and run a tiny kernel on ``device_type``'s
+    backend (C++/OpenMP for cpu, Triton for cuda), probed once per device type."""
+    if device_type not in _compiler_ok:
         try:
             fn = torch.compile(lambda a, b: (a * b + 1.0).sum(), fullgraph=True)
-            x = torch.ones(4)
-            _compiler_ok = bool(fn(x, x).item() == 8.0)
+            x = torch.ones(4, device=device_type)
+            _compiler_ok[device_type] = bool(fn(x, x).item() == 8.0)
         except Exception:  # noqa: BLE001 - any failure means "no working compiler"
-            _compiler_ok = False
-    return _compiler_ok
+            _compiler_ok[device_type] = False
+    return _compiler_ok[device_type]
 
 
-def _resolve_impl(impl: str) -> str:
+def _resolve_impl(impl: str, device_type: str = "cpu") -> str:
     global _compiler_warned
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {', '.join(_IMPLS)}; got {impl!r}")
     if impl == "auto":
-        if compiler_available():
+        if compiler_available(device_type):
             return "compiled"
         if not _compiler_warned:
             warnings.warn("torch.compile is not usable here; optimizers fall back to impl='eager'",
@@ -194,7 +195,7 @@ def _lamb_tensor(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
 
 
 def _lamb_list(params, grads, exp_avgs, exp_avg_sqs, c, **kw):
-    """Whole-bucket graph (GPU path): inductor fuses across the bucket's tensors."""
+    """Whole-bucket graph (GPU path): one compiled graph over the bucket's tensors."""
     return torch.stack([_lamb_tensor(p, g, m, v, None, c, **kw)
                         for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)])
 
@@ -287,15 +288,20 @@ class LayerwiseOptimizer(Optimizer):
     #: use torch's fused CPU kernels where they compute exactly this update (tests switch it off
     #: to exercise the generic foreach / compiled code on CPU too)
     _fast_cpu: bool = True
+    #: compiled impl on CPU tensors: take the route CUDA tensors take (one whole-bucket graph,
+    #: ``fn_list``) instead of the per-tensor CPU kernels (tests switch it on)
+    _bucket_graph: bool = False
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], impl: str = "auto"):
         defaults.setdefault("layer_adaptation", True)
         self._auto = impl == "auto"
-        self.impl = _resolve_impl(impl)
         self._last_ratios: dict[int, tuple[list[int], torch.Tensor]] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._progress = 0
         super().__init__(params, defaults)
+        # the compiler is probed on the backend of the parameters' device
+        device = next((p.device.type for g in self.param_groups for p in g["params"]), "cpu")
+        self.impl = _resolve_impl(impl, device)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
@@ -419,7 +425,7 @@ class LayerwiseOptimizer(Optimizer):
                       kw: dict) -> torch.Tensor:
         p0 = tensors[0][0]
         ct = torch.tensor(c, dtype=torch.float32)
-        if p0.device.type != "cpu":
+        if p0.device.type != "cpu" or self._bucket_graph:
             ct = ct.to(p0.device, non_blocking=True)
             return get_compiled(fn_list, False, kw)(*tensors, ct)
         n = len(tensors[0])
