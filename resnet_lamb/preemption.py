@@ -71,7 +71,15 @@ class Preemption(Callback):
             print(f"resnet-lamb: {name}: stopped after optimizer step {trainer.global_step} (epoch "
                   f"{trainer.current_epoch}), {where}", file=sys.stderr, flush=True)
 
-    def teardown(self, trainer, pl_module, stage) -> None:
+    # the handlers before on_train_start come back when training ends (Lightning then restores the
+    # ones from before the fit in its teardown)
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()

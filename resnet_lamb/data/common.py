@@ -55,6 +55,26 @@ def warn_corrupt(path: str, why: str) -> None:
           f"of the run (label -1); {fix}", file=sys.stderr, flush=True)
 
 
+_M1, _M2, _GOLD = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
+
+
+def mix64(z):
+    """SplitMix64's finaliser: a 64-bit hash, elementwise on numpy uint64 arrays (wrapping)."""
+    import numpy as np
+
+    z = np.asarray(z, dtype=np.uint64) + np.uint64(_GOLD)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_M1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_M2)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_key(seed: int, epoch: int):
+    """The hash both training backends key a sample's augmentation on, before the file index."""
+    import numpy as np
+
+    return mix64(mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64)) ^ np.array([epoch & (2**64 - 1)], dtype=np.uint64))
+
+
 class BadFiles:
     """File indices of a split known to be corrupt, as a set (``add``, ``in``, iteration) over a flag
     per file kept in shared memory: DataLoader worker processes (forked or spawned) see each other's

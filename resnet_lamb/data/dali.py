@@ -59,7 +59,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from resnet_lamb.data.common import MEAN, STD, EpochPosition, placeholder_jpeg, val_resize, warn_corrupt
+from resnet_lamb.data.common import (MEAN, STD, EpochPosition, mix64, placeholder_jpeg, sample_key, val_resize,
+                                     warn_corrupt)
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 
 PIPELINES_BUILT = 0  # pipelines built in this process (tests count them; torchvision spawns its workers then)
@@ -83,24 +84,11 @@ def available() -> bool:
 
 
 # ------------------------------------------------------------------------------ per-sample randomness
-_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
-    z = z + _GOLD
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
 def sample_uniforms(seed: int, epoch: int, keys: np.ndarray, count: int) -> np.ndarray:
     """``(len(keys), count)`` uniforms in [0, 1), a pure function of ``(seed, epoch, key, column)``:
     counter-based (a hash), so any sample's numbers are computed without drawing the others'."""
-    base = _mix(np.array([seed & (2**64 - 1)], dtype=np.uint64))
-    base = _mix(base ^ np.array([epoch & (2**64 - 1)], dtype=np.uint64))
-    z = _mix(base ^ np.asarray(keys, dtype=np.uint64))[:, None]
-    z = _mix(z ^ np.arange(count, dtype=np.uint64)[None, :])
+    z = mix64(sample_key(seed, epoch) ^ np.asarray(keys, dtype=np.uint64))[:, None]
+    z = mix64(z ^ np.arange(count, dtype=np.uint64)[None, :])
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 

@@ -3,7 +3,10 @@
 The same transforms as the DALI pipeline (RandomResizedCrop scale 0.08-1 ratio 3/4-4/3, flip,
 ImageNet mean/std; val: resize shorter side to 256/224 * size, centre crop), the same order
 (:func:`resnet_lamb.data.sampling.epoch_plan`, via a batch sampler) and the same corrupt-image
-policy (placeholder + label -1, one warning naming the file). The loader is returned wrapped in a
+policy (placeholder + label -1, one warning naming the file). A training sample's random crop and
+flip draw from torch's generator seeded by ``(seed, epoch, file)`` for that sample alone (the
+process's own generator is left as it was), so they are the same whichever worker process decodes
+it and whether the run was resumed, at an epoch boundary or mid-epoch. The loader is returned wrapped in a
 plain iterable so that Lightning does not swap its sampler for a DistributedSampler: sharding is
 already done here, by global rank.
 """
@@ -13,10 +16,12 @@ from __future__ import annotations
 import io
 import sys
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from resnet_lamb.data.common import MEAN, STD, BadFiles, EpochPosition, placeholder_jpeg, val_resize, warn_corrupt
+from resnet_lamb.data.common import (MEAN, STD, BadFiles, EpochPosition, mix64, placeholder_jpeg, sample_key,
+                                     val_resize, warn_corrupt)
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 
 
@@ -31,10 +36,11 @@ def transforms(train: bool, image_size: int):
 
 
 class _FolderDataset(Dataset):
-    """Item ``(file index, real)`` -> ``(image, label)``; label -1 for padding, ``-2 - index`` for a corrupt file."""
+    """Item ``(file index, real, epoch)`` -> ``(image, label)``; label -1 for padding, ``-2 - index`` for
+    a corrupt file. ``seed`` (training): the transform's random draws come from ``(seed, epoch, index)``."""
 
-    def __init__(self, split, transform):
-        self.split, self.transform = split, transform
+    def __init__(self, split, transform, seed=None):
+        self.split, self.transform, self.seed = split, transform, seed
         self.bad = BadFiles(len(split))  # shared with the worker processes: one decode attempt per run
 
     def __len__(self):
@@ -43,7 +49,7 @@ class _FolderDataset(Dataset):
     def __getitem__(self, item):
         from PIL import Image
 
-        i, real = item
+        i, real, epoch = item
         # label -1: padding or a file already known to be corrupt (seen before, or restored from a
         # checkpoint); -2 - i: file i failed to decode just now, so the main process warns once
         label = -1
@@ -53,12 +59,19 @@ class _FolderDataset(Dataset):
                 with open(path, "rb") as f:
                     img = Image.open(f)
                     img = img.convert("RGB")
-                return self.transform(img), int(self.split.labels[i]) if real else -1
+                return self._transform(img, i, epoch), int(self.split.labels[i]) if real else -1
             except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
                 self.bad.add(i)
                 label = -2 - i
         img = Image.open(io.BytesIO(placeholder_jpeg())).convert("RGB")
-        return self.transform(img), label
+        return self._transform(img, i, epoch), label
+
+    def _transform(self, img, i: int, epoch: int):
+        if self.seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(mix64(sample_key(self.seed, epoch) ^ np.uint64(i))[0]) >> 1)
+            return self.transform(img)
 
 
 class _PlanBatchSampler:
@@ -78,7 +91,7 @@ class _PlanBatchSampler:
         index, real = epoch_plan(self.n, **self.plan_kw, epoch=self.epoch)
         m = self.micro_batch
         for b in range(self.first, self.length):
-            yield [(int(index[j]), bool(real[j])) for j in range(b * m, (b + 1) * m)]
+            yield [(int(index[j]), bool(real[j]), self.epoch) for j in range(b * m, (b + 1) * m)]
 
 
 class _Collate:
@@ -112,7 +125,7 @@ class TorchvisionLoader(EpochPosition):
         self._sampler = _PlanBatchSampler(n, plan_kw, micro_batch)
         self.images_per_batch = micro_batch * world_size
         self.split, self.train, self.dtype = split, train, dtype
-        self._dataset = _FolderDataset(split, transforms(train, image_size))
+        self._dataset = _FolderDataset(split, transforms(train, image_size), seed if train else None)
         self.bad = self._dataset.bad  # files known to be corrupt (filled from a checkpoint before the first pass)
         self.epoch_fn = epoch_fn
         self.on_skip = on_skip or (lambda path: None)
@@ -122,6 +135,7 @@ class TorchvisionLoader(EpochPosition):
             self._dataset, batch_sampler=self._sampler,
             num_workers=workers, collate_fn=_Collate(channels_last), pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0, prefetch_factor=max(1, prefetch) if workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),  # its base seed draw leaves the global generator alone
             worker_init_fn=_WorkerSeed(seed * 1000 + rank),
             # forking a process that runs DALI's thread pools can deadlock the workers: spawn them then
             multiprocessing_context="spawn" if workers > 0 and _dali_running() else None)
