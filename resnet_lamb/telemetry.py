@@ -9,9 +9,10 @@
 * :class:`RunStatus` writes ``<run folder>/failed.txt`` (one line: the error) when a fit dies of
   an exception, and removes it when a fit of that folder finishes, so ``report`` can tell a
   failed run (a diverged optimizer, say) from one still in progress.
-* :func:`progress_bar`: Lightning's ``RichProgressBar`` on a terminal; on a pipe or CI log a
-  :class:`LineProgress` that prints one plain line every N optimizer steps (rich draws nothing
-  useful into a non-terminal until each bar finishes).
+* :func:`progress_bar`: Lightning's ``RichProgressBar`` on a terminal, reading the logged metrics
+  every N optimizer steps rather than every micro-batch (:class:`StepRichProgressBar`: each read is
+  a GPU sync); on a pipe or CI log a :class:`LineProgress` that prints one plain line every N
+  optimizer steps (rich draws nothing useful into a non-terminal until each bar finishes).
 """
 from __future__ import annotations
 

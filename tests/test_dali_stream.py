@@ -118,11 +118,11 @@ def _same(a, b):
 
 def test_stream_is_exact_across_prefetch_depths_and_mid_epoch_resume(digits_root):
     before = dali_backend.PIPELINES_BUILT
-    _, deep = _loader(digits_root, prefetch=3)
+    dm0, deep = _loader(digits_root, prefetch=3)
     epochs = [_epoch(deep) for _ in range(3)]  # loader-counted epochs 0, 1, 2
     assert dali_backend.PIPELINES_BUILT - before == 1, "one pipeline for three passes"
     assert len(epochs[0]) == 10 and not _same(epochs[0], epochs[1])  # 80 images: 5 steps x accumulation 2
-    _, shallow = _loader(digits_root, prefetch=1)
+    dm1, shallow = _loader(digits_root, prefetch=1)
     assert _same(_epoch(shallow), epochs[0])
     # a loader stopped after 3 batches of epoch 1, its state saved, and a new one resumed from it
     dm, stopped = _loader(digits_root)
@@ -138,7 +138,7 @@ def test_stream_is_exact_across_prefetch_depths_and_mid_epoch_resume(digits_root
     assert _same(_epoch(resumed), epochs[1][3:])
     resumed.epoch_fn = lambda: 2  # the next epoch starts at its beginning
     assert _same(_epoch(resumed), epochs[2])
-    for d in (dm, dm2):
+    for d in (dm0, dm1, dm, dm2):
         d.teardown("fit")
 
 
@@ -167,7 +167,7 @@ def test_fit_builds_one_pipeline_per_split_and_resumes_exactly(tmp_path, digits_
     assert run_cli(*common, "--run.name", "straight") == 0
     assert dali_backend.PIPELINES_BUILT - before == 2, "one training and one validation pipeline for 3 epochs"
     assert not multiprocessing.active_children()
-    assert _threads() == threads, "the loaders' threads end with the fit"
+    assert not [t for t in _threads() if t not in threads], "the loaders' threads end with the fit"
     # the same run stopped after epoch 1 (its checkpoint), then resumed in a fresh fit
     assert run_cli(*common, "--run.name", "resumed", "--trainer.max_steps", "6") == 0
     assert run_cli(*common, "--run.name", "resumed", "--ckpt_path", "last") == 0

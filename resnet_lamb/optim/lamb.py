@@ -427,7 +427,8 @@ class LayerwiseOptimizer(Optimizer):
         ct = torch.tensor(c, dtype=torch.float32)
         if p0.device.type != "cpu" or self._bucket_graph:
             ct = ct.to(p0.device, non_blocking=True)
-            return get_compiled(fn_list, False, kw)(*tensors, ct)
+            # the list functions take their options as **kw, which the clone's keyword defaults do not fill
+            return get_compiled(fn_list, False, kw)(*tensors, ct, **kw)
         n = len(tensors[0])
         # tiny tensors (BatchNorm, biases): the multi-tensor eager form in one batch costs less
         # than a compiled call each; the rest: one compiled call per tensor (compiled ones
