@@ -15,13 +15,17 @@ What happens, in order:
    by :func:`resnet_lamb.recipe.derive_plan` with the world size (``WORLD_SIZE`` from torchrun,
    else devices x num_nodes); ``trainer.max_steps`` and ``trainer.accumulate_grad_batches`` come
    from the plan (an inexact accumulation is an error here), the plan is printed.
-4. Precision: bf16-mixed on CUDA, 32-true on CPU, unless the recipe says otherwise.
+4. Precision: bf16-mixed on GPUs with bf16, 16-mixed on older ones, 32-true on CPU, and cuDNN's
+   autotuner on GPUs, unless the recipe says otherwise (:func:`device_defaults`); DDPStrategy with
+   gradient buckets as views for ``ddp`` or several devices (:func:`ddp_strategy`).
 5. Run folder ``<run.root>/<run.name>/`` (name defaults to the recipe's file stem):
    ``config.yaml`` (the full resolved config), ``csv/metrics.csv`` (always), ``wandb/`` (W&B;
    offline when ``WANDB_MODE=offline``, when no API key is configured or when the server does not
-   answer a 5 s connection check), ``checkpoints/`` (``last.ckpt`` + the best by ``val/top1``, each
-   written to a temp file in the same folder, fsynced and ``os.replace``d; a write that fails on an
-   OSError (disk full) stops the run with one line, the older files intact). A run folder that
+   answer a 5 s connection check, made through ``HTTPS_PROXY`` unless ``NO_PROXY`` exempts the
+   host), ``checkpoints/`` (``last.ckpt`` every ``run.checkpoint_every_n_epochs`` epochs, after a
+   SIGUSR1/SIGTERM mid-epoch, and the best by ``val/top1`` as a hard link to it; each written to a
+   temp file in the same folder, fsynced and ``os.replace``d; a write that fails on an OSError (disk
+   full) stops the run with one line, the older files intact). A run folder that
    cannot be written is one line before anything is built.
 6. ``fit`` start-up: temp files of an interrupted checkpoint write (``checkpoints/.tmp-*.ckpt``)
    are removed; ``--ckpt_path`` resuming with another recipe (optimizer, schedule, global batch or
@@ -302,11 +306,18 @@ def device_defaults(gpu: bool, bf16: bool, deterministic: bool) -> dict[str, Any
 
 
 def _check_cadence(cfg: Any) -> None:
-    """The last epoch must be validated (report reads its top-1): the validation cadence divides the epochs."""
+    """Checkpoint and validation cadences, before anything is built. The last epoch must be
+    validated (report reads its top-1): the validation cadence divides the epochs."""
     every, epochs = cfg.trainer.get("check_val_every_n_epoch"), cfg.trainer.get("max_epochs")
     if every is not None and epochs and (every < 1 or epochs % every):
         raise RecipeError(f"trainer.check_val_every_n_epoch: {every} does not divide trainer.max_epochs {epochs}; "
                           "choose a divisor so that the last epoch is validated")
+    ckpt = cfg.run.get("checkpoint_every_n_epochs")
+    if ckpt is not None and ckpt < 1:
+        raise RecipeError(f"run.checkpoint_every_n_epochs: {ckpt}; must be an integer >= 1")
+    bucket = cfg.run.get("ddp_bucket_mb")
+    if bucket is not None and not bucket > 0:
+        raise RecipeError(f"run.ddp_bucket_mb: {bucket}; must be > 0")
 
 
 def ddp_strategy(strategy: Any, world: int, bucket_mb: float) -> Any:
@@ -316,8 +327,6 @@ def ddp_strategy(strategy: Any, world: int, bucket_mb: float) -> Any:
     (``trainer.strategy: {class_path: ..., init_args: ...}``) and other names are left as they are."""
     if not isinstance(strategy, str) or strategy not in ("ddp", "auto") or (strategy == "auto" and world < 2):
         return strategy
-    if not bucket_mb > 0:
-        raise RecipeError(f"run.ddp_bucket_mb: {bucket_mb}; must be > 0")
     from lightning.pytorch.strategies import DDPStrategy
 
     return DDPStrategy(gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb)
@@ -714,8 +723,6 @@ def _checkpoint_class():
         same step (a run killed after an epoch that did not improve would resume from an older one)."""
 
         def __init__(self, dirpath: str, every_n_epochs: int = 1):
-            if every_n_epochs < 1:
-                raise RecipeError(f"run.checkpoint_every_n_epochs: {every_n_epochs}; must be an integer >= 1")
             super().__init__(dirpath=dirpath, monitor="val/top1", mode="max", save_last=True, save_top_k=1,
                              filename="best-epoch{epoch:03d}-top1{val/top1:.4f}", auto_insert_metric_name=False,
                              every_n_epochs=every_n_epochs, save_on_train_epoch_end=False,

@@ -21,9 +21,12 @@ Checks (``--only a,b`` runs a subset):
   DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md, "Training
   performance: NVIDIA DGX A100 (8x A100 80GB)", pytorch-21.03 NGC container, real data through
   DALI). GPU only.
-- ``dali_fit_resume``: a short DALI fit (ResNet-18, 64 px, generated JPEGs, deterministic) stopped
-  by SIGUSR1 inside its second epoch, resumed with ``--ckpt_path last``, against the same fit never
-  stopped: weights and optimizer state must be bit-identical. Runs on a CPU too (DALI CPU mode).
+- ``dali_fit_resume``: a short DALI fit (ResNet-18, 64 px, generated JPEGs, deterministic kernels
+  where torch has them) launched by ``launch/torchrun.sh`` (one worker; on a GPU bound to its NUMA
+  node's CPUs with ``NUMA_BINDING=exclusive``), sent SIGUSR1 once epoch 0 is saved, resumed with
+  ``--ckpt_path last``, against the same fit never stopped: weights and optimizer state must be
+  bit-identical (if not, two runs never stopped are compared too, to tell nondeterministic GPU
+  kernels from a resume error). Runs on a CPU too (DALI CPU mode).
 - ``ddp_equivalence``: with N > 1 GPUs, the same global batch as 1 process x accumulation N and as
   N processes x accumulation 1 (torchrun, NCCL, fp32): trainable weights within 1e-4 (relative).
 """
@@ -42,7 +45,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 NVIDIA_A100_AMP_IMG_S = 2470  # see the module docstring for the source
-LIMITS = {"optim": 150, "dali_decode": 90, "resnet50_fit": 150, "dali_fit_resume": 150, "ddp_equivalence": 120}
+# seconds per check: the first four sum to under 8 minutes, the most one GPU takes (ddp_equivalence is
+# skipped there in seconds)
+LIMITS = {"optim": 120, "dali_decode": 50, "resnet50_fit": 150, "dali_fit_resume": 140, "ddp_equivalence": 150}
 
 
 def _gpus() -> int:
@@ -258,29 +263,36 @@ def check_dali_fit_resume() -> dict:
     gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         root = make_jpegs(Path(tmp) / "data", 96, 72, per_class=48 if gpu else 12)  # 12 or 3 steps per epoch
-        common = ["--config", "recipes/demo.yaml", "--data.root", str(root), "--run.root", tmp, "--run.wandb", "false",
-                  "--data.backend", "dali", "--data.image_size", "64", "--data.global_batch", "32",
-                  "--data.micro_batch", "16", "--model.num_classes", "8", "--trainer.max_epochs", "2",
-                  # warn: adaptive average pooling's CUDA backward has no deterministic kernel
-                  "--trainer.deterministic", "warn", "--trainer.enable_progress_bar", "false"]
-        env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        # through launch/torchrun.sh as on a cluster: one worker, bound to its GPU's NUMA node (exclusive
+        # CPUs, which the DALI loader pins its threads to), SIGUSR1 forwarded by torchrun
+        overrides = ["--data.root", str(root), "--run.root", tmp, "--run.wandb", "false", "--data.backend", "dali",
+                     "--data.image_size", "64", "--data.global_batch", "32", "--data.micro_batch", "16",
+                     "--model.num_classes", "8", "--trainer.max_epochs", "2",
+                     # warn: adaptive average pooling's CUDA backward has no deterministic kernel
+                     "--trainer.deterministic", "warn", "--trainer.enable_progress_bar", "false"]
+        env = dict(os.environ, WANDB_MODE="offline", CUBLAS_WORKSPACE_CONFIG=":4096:8", OMP_NUM_THREADS="1",
+                   PYTHONUNBUFFERED="1", NPROC="1", PYTHON=sys.executable, NUMA_BINDING="exclusive" if gpu else "none")
+
+        def launch(name: str, **kw):
+            return subprocess.Popen(["bash", "launch/torchrun.sh", "recipes/demo.yaml", *overrides, "--run.name", name],
+                                    cwd=REPO, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+
         last = Path(tmp) / "stopped" / "checkpoints" / "last.ckpt"
-        proc = subprocess.Popen([sys.executable, "-m", "resnet_lamb", "fit", *common, "--run.name", "stopped"],
-                                cwd=REPO, env=dict(os.environ, WANDB_MODE="offline", **env),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = launch("stopped")
         deadline = time.time() + LIMITS["dali_fit_resume"] / 3
         while proc.poll() is None and not last.exists() and time.time() < deadline:
             time.sleep(0.005)
         proc.send_signal(signal.SIGUSR1)  # epoch 0 is saved: the run is validating or in epoch 1
         _, err = proc.communicate(timeout=120)
-        if proc.returncode != 0 or "stopped after optimizer step" not in err:
-            return {"status": "fail", "reason": f"the signalled fit exited {proc.returncode} without stopping on "
+        if "stopped after optimizer step" not in err:
+            return {"status": "fail", "reason": f"the signalled fit (exit {proc.returncode}) did not stop on "
                                                 f"SIGUSR1: {err.strip()[-300:]}"}
         stopped_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-        for name, extra in (("stopped", ["--ckpt_path", "last"]), ("straight", []), ("again", [])):
-            p = _fit([*common, "--run.name", name, *extra], env)
+        for name in ("stopped", "straight", "again"):  # torchrun.sh resumes "stopped" (--ckpt_path last)
+            p = launch(name)
+            _, err = p.communicate(timeout=300)
             if p.returncode:
-                return {"status": "fail", "reason": f"fit {name}: {p.stderr.strip()[-300:]}"}
+                return {"status": "fail", "reason": f"fit {name}: {err.strip()[-300:]}"}
             ckpt = torch.load(Path(tmp) / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
             if name == "stopped":
                 resumed = ckpt
@@ -292,8 +304,9 @@ def check_dali_fit_resume() -> dict:
             else:  # the resume differs: are two runs never stopped the same? (nondeterministic kernels)
                 baseline = _differing(ckpt, straight)
     out = {"status": "pass" if not differ and resumed["global_step"] == straight["global_step"] else "fail",
-           "device": "mixed" if gpu else "cpu", "stopped_at_step": stopped_at, "steps": straight["global_step"],
-           "tensors_differing": len(differ), "first_differing": differ[:3]}
+           "device": "mixed" if gpu else "cpu", "launcher": "torchrun.sh NPROC=1"
+           + (" NUMA_BINDING=exclusive" if gpu else ""), "stopped_at_step": stopped_at,
+           "steps": straight["global_step"], "tensors_differing": len(differ), "first_differing": differ[:3]}
     if differ:
         out["tensors_differing_between_two_straight_runs"] = len(baseline)
     return out
@@ -349,23 +362,29 @@ def main() -> int:
     if unknown:
         print(f"gpu_check: unknown check(s) {', '.join(unknown)}; choose from {', '.join(CHECKS)}", file=sys.stderr)
         return 2
+    import torch
+
+    # on a CPU the checks that run do so in DALI's CPU mode, slower than on a GPU: more time, no 8-minute aim
+    scale = 1 if torch.cuda.is_available() else 3
     t0, results = time.time(), {}
     for name in names:
         t1 = time.time()
+        # its own process group: a check over its limit is ended with every process it started
+        p = subprocess.Popen([sys.executable, __file__, "--one", name], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            p = subprocess.run([sys.executable, __file__, "--one", name], cwd=REPO, capture_output=True, text=True,
-                               timeout=LIMITS[name])
-            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+            out, err = p.communicate(timeout=LIMITS[name] * scale)
+            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
             results[name] = json.loads(lines[-1]) if lines else {
-                "status": "fail", "reason": f"exit {p.returncode}: {p.stderr.strip()[-300:]}"}
+                "status": "fail", "reason": f"exit {p.returncode}: {err.strip()[-300:]}"}
         except subprocess.TimeoutExpired:
-            results[name] = {"status": "fail", "reason": f"over its {LIMITS[name]} s limit"}
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            results[name] = {"status": "fail", "reason": f"over its {LIMITS[name] * scale} s limit"}
         results[name]["seconds"] = round(time.time() - t1, 1)
         print(f"gpu_check: {name}: {results[name]['status']} ({results[name]['seconds']} s) "
               f"{json.dumps({k: v for k, v in results[name].items() if k not in ('status', 'seconds')})}",
               flush=True)
-    import torch
-
     summary = {
         "check": "gpu_check", "ok": all(r["status"] != "fail" for r in results.values()),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from conftest import REPO, read_csv, run_cli, tiny_recipe, write_recipe
-from resnet_lamb.errors import RecipeError
 from resnet_lamb.train import _wandb_reachable, _wandb_route, ddp_strategy, device_defaults
 
 
@@ -42,15 +41,21 @@ def test_ddp_strategy():
     assert ddp_strategy("auto", 1, 25.0) == "auto"
     mine = DDPStrategy(find_unused_parameters=True)
     assert ddp_strategy(mine, 8, 25.0) is mine and ddp_strategy("fsdp", 8, 25.0) == "fsdp"
-    with pytest.raises(RecipeError, match=r"run.ddp_bucket_mb: 0.0; must be > 0"):
-        ddp_strategy("ddp", 2, 0.0)
 
 
-def test_validation_cadence_must_divide_the_epochs(fit, capsys):
-    fit(tiny_recipe(None, **{"trainer.max_epochs": 3, "trainer.check_val_every_n_epoch": 2}), name="v", expect=2)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("resnet-lamb: error: trainer.check_val_every_n_epoch: 2 does not divide trainer.max_epochs 3; "
-                       "choose a divisor so that the last epoch is validated"), err
+def test_bad_cadences_and_bucket_are_one_line_before_anything_is_built(fit, capsys, monkeypatch):
+    import resnet_lamb.model as model_mod
+
+    monkeypatch.setattr(model_mod, "build_resnet", lambda *a, **k: 1 / 0)
+    cases = [({"trainer.max_epochs": 3, "trainer.check_val_every_n_epoch": 2}, [],
+              "trainer.check_val_every_n_epoch: 2 does not divide trainer.max_epochs 3; choose a divisor so that "
+              "the last epoch is validated"),
+             ({}, ["--run.checkpoint_every_n_epochs", "0"], "run.checkpoint_every_n_epochs: 0; must be an integer >= 1"),
+             ({}, ["--run.ddp_bucket_mb", "-1"], "run.ddp_bucket_mb: -1.0; must be > 0")]
+    for i, (over, args, line) in enumerate(cases):
+        fit(tiny_recipe(None, **over), *args, name=f"v{i}", expect=2)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == f"resnet-lamb: error: {line}", err
 
 
 def test_torchrun_counts_gpus_with_torch_not_nvidia_smi(tmp_path, digits_root):

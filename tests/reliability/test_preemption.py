@@ -20,14 +20,6 @@ from conftest import read_csv, run_cli, tiny_recipe, write_recipe
 from resnet_lamb.data import dali as dali_backend
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _signal_at(monkeypatch, step: int, sig: int):
     """Send ``sig`` to this process in the first micro-batch of optimizer step ``step`` (1-based)."""
     real = model_mod.LambModule.training_step
