@@ -16,7 +16,8 @@ Checks (``--only a,b`` runs a subset):
   process, and memory and threads must not grow after the first epoch (a leak check). On a CPU it
   runs in DALI's CPU-only mode on small images.
 - ``resnet50_fit``: `resnet-lamb fit` of ResNet-50 on synthetic data, bf16-mixed, channels_last,
-  micro batch 256, 224 px, 200 optimizer steps; img/s (median over the last 100 steps) beside
+  micro batch 256, 224 px, 200 optimizer steps (LAMB eager: the compiled step is the optim
+  check's); img/s (median over the last 100 steps) beside
   NVIDIA's published figure for one A100 80GB with mixed precision (2,470 img/s: NVIDIA
   DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md, "Training
   performance: NVIDIA DGX A100 (8x A100 80GB)", pytorch-21.03 NGC container, real data through
@@ -47,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 NVIDIA_A100_AMP_IMG_S = 2470  # see the module docstring for the source
 # seconds per check: the first four sum to under 8 minutes, the most one GPU takes (ddp_equivalence is
 # skipped there in seconds)
-LIMITS = {"optim": 120, "dali_decode": 50, "resnet50_fit": 150, "dali_fit_resume": 140, "ddp_equivalence": 150}
+LIMITS = {"optim": 180, "dali_decode": 50, "resnet50_fit": 110, "dali_fit_resume": 130, "ddp_equivalence": 150}
 
 
 def _gpus() -> int:
@@ -230,13 +231,15 @@ def check_resnet50_fit() -> dict:
                   "--run.wandb", "false", "--data.backend", "synthetic", "--data.global_batch", "256",
                   "--data.micro_batch", "256", "--trainer.max_steps", "200", "--trainer.devices", "1",
                   "--trainer.precision", "bf16-mixed", "--trainer.log_every_n_steps", "10",
+                  # the optimizer's compile time and step time are the optim check's: keep this one short
+                  "--model.optimizer.kwargs", '{"betas": [0.9, 0.999], "eps": 1.0e-6, "impl": "eager"}',
                   "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false",
                   "--trainer.enable_progress_bar", "false"], timeout=LIMITS["resnet50_fit"] - 10)
         if p.returncode:
             return {"status": "fail", "reason": p.stderr.strip().splitlines()[-1:] or ["exit status"]}
         rates = [float(r["train/img_per_s"]) for r in _rows(Path(tmp) / "r50") if r.get("train/img_per_s")]
     rate = statistics.median(rates[len(rates) // 2:])
-    return {"status": "pass", "gpu": torch.cuda.get_device_name(0), "img_s": round(rate, 1),
+    return {"status": "pass", "gpu": torch.cuda.get_device_name(0), "img_s": round(rate, 1), "optimizer": "lamb eager",
             "nvidia_a100_80gb_amp_img_s": NVIDIA_A100_AMP_IMG_S,
             "nvidia_source": "NVIDIA DeepLearningExamples ConvNets resnet50v1.5 README (1x A100 80GB, AMP); "
                              "not measured here"}
