@@ -21,22 +21,30 @@ optimizer + per-step schedule.
   from the datamodule), stepped once per optimizer step.
 * ``grad_clip_norm``: global gradient-norm clipping before each optimizer step (the LAMB
   author's ResNet-50 code clips at 1.0); ``None`` = off.
-* On CUDA the network runs channels_last (the CLI picks bf16-mixed there); fp32 on CPU.
-* Non-finite values, checked once per optimizer step (``on_before_optimizer_step``, one host
-  sync, not per micro-batch): the step's loss and the global gradient norm (one fused
+* On CUDA the network runs channels_last (the CLI picks bf16-mixed, or 16-mixed on GPUs without
+  bf16, and cuDNN's autotuner there); fp32 on CPU.
+* Once per optimizer step (``on_before_optimizer_step``) the ranks exchange one small tensor,
+  summed over them (:meth:`LambModule._exchange`: the step's only collective besides DDP's and its
+  only host sync; none per micro-batch): each rank's loss sum and count of real samples over its
+  micro-batches, whether its gradient norm is finite, and whether it was asked to stop (SIGUSR1 /
+  SIGTERM, :mod:`resnet_lamb.preemption`). Every decision below is taken from the summed values,
+  so it is the same on every rank. ``train/loss`` is the mean over the global batch (padding
+  excluded) and ``train/lr`` the step's LR, both logged once per optimizer step as numbers.
+* Non-finite values: the step's global loss and the global gradient norm (one fused
   ``get_total_norm`` pass, reused by ``grad_clip_norm``'s clipping).  ``nonfinite: stop`` (default)
   raises :class:`NonFiniteLossError` (NaN/Inf loss) or :class:`NonFiniteGradientError` (finite loss,
   NaN/Inf gradient) before the step is taken: one line naming the optimizer step and, for a
   gradient, the parameter where it first appeared (the non-finite gradient nearest the output,
   which backward reaches first); no checkpoint is written from the bad state.  Only on failure are
-  the per-tensor checks made to find the name.  ``nonfinite: skip``: the step's gradients are
-  dropped and the optimizer does not step (weights, moments and the optimizer's own step counts
-  stay as they were); the step still counts: ``global_step`` and the LR schedule move on one step
-  (the skipped step's LR goes unused, so the schedule stays aligned with the data and the run ends
-  after the plan's steps); one warning line per skipped step, ``train/skipped_steps`` (running
-  total) logged every optimizer step and kept in checkpoints.  BatchNorm running statistics
-  updated by the skipped step's forward are kept.  Under fp16 with a GradScaler (``16-mixed``) the
-  gradient check is left to the scaler, which skips overflowing steps itself.
+  the per-tensor checks made to find the name.  ``nonfinite: skip``: every rank drops the step's
+  gradients and the optimizer does not step (weights, moments and the optimizer's own step counts
+  stay as they were), whichever rank saw the NaN; the step still counts: ``global_step`` and the LR
+  schedule move on one step (the skipped step's LR goes unused, so the schedule stays aligned with
+  the data and the run ends after the plan's steps); one warning line per skipped step,
+  ``train/skipped_steps`` (running total) logged every optimizer step and kept in checkpoints.
+  BatchNorm running statistics updated by the skipped step's forward are kept.  Under fp16 with a
+  GradScaler (``16-mixed``) the gradient check is left to the scaler, which skips overflowing steps
+  itself (identically on every rank: DDP has averaged the gradients).
 * Checkpoints carry ``checkpoint["resnet_lamb"]["recipe"]`` (:func:`recipe_identity`: optimizer,
   schedule, global batch, epochs); ``fit --ckpt_path`` refuses to resume with other values unless
   ``--run.force_resume true`` (``resnet_lamb.train``).  A forced resume keeps the weights, the
@@ -45,6 +53,7 @@ optimizer + per-step schedule.
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Optional
 
@@ -244,7 +253,8 @@ class LambModule(pl.LightningModule):
         self.val_count = SumMetric()
         self.plan = None  # the resnet_lamb.recipe.Plan this run follows, set in configure_optimizers
         self._channels_last = False
-        self._step_loss: Optional[torch.Tensor] = None  # first non-finite loss of the step, if any
+        self._step_share: Optional[torch.Tensor] = None  # [loss sum, real samples] of this step's micro-batches
+        self.stop_requested = False  # set at an optimizer step when any rank was asked to stop (preemption)
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite: skip)
         self._grad_norm: Optional[torch.Tensor] = None  # this step's gradient norm, for the clipping
@@ -290,17 +300,30 @@ class LambModule(pl.LightningModule):
         labels = labels.reshape(-1).long()
         logits = self(images)
         loss_sum = self._loss_sum(logits, labels)
-        loss = loss_sum / max(labels.numel(), 1)
-        # the first non-finite loss of this optimizer step, checked once before the step: no host
-        # sync per micro-batch (on_before_optimizer_step)
-        prev = self._step_loss
-        self._step_loss = loss.detach() if prev is None else torch.where(torch.isfinite(prev), loss.detach(), prev)
-        # logged: the mean over real samples (a padded last batch would otherwise look small)
-        self.log("train/loss", loss_sum.detach() / (labels >= 0).sum().clamp(min=1), on_step=True,
-                 on_epoch=False, prog_bar=True, batch_size=labels.numel())
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
-                 on_epoch=False, batch_size=labels.numel())
-        return loss
+        # this rank's share of the step's loss: [sum over real samples, real samples], added up on the
+        # device across micro-batches (no host sync here); exchanged once per optimizer step
+        # (on_before_optimizer_step). A non-finite loss stays non-finite in the sum (losses are >= 0).
+        share = torch.stack([loss_sum.detach().float(), (labels >= 0).sum().float()])
+        self._step_share = share if self._step_share is None else self._step_share + share
+        return loss_sum / max(labels.numel(), 1)
+
+    def _exchange(self, grad_bad: Optional[torch.Tensor]) -> tuple[float, float, bool, bool]:
+        """The step's one collective and one host sync: every rank's loss share, whether its gradient
+        norm is finite and whether it was asked to stop (SIGUSR1/SIGTERM), summed over the ranks.
+        Returns (global loss sum, global real samples, non-finite anywhere, stop requested anywhere):
+        the same on every rank, so no decision can differ between them."""
+        from resnet_lamb.preemption import stop_requested
+
+        share, self._step_share = self._step_share, None
+        if share is None:
+            share = torch.zeros(2, device=self.device)
+        bad = torch.zeros((), device=share.device) if grad_bad is None else grad_bad.to(share.device).float()
+        stop = torch.full((), float(stop_requested()), device=share.device)
+        flags = torch.cat([share, bad.reshape(1), stop.reshape(1)])
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags)  # a sum; Lightning's strategy.reduce would add a barrier
+        loss_sum, count, bad_ranks, stops = flags.tolist()
+        return loss_sum, count, bad_ranks > 0 or not math.isfinite(loss_sum), stops > 0
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # The run's last step can fall inside a Lightning epoch (full_batch epochs: 3519 steps are
@@ -311,7 +334,6 @@ class LambModule(pl.LightningModule):
             self.trainer.should_stop = True
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        loss, self._step_loss = self._step_loss, None
         self._skip_step = False
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         # fp16 + GradScaler: inf gradients are the scaler's business (it skips those steps itself)
@@ -320,17 +342,19 @@ class LambModule(pl.LightningModule):
         if params and scaler is None:  # the order and function clip_grad_norm_ uses: same norm
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, False, None)
         self._grad_norm = norm
-        bad = None if norm is None else ~torch.isfinite(norm)
-        if loss is not None:
-            bad = ~torch.isfinite(loss) if bad is None else bad | ~torch.isfinite(loss)
-        if bad is None or not bool(bad):  # the step's one host sync
+        loss_sum, count, bad, self.stop_requested = self._exchange(None if norm is None else ~torch.isfinite(norm))
+        loss = loss_sum / max(count, 1.0)
+        # logged once per optimizer step, as Python numbers (no device tensor for the progress bar to read)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        self.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False, batch_size=1)
+        if not bad:
             if self.nonfinite == "skip":
                 self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
             return
         total = self.plan.optimizer_steps if self.plan is not None else self.trainer.max_steps
         where = f"at optimizer step {self.global_step + 1} of {total} (epoch {self.current_epoch})"
-        if loss is not None and not torch.isfinite(loss):
-            what, error = f"train/loss is {loss.item()} {where}", NonFiniteLossError
+        if not math.isfinite(loss):
+            what, error = f"train/loss is {loss} {where}", NonFiniteLossError
         else:
             what, error = f"non-finite gradient {where}: {self._first_nonfinite(params)}", NonFiniteGradientError
         if self.nonfinite == "stop":
@@ -494,22 +518,37 @@ class LambModule(pl.LightningModule):
             s._last_lr = [float(g["lr"]) for g in s.optimizer.param_groups]
 
     def _epoch_boundary(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints are written after an epoch's last micro-batch (at its validation).  When the
-        run resumes with another accumulation (another device count or micro-batch), an epoch has
-        another number of micro-batches; Lightning would compare the saved count with the new one
-        and finish the "rest" of the old epoch.  Restate the finished epoch in the new count."""
+        """Lightning counts an epoch's progress in micro-batches. When the run resumes with another
+        accumulation (another device count or micro-batch), restate the saved count in the new one:
+        a whole epoch for a checkpoint written at its end (else Lightning would finish the "rest"
+        of the old epoch), the optimizer steps done times the new accumulation for one written
+        mid-epoch (a SIGUSR1 save; the loader's state gives the images consumed), so the loop and
+        the loader agree and every step takes a whole global batch."""
         trainer = getattr(self, "_trainer", None)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         try:
-            prog = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+            fit = checkpoint["loops"]["fit_loop"]
+            prog = fit["epoch_loop.batch_progress"]
             per_epoch = int(dm.steps_per_epoch) * int(dm.accumulation)
         except (KeyError, TypeError, AttributeError):
             return
         cur = prog.get("current", {})
-        if prog.get("is_last_batch") and cur.get("ready") not in (None, per_epoch):
-            for key in ("ready", "started", "processed", "completed"):
-                if key in cur:
-                    cur[key] = per_epoch
+        if cur.get("ready") is None:
+            return
+        if prog.get("is_last_batch"):
+            target = per_epoch
+        else:
+            loaders = (fit.get("state_dict") or {}).get("combined_loader") or []
+            images = loaders[0].get("images") if loaders and isinstance(loaders[0], dict) else None
+            if images is None:
+                return
+            target = int(images) // int(dm.global_batch) * int(dm.accumulation)
+        if cur["ready"] == target:
+            return
+        lag = {key: cur["ready"] - cur[key] for key in ("started", "processed", "completed") if key in cur}
+        cur["ready"] = target
+        for key, behind in lag.items():  # keep where the save happened (e.g. before completed counted)
+            cur[key] = target - behind
 
     def on_train_start(self) -> None:
         # restored here, not in on_load_checkpoint: nothing between this hook and the first batch

@@ -13,10 +13,11 @@
 * :class:`FirstStepRow` sends the first optimizer step's ``train/*`` values of each fit to the
   loggers and flushes them, whatever ``log_every_n_steps``: a 3-step run still leaves
   ``csv/metrics.csv``, a short epoch a train row (the CLI flushes the CSV at every logged row).
-* :func:`progress_bar`: Lightning's ``RichProgressBar`` on a terminal (it advances per
-  micro-batch, with rate and ETA); on a pipe or CI log a :class:`LineProgress` that prints one
-  plain line every N optimizer steps and, inside a long accumulated step, a line at least every
-  ``every_s`` seconds (rich draws nothing useful into a non-terminal until each bar finishes).
+* :func:`progress_bar`: Lightning's ``RichProgressBar`` on a terminal, reading the logged metrics
+  every N optimizer steps rather than every micro-batch (:class:`StepRichProgressBar`: each read is
+  a GPU sync); on a pipe or CI log a :class:`LineProgress` that prints one plain line every N
+  optimizer steps and, inside a long accumulated step, a line at least every ``every_s`` seconds
+  (rich draws nothing useful into a non-terminal until each bar finishes).
 """
 from __future__ import annotations
 
@@ -247,8 +248,27 @@ def _fmt_time(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+class StepRichProgressBar(RichProgressBar):
+    """Lightning's rich bar, whose metrics are read after an optimizer step every ``every`` steps
+    (and kept in between): Lightning's bar reads them after every micro-batch, and reading copies
+    each logged device tensor to the host, a GPU sync per micro-batch."""
+
+    def __init__(self, every: int = 10) -> None:
+        super().__init__(leave=True)
+        self.every = max(int(every), 1)
+        self._shown: dict = {}
+        self._read_at = -1
+
+    def get_metrics(self, trainer, pl_module):
+        step = trainer.global_step
+        if self._read_at < 0 or (step != self._read_at and step % self.every == 0):
+            self._read_at = step
+            self._shown = super().get_metrics(trainer, pl_module)
+        return self._shown
+
+
 def progress_bar(every: int = 10, every_s: float = 30.0) -> ProgressBar:
     """Rich bar (with the logged images/s, loss and ETA) on a terminal, plain lines otherwise."""
     if sys.stdout.isatty() and sys.stderr.isatty():
-        return RichProgressBar(leave=True)
+        return StepRichProgressBar(every)
     return LineProgress(every, every_s)

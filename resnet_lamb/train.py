@@ -25,13 +25,17 @@ What happens, in order:
    launch/torchrun.sh, which printed it); the counts used are recorded in ``config.yaml``.
    ``--print_config`` prints the config with these numbers (and only the schedule keys its
    schedule reads) and exits, writing nothing.
-5. Precision: bf16-mixed on CUDA, 32-true on CPU, unless the recipe says otherwise.
+5. Precision: bf16-mixed on GPUs with bf16, 16-mixed on older ones, 32-true on CPU, and cuDNN's
+   autotuner on GPUs, unless the recipe says otherwise (:func:`device_defaults`); DDPStrategy with
+   gradient buckets as views for ``ddp`` or several devices (:func:`ddp_strategy`).
 6. Run folder ``<run.root>/<run.name>/`` (name defaults to the recipe's file stem):
    ``config.yaml`` (the full resolved config), ``csv/metrics.csv`` (always), ``wandb/`` (W&B;
    offline when ``WANDB_MODE=offline``, when no API key is configured or when the server does not
-   answer a 5 s connection check), ``checkpoints/`` (``last.ckpt`` + the best by ``val/top1``, each
-   written to a temp file in the same folder, fsynced and ``os.replace``d; a write that fails on an
-   OSError (disk full) stops the run with one line, the older files intact). A run folder that
+   answer a 5 s connection check, made through ``HTTPS_PROXY`` unless ``NO_PROXY`` exempts the
+   host), ``checkpoints/`` (``last.ckpt`` every ``run.checkpoint_every_n_epochs`` epochs, after a
+   SIGUSR1/SIGTERM mid-epoch, and the best by ``val/top1`` as a hard link to it; each written to a
+   temp file in the same folder, fsynced and ``os.replace``d; a write that fails on an OSError (disk
+   full) stops the run with one line, the older files intact). A run folder that
    cannot be written is one line before anything is built.
 7. ``fit`` start-up: temp files of an interrupted checkpoint write (``checkpoints/.tmp-*.ckpt``)
    are removed; ``--ckpt_path last`` for a run folder without ``last.ckpt`` is refused with one
@@ -513,6 +517,46 @@ def _shrink_help(parser: Any) -> None:
                 action.help = _SHORT_HELP[opt.lstrip("-")]
 
 
+def device_defaults(gpu: bool, bf16: bool, deterministic: bool) -> dict[str, Any]:
+    """Trainer settings chosen from the device where the recipe leaves them unset: on a GPU
+    bf16-mixed where it computes in bf16 natively (Ampere and later), else 16-mixed (Lightning adds a
+    GradScaler), and cuDNN's autotuner for the fixed input shapes (unless deterministic); on a CPU
+    32-true."""
+    if not gpu:
+        return {"precision": "32-true"}
+    out: dict[str, Any] = {"precision": "bf16-mixed" if bf16 else "16-mixed"}
+    if not deterministic:
+        out["benchmark"] = True
+    return out
+
+
+def _check_cadence(cfg: Any) -> None:
+    """Checkpoint and validation cadences, before anything is built. The last epoch must be
+    validated (report reads its top-1): the validation cadence divides the epochs."""
+    every, epochs = cfg.trainer.get("check_val_every_n_epoch"), cfg.trainer.get("max_epochs")
+    if every is not None and epochs and (every < 1 or epochs % every):
+        raise RecipeError(f"trainer.check_val_every_n_epoch: {every} does not divide trainer.max_epochs {epochs}; "
+                          "choose a divisor so that the last epoch is validated")
+    ckpt = cfg.run.get("checkpoint_every_n_epochs")
+    if ckpt is not None and ckpt < 1:
+        raise RecipeError(f"run.checkpoint_every_n_epochs: {ckpt}; must be an integer >= 1")
+    bucket = cfg.run.get("ddp_bucket_mb")
+    if bucket is not None and not bucket > 0:
+        raise RecipeError(f"run.ddp_bucket_mb: {bucket}; must be > 0")
+
+
+def ddp_strategy(strategy: Any, world: int, bucket_mb: float) -> Any:
+    """``ddp`` (as torchrun.sh passes it), or ``auto`` with several devices: DDPStrategy with
+    ``gradient_as_bucket_view`` (gradients are views into DDP's buckets: no copy between them, and
+    less memory) and ``bucket_cap_mb`` from the recipe. A Strategy object from the recipe
+    (``trainer.strategy: {class_path: ..., init_args: ...}``) and other names are left as they are."""
+    if not isinstance(strategy, str) or strategy not in ("ddp", "auto") or (strategy == "auto" and world < 2):
+        return strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb)
+
+
 def _to_dict(ns: Any) -> Any:
     if hasattr(ns, "as_dict"):
         return ns.as_dict()
@@ -552,14 +596,30 @@ def _wandb_url() -> str:
         return "https://api.wandb.ai"
 
 
-def _wandb_reachable(url: str, timeout: float = 5.0) -> bool:
-    """A TCP connect to the server: wandb.init would otherwise wait up to its init_timeout (90 s)
-    and then fail the run on a machine without internet."""
-    import socket
+def _wandb_route(url: str) -> tuple[str, int]:
+    """Where a connection to the W&B server goes first: the proxy that ``HTTPS_PROXY`` / ``HTTP_PROXY``
+    (either case) names for the server's scheme, unless ``NO_PROXY`` exempts the host (as wandb's own
+    HTTP client does), else the server itself."""
+    import urllib.request
 
     u = _wandb_host(url)
+    target = (u.hostname or "", u.port or (80 if u.scheme == "http" else 443))
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(u.scheme)
+    if proxy and not urllib.request.proxy_bypass_environment(target[0], proxies):
+        p = _wandb_host(proxy)
+        return p.hostname or "", p.port or (443 if p.scheme == "https" else 80)
+    return target
+
+
+def _wandb_reachable(url: str, timeout: float = 5.0) -> bool:
+    """A TCP connect to the server, or to the proxy the environment routes it through: wandb.init
+    would otherwise wait up to its init_timeout (90 s) and then fail the run on a machine without
+    internet."""
+    import socket
+
     try:
-        with socket.create_connection((u.hostname, u.port or (80 if u.scheme == "http" else 443)), timeout=timeout):
+        with socket.create_connection(_wandb_route(url), timeout=timeout):
             return True
     except (OSError, ValueError):
         return False
@@ -594,6 +654,7 @@ def _cli_class():
 
     from resnet_lamb.data import ImageDataModule
     from resnet_lamb.model import LambModule
+    from resnet_lamb.preemption import Preemption
     from resnet_lamb.telemetry import FirstStepRow, RunStatus, Throughput, TrustRatios, progress_bar
 
     class SaveConfig(SaveConfigCallback):
@@ -654,6 +715,13 @@ def _cli_class():
             parser.add_argument("--run.tags", type=list[str], default=[], help="tags of the W&B run")
             parser.add_argument("--run.root", type=str, default=RUN_DEFAULTS["root"], help="folder of run folders")
             parser.add_argument("--run.wandb", type=bool, default=True, help="log to W&B as well as CSV")
+            parser.add_argument("--run.checkpoint_every_n_epochs", type=int, default=1,
+                                help="write last.ckpt at the end of every N-th epoch (and of the last one; a new "
+                                     "best by val/top1 is always kept); validation: trainer.check_val_every_n_epoch")
+            parser.add_argument("--run.ddp_bucket_mb", type=float, default=25.0,
+                                help="DDP gradient bucket size in MB (torch's default 25); with --trainer.strategy "
+                                     "ddp or several devices the CLI builds DDPStrategy(gradient_as_bucket_view=True, "
+                                     "bucket_cap_mb=this)")
             parser.add_argument("--run.force_resume", type=bool, default=False,
                                 help="resume --ckpt_path with another optimizer, schedule, global batch or "
                                      "epoch count than the checkpoint's (refused otherwise)")
@@ -699,10 +767,13 @@ def _cli_class():
             import torch
 
             gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator") or "auto") in ("auto", "gpu", "cuda")
-            if cfg.trainer.get("precision") is None:
-                cfg.trainer.precision = "bf16-mixed" if gpu else "32-true"
+            bf16 = gpu and torch.cuda.is_bf16_supported(including_emulation=False)
+            for key, value in device_defaults(gpu, bf16, bool(cfg.trainer.get("deterministic"))).items():
+                if cfg.trainer.get(key) is None:
+                    setattr(cfg.trainer, key, value)
             if gpu:
                 cfg.data.channels_last = True
+            _check_cadence(cfg)
             if cfg.run.name is None:
                 cfg.run.name = Path(path).stem if _RECIPE["path"] else "run"
             if _PRINT_CONFIG["flags"] is not None:  # what the run uses, before any folder is made
@@ -753,13 +824,13 @@ def _cli_class():
                                               every_s=float(cfg.run.get("progress_seconds", 30.0))))
             if self.subcommand == "fit":
                 callbacks += [Throughput(), TrustRatios(self.model.trust_ratio_every), RunStatus(str(self.run_dir)),
-                              FirstStepRow()]
+                              FirstStepRow(), Preemption()]
                 if config.get("enable_checkpointing", True) is not False:
                     callbacks.append(_checkpoint_class()(
-                        dirpath=str(self.run_dir / "checkpoints"), monitor="val/top1", mode="max",
-                        save_last=True, save_top_k=1, save_on_train_epoch_end=False, filename="best-epoch{epoch:03d}-top1{val/top1:.4f}",
-                        auto_insert_metric_name=False))
+                        dirpath=str(self.run_dir / "checkpoints"), every_n_epochs=int(cfg.run.checkpoint_every_n_epochs)))
             config["callbacks"] = callbacks
+            config["strategy"] = ddp_strategy(config.get("strategy", "auto"), world_size(cfg.trainer),
+                                              float(cfg.run.ddp_bucket_mb))
             if config.get("logger", None) is not False:
                 config["logger"] = self._loggers(cfg)
             return self._instantiate_trainer(config, extra)
@@ -884,25 +955,85 @@ def _checkpoint_class():
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     class Checkpoints(ModelCheckpoint):
-        """ModelCheckpoint that rewrites ``last.ckpt`` after every (end-of-epoch) validation.
+        """``last.ckpt`` at the end of every ``every_n_epochs``-th epoch and of the last one, after that
+        epoch's validation when it has one; the best by ``val/top1`` (``best-epoch...``) whenever a
+        validation improves it; ``last.ckpt`` mid-epoch when :class:`resnet_lamb.preemption.Preemption`
+        asks (:meth:`save_last_now`).
 
-        Lightning 2.6 only refreshes ``last.ckpt`` when a top-k checkpoint was written in the same
-        step, i.e. when ``val/top1`` improved: a run killed after an epoch that did not improve
-        would resume from an older epoch.  Here ``last.ckpt`` always follows the newest epoch."""
+        One write per save: a new best is written to ``last.ckpt`` and the best file is a hard link to
+        it (the next ``last.ckpt`` is a new file, so the link keeps its contents; where the file system
+        has no hard links the best is written a second time). Lightning 2.6's ModelCheckpoint writes
+        the two as separate full files, and refreshes ``last.ckpt`` only when a best was written at the
+        same step (a run killed after an epoch that did not improve would resume from an older one)."""
 
-        _last_saved_step = -1
+        def __init__(self, dirpath: str, every_n_epochs: int = 1):
+            super().__init__(dirpath=dirpath, monitor="val/top1", mode="max", save_last=True, save_top_k=1,
+                             filename="best-epoch{epoch:03d}-top1{val/top1:.4f}", auto_insert_metric_name=False,
+                             every_n_epochs=every_n_epochs, save_on_train_epoch_end=False,
+                             enable_version_counter=False)
+            self._last_written_step = -1
+            self._step_seen = -1
 
-        def _save_last_checkpoint(self, trainer, monitor_candidates):
-            super()._save_last_checkpoint(trainer, monitor_candidates)
-            self._last_saved_step = trainer.global_step
+        @property
+        def last_path(self) -> str:
+            return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
+        def _due(self, trainer) -> bool:
+            epoch = trainer.current_epoch + 1
+            return epoch % self._every_n_epochs == 0 or epoch >= (trainer.max_epochs or 0)
+
+        # Saved at the end of an epoch's validation, or, for an epoch without one, after its last
+        # optimizer step (on_train_batch_end): the two points Lightning resumes from correctly when
+        # max_steps is set (from on_train_epoch_end it would count the finished epoch twice).
         def on_validation_end(self, trainer, pl_module):
-            super().on_validation_end(trainer, pl_module)
-            from lightning.pytorch.trainer.states import TrainerFn
+            if self._should_skip_saving_checkpoint(trainer):
+                return
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            if self._due(trainer) or 0 < (trainer.max_steps or 0) <= trainer.global_step:
+                self._save_last_checkpoint(trainer, candidates)
 
-            if (self.save_last and not trainer.sanity_checking and not trainer.fast_dev_run
-                    and trainer.state.fn == TrainerFn.FITTING and self._last_saved_step != trainer.global_step):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == self._step_seen:  # accumulating: no optimizer step yet
+                return
+            self._step_seen = trainer.global_step
+            last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            validates = last_batch and trainer.enable_validation and \
+                (trainer.current_epoch + 1) % (trainer.check_val_every_n_epoch or 1) == 0
+            stop = 0 < (trainer.max_steps or 0) <= trainer.global_step
+            if validates or not ((last_batch and self._due(trainer)) or stop):
+                return
+            if not self._should_skip_saving_checkpoint(trainer):
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+        def save_last_now(self, trainer) -> str:
+            """``last.ckpt`` at this step, mid-epoch (every rank calls this at the same step)."""
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return self.last_path
+
+        def _save_checkpoint(self, trainer, filepath):
+            last = self.last_path
+            if filepath == last:
+                if self._last_written_step != trainer.global_step:  # not already written with a new best
+                    super()._save_checkpoint(trainer, last)
+                    self._last_written_step = trainer.global_step
+                return
+            self.last_model_path = last  # part of the state written below
+            super()._save_checkpoint(trainer, last)
+            self._last_written_step = trainer.global_step
+            linked = False
+            if trainer.is_global_zero:
+                tmp = os.path.join(os.path.dirname(filepath), f".tmp-link-{os.getpid()}.ckpt")
+                try:
+                    os.link(last, tmp)
+                    os.replace(tmp, filepath)
+                    linked = True
+                except OSError:  # no hard links here (some network file systems)
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            if not trainer.strategy.broadcast(linked, src=0):
+                super()._save_checkpoint(trainer, filepath)
+            self._last_checkpoint_saved = filepath
 
     return Checkpoints
 

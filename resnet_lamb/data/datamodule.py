@@ -26,6 +26,14 @@ or without a trainer from the loader's own count; ``state_dict()`` stores it, so
 continues at the epoch boundary with the right permutation.
 
 Corrupt images: skipped and counted (see :mod:`resnet_lamb.data.folder`); ``skipped`` lists them.
+Known-bad files are remembered per run: a loader's DataLoader workers share one set (shared
+memory), the ranks exchange what they found at the start of every training epoch and whenever a
+checkpoint is written (``state_dict``, called on every rank), so every rank skips them and the
+checkpoint lists them all; a resumed run starts with them skipped.
+
+Mid-epoch resume: the training loaders follow Lightning's stateful-loader protocol
+(:class:`resnet_lamb.data.common.EpochPosition`), so a checkpoint written inside an epoch (a
+SIGUSR1/SIGTERM save) resumes at its next batch.
 """
 
 from __future__ import annotations
@@ -58,7 +66,6 @@ class ImageDataModule(L.LightningDataModule):
         num_classes: int | None = None,
         seed: int = 0,
         prefetch: int = 2,
-        py_workers: int | None = None,
         epoch_mode: str = "padded",
         index_check: bool = False,
     ):
@@ -80,8 +87,6 @@ class ImageDataModule(L.LightningDataModule):
                 ``model.num_classes`` to it.
             seed: seeds the per-epoch permutation (seed, epoch) and the augmentations.
             prefetch: batches prefetched (DALI prefetch_queue_depth; DataLoader prefetch_factor).
-            py_workers: DALI parallel external_source processes reading files; None = 0 without a
-                GPU (the main thread reads), min(4, workers // 2) with one.
             epoch_mode: padded | full_batch, how training batches are cut from the data
                 (:mod:`resnet_lamb.data.sampling`); validation is the same in both.
             index_check: at start-up, compare every entry of the root's index with the tree (re-list
@@ -105,7 +110,7 @@ class ImageDataModule(L.LightningDataModule):
         self.root = root
         self.global_batch, self.micro_batch, self.image_size = global_batch, micro_batch, image_size
         self.workers, self.channels_last, self.dtype = workers, channels_last, torch_dtype(dtype)
-        self.seed, self.prefetch, self.py_workers, self.epoch_mode = seed, prefetch, py_workers, epoch_mode
+        self.seed, self.prefetch, self.epoch_mode = seed, prefetch, epoch_mode
         self.index_check = index_check
         self._shared_world = 1  # world size whose ranks already agreed on the folder
         self._given = {"train_images": train_images, "val_images": val_images, "num_classes": num_classes}
@@ -189,7 +194,7 @@ class ImageDataModule(L.LightningDataModule):
                                 "start the run again once nothing writes to the data root")
         check_counts(folder, self._given, self.root)
         self._folder = folder
-        self._loaders.clear()
+        self._close_loaders()
         self._shared_world = self.world_size
 
     def _broadcast(self, obj):
@@ -249,7 +254,7 @@ class ImageDataModule(L.LightningDataModule):
         else:
             world, rank = self._dist_from_torch()
         if (world, rank) != (self.world_size, self.global_rank):
-            self._loaders.clear()
+            self._close_loaders()
         self.world_size, self.global_rank = world, rank
         if world > 1:
             self._share_folder()
@@ -269,7 +274,7 @@ class ImageDataModule(L.LightningDataModule):
         kw = dict(train=train, n=self.train_images if train else self.val_images, global_batch=self.global_batch,
                   micro_batch=self.micro_batch, world_size=self.world_size, seed=self.seed,
                   image_size=self.image_size, channels_last=self.channels_last, dtype=self.dtype,
-                  epoch_mode=self.epoch_mode)
+                  epoch_mode=self.epoch_mode, epoch_fn=self._epoch_for_loader if train else None)
         _ = self.accumulation
         if self.backend == "synthetic":
             from resnet_lamb.data.synthetic import SyntheticLoader
@@ -277,12 +282,11 @@ class ImageDataModule(L.LightningDataModule):
             loader = SyntheticLoader(num_classes=self.num_classes, **kw)
         else:
             kw.update(split=self._folder.splits[split], rank=self.global_rank, workers=self.workers,
-                      prefetch=self.prefetch, epoch_fn=self._epoch_for_loader if train else None,
-                      on_skip=self._on_skip)
+                      prefetch=self.prefetch, on_skip=self._on_skip)
             if self.backend == "dali":
                 from resnet_lamb.data.dali import DaliLoader
 
-                loader = DaliLoader(py_workers=self.py_workers, **kw)
+                loader = DaliLoader(**kw)
             elif self.backend == "memory":
                 from resnet_lamb.data.memory import MemoryLoader
 
@@ -291,15 +295,38 @@ class ImageDataModule(L.LightningDataModule):
                 from resnet_lamb.data.torchvision import TorchvisionLoader
 
                 loader = TorchvisionLoader(**kw)
-        if self.skipped and hasattr(loader, "bad"):  # restored from a checkpoint: skip them without a retry
-            for name in self.skipped:
-                i = self._folder.splits[split].find(name)
-                if i is not None:
-                    loader.bad.add(i)
         self._loaders[split] = loader
+        for path in self.skipped:  # restored from a checkpoint or found by another rank: skip without a retry
+            self._mark_known_bad(path)
         return loader
 
+    def _mark_known_bad(self, path: str) -> None:
+        """Tell the loader of ``path``'s split (if made) that the image is bad."""
+        for split, loader in self._loaders.items():
+            bad = getattr(loader, "bad", None)
+            if bad is None or self._folder is None:
+                continue
+            i = self._folder.splits[split].find(path)
+            if i is not None:
+                bad.add(i)
+
+    def share_skipped(self) -> None:
+        """Every rank's known-bad files to every rank (a collective: every rank calls it at the same
+        point, the start of a training epoch or a checkpoint write); no-op in one process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        found: list = [None] * dist.get_world_size()
+        dist.all_gather_object(found, list(self.skipped))
+        for paths in found:
+            for path in paths or []:
+                if path not in self.skipped:
+                    self.skipped.append(path)
+                    self._mark_known_bad(path)
+
     def _epoch_for_loader(self) -> int:
+        self.share_skipped()  # each rank calls iter() on its train loader at the start of every epoch
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             return int(trainer.current_epoch)
@@ -340,7 +367,19 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return self.val_dataloader()
 
+    def teardown(self, stage: str | None = None) -> None:
+        self._close_loaders()
+
+    def _close_loaders(self) -> None:
+        """Free what the loaders hold (DALI pipelines and their threads) now, not at garbage collection."""
+        for loader in self._loaders.values():
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
+        self._loaders.clear()
+
     def state_dict(self) -> dict:
+        self.share_skipped()  # Lightning builds the checkpoint on every rank: the file lists them all
         return {"epoch": self.current_epoch(), "skipped": list(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from resnet_lamb.data.common import MEAN, STD, warn_corrupt
+from resnet_lamb.data.common import MEAN, STD, EpochPosition, warn_corrupt
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 from resnet_lamb.errors import DataError
 
@@ -65,7 +65,7 @@ def decode_split(split, size: int, workers: int) -> tuple[torch.Tensor, list[int
     return _CACHE[key]
 
 
-class MemoryLoader:
+class MemoryLoader(EpochPosition):
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
     def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
@@ -77,6 +77,7 @@ class MemoryLoader:
         self.epoch_fn, self.on_skip = epoch_fn, on_skip or (lambda path: None)
         self.bad: set[int] = set()  # filled from a checkpoint before the first pass
         self.length = micro_batches_per_rank(n, **self.plan_kw)
+        self.images_per_batch = micro_batch * world_size
         self._epochs = 0
         self._labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
         self._mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
@@ -93,16 +94,19 @@ class MemoryLoader:
                 warn_corrupt(self.split.name(i), "PIL cannot decode it")
                 self.on_skip(self.split.name(i))
         epoch = (self.epoch_fn() if self.epoch_fn else self._epochs) if self.train else 0
+        first = self._begin(epoch) if self.train else 0
         index, real = epoch_plan(self.n, **self.plan_kw, epoch=epoch)
         index, real = torch.from_numpy(index), torch.from_numpy(real)
         if self.bad:
             real &= ~torch.isin(index, torch.tensor(sorted(self.bad)))
         m = self.micro_batch
-        for b in range(self.length):
+        for b in range(first, self.length):
             idx = index[b * m:(b + 1) * m]
             x = (images[idx].float() - self._mean) / self._std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.where(real[b * m:(b + 1) * m], self._labels[idx], -1)
+            if self.train:
+                self._advance()
             yield x.to(self.dtype), y
         self._epochs += 1

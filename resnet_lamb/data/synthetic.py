@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import torch
 
+from resnet_lamb.data.common import EpochPosition
 from resnet_lamb.data.sampling import micro_batches_per_rank, plan_kwargs
 
 
-class SyntheticLoader:
+class SyntheticLoader(EpochPosition):
     def __init__(self, *, train, n, global_batch, micro_batch, world_size, image_size, num_classes, channels_last,
-                 dtype, seed=0, **_):
+                 dtype, seed=0, epoch_fn=None, **_):
         self.n_batches = micro_batches_per_rank(n, **plan_kwargs(train, global_batch, micro_batch, world_size, 0, seed))
         self.shape = (micro_batch, 3, image_size, image_size)
         self.num_classes, self.channels_last, self.dtype, self.seed = num_classes, channels_last, dtype, seed
         self._batch = None
+        self.train, self.epoch_fn, self.images_per_batch = train, epoch_fn, micro_batch * world_size
+        self._epochs = 0
 
     def __len__(self):
         return self.n_batches
@@ -34,5 +37,12 @@ class SyntheticLoader:
     def __iter__(self):
         if self._batch is None:
             self._batch = self._make()
-        for _ in range(self.n_batches):
+        first = 0
+        if self.train:
+            epoch = self.epoch_fn() if self.epoch_fn else self._epochs
+            self._epochs = epoch + 1
+            first = self._begin(epoch)
+        for _ in range(first, self.n_batches):
+            if self.train:
+                self._advance()
             yield self._batch

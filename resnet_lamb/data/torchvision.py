@@ -3,7 +3,10 @@
 The same transforms as the DALI pipeline (RandomResizedCrop scale 0.08-1 ratio 3/4-4/3, flip,
 ImageNet mean/std; val: resize shorter side to 256/224 * size, centre crop), the same order
 (:func:`resnet_lamb.data.sampling.epoch_plan`, via a batch sampler) and the same corrupt-image
-policy (placeholder + label -1, one warning naming the file). The loader is returned wrapped in a
+policy (placeholder + label -1, one warning naming the file). A training sample's random crop and
+flip draw from torch's generator seeded by ``(seed, epoch, file)`` for that sample alone (the
+process's own generator is left as it was), so they are the same whichever worker process decodes
+it and whether the run was resumed, at an epoch boundary or mid-epoch. The loader is returned wrapped in a
 plain iterable so that Lightning does not swap its sampler for a DistributedSampler: sharding is
 already done here, by global rank.
 """
@@ -13,10 +16,12 @@ from __future__ import annotations
 import io
 import sys
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from resnet_lamb.data.common import MEAN, STD, placeholder_jpeg, val_resize, warn_corrupt
+from resnet_lamb.data.common import (MEAN, STD, BadFiles, EpochPosition, mix64, placeholder_jpeg, sample_key,
+                                     val_resize, warn_corrupt)
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 from resnet_lamb.errors import DataError
 
@@ -32,12 +37,13 @@ def transforms(train: bool, image_size: int):
 
 
 class _FolderDataset(Dataset):
-    """Item ``(file index, real)`` -> ``(image, label)``; label -1 for padding, ``-2 - index`` for a corrupt file.
-    The bytes come from ``split.read`` (a folder's file, or a shard's member)."""
+    """Item ``(file index, real, epoch)`` -> ``(image, label)``; label -1 for padding, ``-2 - index`` for
+    a corrupt file. The bytes come from ``split.read`` (a folder's file, or a shard's member). ``seed``
+    (training): the transform's random draws come from ``(seed, epoch, index)``."""
 
-    def __init__(self, split, transform):
-        self.split, self.transform = split, transform
-        self.bad: set[int] = set()
+    def __init__(self, split, transform, seed=None):
+        self.split, self.transform, self.seed = split, transform, seed
+        self.bad = BadFiles(len(split))  # shared with the worker processes: one decode attempt per run
 
     def __len__(self):
         return len(self.split)
@@ -45,31 +51,39 @@ class _FolderDataset(Dataset):
     def __getitem__(self, item):
         from PIL import Image
 
-        i, real = item
+        i, real, epoch = item
         # label -1: padding or a file already known to be corrupt (seen before, or restored from a
         # checkpoint); -2 - i: file i failed to decode just now, so the main process warns once
         label = -1
         if i not in self.bad:
             try:
                 img = Image.open(io.BytesIO(self.split.read(i))).convert("RGB")
-                return self.transform(img), int(self.split.labels[i]) if real else -1
+                return self._transform(img, i, epoch), int(self.split.labels[i]) if real else -1
             except DataError:  # a shard that is not what its index says: stop, not skip
                 raise
             except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
                 self.bad.add(i)
                 label = -2 - i
         img = Image.open(io.BytesIO(placeholder_jpeg())).convert("RGB")
-        return self.transform(img), label
+        return self._transform(img, i, epoch), label
+
+    def _transform(self, img, i: int, epoch: int):
+        if self.seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(mix64(sample_key(self.seed, epoch) ^ np.uint64(i))[0]) >> 1)
+            return self.transform(img)
 
 
 class _PlanBatchSampler:
     def __init__(self, n, plan_kw, micro_batch):
         self.n, self.plan_kw, self.micro_batch = n, plan_kw, micro_batch
         self.epoch = 0
+        self.first = 0  # the batch the next pass starts at (a mid-epoch resume)
         self.length = micro_batches_per_rank(n, **plan_kw)
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first: int = 0):
+        self.epoch, self.first = epoch, first
 
     def __len__(self):
         return self.length
@@ -77,8 +91,8 @@ class _PlanBatchSampler:
     def __iter__(self):
         index, real = epoch_plan(self.n, **self.plan_kw, epoch=self.epoch)
         m = self.micro_batch
-        for b in range(self.length):
-            yield [(int(index[j]), bool(real[j])) for j in range(b * m, (b + 1) * m)]
+        for b in range(self.first, self.length):
+            yield [(int(index[j]), bool(real[j]), self.epoch) for j in range(b * m, (b + 1) * m)]
 
 
 class _Collate:
@@ -103,15 +117,16 @@ class _Collate:
         return x, torch.tensor([it[1] for it in items], dtype=torch.int64)
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(EpochPosition):
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
     def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
                  workers, channels_last, dtype, prefetch=2, epoch_fn=None, on_skip=None, epoch_mode="padded"):
         plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed, epoch_mode)
         self._sampler = _PlanBatchSampler(n, plan_kw, micro_batch)
+        self.images_per_batch = micro_batch * world_size
         self.split, self.train, self.dtype = split, train, dtype
-        self._dataset = _FolderDataset(split, transforms(train, image_size))
+        self._dataset = _FolderDataset(split, transforms(train, image_size), seed if train else None)
         self.bad = self._dataset.bad  # files known to be corrupt (filled from a checkpoint before the first pass)
         self.epoch_fn = epoch_fn
         self.on_skip = on_skip or (lambda path: None)
@@ -121,6 +136,7 @@ class TorchvisionLoader:
             self._dataset, batch_sampler=self._sampler,
             num_workers=workers, collate_fn=_Collate(channels_last), pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0, prefetch_factor=max(1, prefetch) if workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),  # its base seed draw leaves the global generator alone
             worker_init_fn=_WorkerSeed(seed * 1000 + rank),
             # forking a process that runs DALI's thread pools can deadlock the workers: spawn them then
             multiprocessing_context="spawn" if workers > 0 and _dali_running() else None)
@@ -130,7 +146,8 @@ class TorchvisionLoader:
 
     def __iter__(self):
         epoch = self.epoch_fn() if (self.train and self.epoch_fn) else self._epochs
-        self._sampler.set_epoch(epoch if self.train else 0)
+        first = self._begin(epoch) if self.train else 0
+        self._sampler.set_epoch(epoch if self.train else 0, first)
         for x, y in _one_line_errors(self.loader):
             if (y < -1).any():
                 for i in (-2 - y[y < -1]).tolist():
@@ -141,6 +158,8 @@ class TorchvisionLoader:
                 y = torch.where(y < -1, torch.full_like(y, -1), y)
             if x.dtype != self.dtype:
                 x = x.to(self.dtype)
+            if self.train:
+                self._advance()
             yield x, y
         self._epochs += 1
 
