@@ -178,7 +178,7 @@ def test_progress_bar_reads_metrics_once_per_step_cadence(tmp_path, monkeypatch)
     real = RichProgressBar.get_metrics
     monkeypatch.setattr(RichProgressBar, "get_metrics",
                         lambda self, trainer, pl_module: reads.append(trainer.global_step) or real(self, trainer, pl_module))
-    monkeypatch.setattr(telemetry, "progress_bar", lambda every=10: telemetry.StepRichProgressBar(every))
+    monkeypatch.setattr(telemetry, "progress_bar", lambda every=10, every_s=30.0: telemetry.StepRichProgressBar(every))
     recipe = tiny_recipe(None, **{"model.arch": "mlp", "model.mlp_hidden": [16], "data.micro_batch": 4,
                                   "trainer.log_every_n_steps": 2})
     path = write_recipe(tmp_path / "r.yaml", recipe)
