@@ -6,7 +6,7 @@ result, the checks skipped (and why) and ``ok``. Exit status 0 when every check 
 
 Checks (``--only a,b`` runs a subset):
 
-- ``optim``: LAMB and LARS (paper mode) on CUDA, ``impl: compiled`` (one compiled graph per bucket)
+- ``optim``: LAMB and LARS (paper mode) on CUDA, ``impl: compiled`` (flat buffers, one compiled graph per phase)
   against ``impl: eager``, on ResNet-50's 161 parameter tensors and the same gradients, 3 steps:
   largest relative difference per tensor (must be <= 1e-5); then step time (median of 20) beside
   torch's fused AdamW and fused SGD with momentum on the same tensors. GPU only.
@@ -256,6 +256,16 @@ def _differing(a: dict, b: dict) -> list[str]:
     return out
 
 
+def fit_overrides(root, run_root) -> list[str]:
+    """The dali_fit_resume check's command line after the recipe (recipes/demo.yaml): a small DALI fit
+    on the generated JPEGs (tests/test_gpu_check.py checks that fit accepts it)."""
+    return ["--data.root", str(root), "--run.root", str(run_root), "--run.wandb", "false", "--data.backend", "dali",
+            "--data.image_size", "64", "--data.global_batch", "32", "--data.micro_batch", "16",
+            "--data.num_classes", "8", "--trainer.max_epochs", "2",
+            # warn: adaptive average pooling's CUDA backward has no deterministic kernel
+            "--trainer.deterministic", "warn", "--trainer.enable_progress_bar", "false"]
+
+
 def check_dali_fit_resume() -> dict:
     import torch
 
@@ -268,11 +278,7 @@ def check_dali_fit_resume() -> dict:
         root = make_jpegs(Path(tmp) / "data", 96, 72, per_class=48 if gpu else 12)  # 12 or 3 steps per epoch
         # through launch/torchrun.sh as on a cluster: one worker, bound to its GPU's NUMA node (exclusive
         # CPUs, which the DALI loader pins its threads to), SIGUSR1 forwarded by torchrun
-        overrides = ["--data.root", str(root), "--run.root", tmp, "--run.wandb", "false", "--data.backend", "dali",
-                     "--data.image_size", "64", "--data.global_batch", "32", "--data.micro_batch", "16",
-                     "--model.num_classes", "8", "--trainer.max_epochs", "2",
-                     # warn: adaptive average pooling's CUDA backward has no deterministic kernel
-                     "--trainer.deterministic", "warn", "--trainer.enable_progress_bar", "false"]
+        overrides = fit_overrides(root, tmp)
         env = dict(os.environ, WANDB_MODE="offline", CUBLAS_WORKSPACE_CONFIG=":4096:8", OMP_NUM_THREADS="1",
                    PYTHONUNBUFFERED="1", NPROC="1", PYTHON=sys.executable, NUMA_BINDING="exclusive" if gpu else "none")
 

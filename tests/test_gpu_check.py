@@ -35,3 +35,20 @@ def test_gpu_only_checks_are_listed_as_skipped():
 def test_unknown_check_is_refused():
     p = _run("--only", "optim,warp_drive")
     assert p.returncode == 2 and "unknown check(s) warp_drive" in p.stderr
+
+
+def test_dali_fit_resume_command_line_is_accepted_by_fit(tmp_path):
+    """The CPU-capable dali_fit_resume check launches fit with fixed flags: fit must accept them (a flag
+    the CLI stopped taking would fail the check on every machine, GPU or not)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_check
+
+    root = gpu_check.make_jpegs(tmp_path / "data", 96, 72, per_class=3)
+    p = subprocess.run([sys.executable, "-m", "resnet_lamb", "fit", "--config", "recipes/demo.yaml",
+                        *gpu_check.fit_overrides(root, tmp_path / "runs"), "--print_config"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, WANDB_MODE="offline"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "backend: dali" in p.stdout and "num_classes: 8" in p.stdout
