@@ -3,10 +3,9 @@ recipe / data / run-folder errors before torch is imported, naming the flag that
 
 One table, one row per fault. Every row goes through `resnet-lamb fit` (in this process, the CLI's
 own entry point): exit status 2, exactly one stderr line ``resnet-lamb: error: ...`` naming the key
-and the problem, nothing built (no network, no data loader, no run folder), within FIT_SECONDS in this process.
+and the problem, nothing built (no network, no data loader, no run folder).
 The rows that ``plan`` checks (everything but LightningCLI's own keys and flags) also go through
-`resnet-lamb plan`. A few rows run as real processes, both commands side by side, to show the
-"within seconds" a user sees, imports included.
+`resnet-lamb plan`. A few rows run as real processes, both commands side by side, as a user runs them.
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,7 @@ import yaml
 
 from conftest import run_cli, tiny_recipe, write_recipe
 
-FIT_SECONDS = 5.0  # in-process, after the first import of Lightning (measured: 0.1-0.3 s a row)
-PROCESS_SECONDS = 60.0  # a fresh process (torch + Lightning imports), six at once on 2 busy cores (measured 6-15 s)
+HANG_SECONDS = 600  # a guard against a hung process only; how fast errors come is benchmarks' business
 
 DROP = object()  # delete the key
 RAW = "raw"  # the recipe file is this text
@@ -196,9 +193,7 @@ def test_fit_refuses_a_malformed_recipe_in_one_line(row, tmp_path, capsys, untou
     path = _write(tmp_path, row)
     runs = tmp_path / "runs"
     capsys.readouterr()
-    start = time.perf_counter()
     rc = run_cli("fit", "--config", str(path), "--run.root", str(runs), "--run.wandb", "false", *flags)
-    took = time.perf_counter() - start
     out = capsys.readouterr()
     assert rc == 2
     line = _one_error_line(out.err)
@@ -206,7 +201,6 @@ def test_fit_refuses_a_malformed_recipe_in_one_line(row, tmp_path, capsys, untou
     assert out.out == "", "the plan is printed only for a valid recipe"
     assert not untouched, f"built before the error: {untouched}"
     assert not runs.exists(), "no run folder for a refused recipe"
-    assert took < FIT_SECONDS, f"{took:.2f} s"
 
 
 PLAN_ROWS = [row for row, (_, flags, _, plan_says) in ROWS.items() if plan_says is not None and not flags]
@@ -232,8 +226,9 @@ COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "resnet_l
 PROCESS_ROWS = ["mistyped-key", "non-dividing", "yaml-syntax-error"]
 
 
-def test_a_real_process_exits_within_seconds(tmp_path):
-    """`resnet-lamb fit` and `plan` as a user runs them, for a few rows at once: exit 2, one line, seconds."""
+def test_a_real_process_exits_with_one_line(tmp_path):
+    """`resnet-lamb fit` and `plan` as a user runs them, for a few rows at once: exit 2, one line (that it
+    comes before torch is imported is test_errors_come_before_torch_is_imported's)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     procs = {}
     for row in PROCESS_ROWS:
@@ -241,18 +236,16 @@ def test_a_real_process_exits_within_seconds(tmp_path):
         _write(folder, row)
         for command in ("fit", "plan"):
             extra = ["--run.root", str(folder / "runs"), "--run.wandb", "false"] if command == "fit" else []
-            procs[row, command] = (time.perf_counter(), subprocess.Popen(
+            procs[row, command] = subprocess.Popen(
                 [*COMMAND, command, "--config", "r.yaml", *extra], cwd=folder, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for (row, command), (start, proc) in procs.items():
-        stdout, stderr = proc.communicate(timeout=PROCESS_SECONDS * 2)
-        took = time.perf_counter() - start
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for (row, command), proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
         assert proc.returncode == 2, (row, command, stderr[-2000:])
         line = _one_error_line(stderr)
         says = ROWS[row][2] if command == "fit" else ROWS[row][3]
         assert says in line, line
         assert stdout == ""
-        assert took < PROCESS_SECONDS, f"{command} {row}: {took:.1f} s"
         assert not (tmp_path / row / "runs").exists()
 
 
@@ -293,7 +286,7 @@ def test_fit_errors_come_before_torch_is_imported(tmp_path, digits_root):
              "--run.wandb", "false", *flags], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for row, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=PROCESS_SECONDS * 2)
+        stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
         line = _one_error_line(stderr)
         assert EARLY[row][1].format(tmp=tmp_path) in line, line
         assert str(path) not in line or row == "non-dividing-flag", line  # the flag's error, not the recipe's

@@ -14,7 +14,6 @@ import io
 import os
 import shutil
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,6 @@ from resnet_lamb.data.index import build_index, index_path
 from resnet_lamb.data.shards import pack
 from resnet_lamb.errors import DataError
 
-START_SECONDS = 5.0  # in-process start-up checks (measured well under 1 s)
 
 
 def _folder(root: Path, seed: int = 0, per=(4, 2)) -> Path:
@@ -148,16 +146,13 @@ def test_bad_shard_set_stops_at_start_up_naming_shard_and_member(row, shards, tm
     root = _copy(shards, tmp_path)
     says = BAD_SETS[row](root)
     capsys.readouterr()
-    start = time.perf_counter()
     rc = run_cli(*_fit_args(tmp_path, root))
-    took = time.perf_counter() - start
     out = capsys.readouterr()
     lines = [ln for ln in out.err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, lines
     assert lines[0].startswith("resnet-lamb: error: ") and says in lines[0], lines[0]
     assert ".tar" in lines[0] and (".jpg" in lines[0]), "names the shard and the member"
     assert out.out == "" and not untouched and not (tmp_path / "runs").exists()
-    assert took < START_SECONDS, f"{took:.2f} s"
     # the data module's own check (rank 0 at setup) says the same
     with pytest.raises(DataError) as err:
         ImageDataModule(backend="torchvision", root=str(root), global_batch=4, micro_batch=4).setup("fit")
