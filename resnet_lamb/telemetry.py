@@ -9,7 +9,10 @@
 * :class:`RunStatus` writes ``<run folder>/failed.txt`` (one line: the error) when a fit dies of
   an exception, ``interrupted.txt`` instead when Ctrl-C (KeyboardInterrupt) or SIGTERM stopped it,
   and removes them when a fit of that folder finishes, so ``report`` can tell a failed run (a
-  diverged optimizer, say) from an interrupted one and from one still in progress.
+  diverged optimizer, say) from an interrupted one and from one still in progress. It also keeps
+  ``summary.json``, the run's own record of how its last fit stands (``status``: running, complete,
+  failed or interrupted; ``message``, ``global_step``, ``epoch``, ``fit_seconds``, ``ended``), and
+  gives the run's ``plan.json`` to W&B as the config key ``plan``.
 * :class:`FirstStepRow` sends the first optimizer step's ``train/*`` values of each fit to the
   loggers and flushes them, whatever ``log_every_n_steps``: a 3-step run still leaves
   ``csv/metrics.csv``, a short epoch a train row (the CLI flushes the CSV at every logged row).
@@ -105,12 +108,41 @@ class TrustRatios(Callback):
 
 class RunStatus(Callback):
     """``failed.txt`` (an error) or ``interrupted.txt`` (Ctrl-C, SIGTERM) in the run folder while the
-    last fit of it ended so; one line, the exception's type and message."""
+    last fit of it ended so; one line, the exception's type and message. ``summary.json``: how the
+    last fit stands (written at its start, its end and on an exception)."""
 
     def __init__(self, run_dir: str):
         from pathlib import Path
 
         self.folder = Path(run_dir)
+        self._start = time.monotonic()
+
+    def _summary(self, trainer: pl.Trainer, status: str, message: str = "") -> None:
+        import datetime
+        import json
+
+        summary = {"status": status, "message": message, "global_step": trainer.global_step,
+                   "epoch": trainer.current_epoch, "fit_seconds": round(time.monotonic() - self._start, 3),
+                   "ended": None if status == "running" else datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        try:  # replaced whole: `report` may read it while the run goes on
+            tmp = self.folder / ".summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1) + "\n")
+            tmp.replace(self.folder / "summary.json")
+        except OSError:  # a full or read-only disk: the run (or its error) goes on
+            pass
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        from lightning.pytorch.loggers import WandbLogger
+
+        self._start = time.monotonic()
+        self._summary(trainer, "running")
+        plan = self.folder / "plan.json"
+        for logger in trainer.loggers if plan.is_file() else []:  # W&B runs carry the plan `report` reads
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams({"plan": json.loads(plan.read_text())})
 
     @rank_zero_only
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -118,17 +150,19 @@ class RunStatus(Callback):
 
         stopped = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
         message = " ".join(str(exception).split())
+        line = f"{type(exception).__name__}{': ' + message if message else ''}"
         try:
             (self.folder / ("failed.txt" if stopped else "interrupted.txt")).unlink(missing_ok=True)
-            (self.folder / ("interrupted.txt" if stopped else "failed.txt")).write_text(
-                f"{type(exception).__name__}{': ' + message if message else ''}\n")
+            (self.folder / ("interrupted.txt" if stopped else "failed.txt")).write_text(line + "\n")
         except OSError:  # a full or read-only disk: the error itself still reaches the user
             pass
+        self._summary(trainer, "interrupted" if stopped else "failed", line)
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for name in ("failed.txt", "interrupted.txt"):
             (self.folder / name).unlink(missing_ok=True)
+        self._summary(trainer, "complete")
 
 
 class FirstStepRow(Callback):

@@ -795,13 +795,13 @@ def _cli_class():
                     check_resume(resume, recipe, force=bool(cfg.run.get("force_resume")))
             if rank0 and not os.environ.get("RESNET_LAMB_PLAN_SHOWN"):  # launch/torchrun.sh printed it already
                 print(_format_plan(plan), flush=True)
-                if sub == "fit":  # the run's own record of its numbers and their sources
-                    import json
+            if rank0 and sub == "fit":  # the run's own record of its numbers and their sources (report reads it)
+                import json
 
-                    from resnet_lamb.recipe import plan_rows
+                from resnet_lamb.recipe import plan_rows
 
-                    sources = {k: src for k, _, _, src in plan_rows(plan, recipe) if src}
-                    (self.run_dir / "plan.json").write_text(json.dumps({**plan.to_dict(), "sources": sources}, indent=1))
+                sources = {k: src for k, _, _, src in plan_rows(plan, recipe) if src}
+                (self.run_dir / "plan.json").write_text(json.dumps({**plan.to_dict(), "sources": sources}, indent=1))
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()

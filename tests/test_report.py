@@ -1,14 +1,15 @@
-"""`resnet-lamb report`: one real 2-epoch run per module (W&B offline, so it has a real .wandb log),
-copied with edited configs (LAMB at 512, Adam+ and momentum at 16K, a run still in progress) and
-damaged logs (a CSV cut mid-line, a missing val/top5 column); the report puts each in its table
-with the paper's numbers read from paper_tables.yaml, writes valid PNGs and never crashes on a bad
-folder.  A run without its CSV is read from its .wandb log to the same numbers; the W&B API path
-is checked against a fake ``wandb.Api`` fed the real run's logged hyperparameters and rows, and,
-unreachable, is one error line within seconds."""
+"""`resnet-lamb report`: one real 2-epoch run per module (with W&B offline), copied with edited
+configs (LAMB at 512, Adam+ and momentum at 16K, a run still in progress), each with the plan.json
+fit would write for it, and damaged logs (a CSV cut mid-line, a missing val/top5 column); the report
+puts each in its table with the paper's numbers read from paper_tables.yaml, takes LR and warmup
+from the run's plan.json, its status from summary.json, writes valid PNGs and never crashes on a bad
+folder.  The W&B API path is checked against a fake ``wandb.Api`` fed the config the real run gave
+W&B and its logged rows, and, unreachable, is one error line within seconds."""
 from __future__ import annotations
 
 import csv
 import importlib.resources
+import json
 import shutil
 import socket
 import time
@@ -27,7 +28,10 @@ def _paper() -> dict:
 
 
 def _copy_run(src, dst, **edits):
-    """Copy a run folder (no checkpoints) and set dotted keys of its config.yaml."""
+    """Copy a run folder (no checkpoints, no W&B files), set dotted keys of its config.yaml and write
+    the plan.json fit would have written for that config."""
+    from resnet_lamb import recipe as R
+
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
     cfg = yaml.safe_load((dst / "config.yaml").read_text())
     for key, value in edits.items():
@@ -37,7 +41,15 @@ def _copy_run(src, dst, **edits):
             node = node[p]
         node[last] = value
     (dst / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    plan = R.plan_recipe(R.validate_recipe(R.recipe_part(cfg), dst / "config.yaml"), world_size=1)
+    (dst / "plan.json").write_text(json.dumps(plan.to_dict()))
     return dst
+
+
+def _summary(run_dir, status, message=""):
+    """summary.json as RunStatus writes it."""
+    (run_dir / "summary.json").write_text(json.dumps({"status": status, "message": message, "global_step": 3,
+                                                      "epoch": 1, "fit_seconds": 1.0, "ended": None}))
 
 
 IMAGENET = {"model.arch": "resnet50", "data.backend": "dali", "data.root": "data/imagenet",
@@ -53,13 +65,15 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     recipe = tiny_recipe(None, expected={"top1": 0.5, "source": "test expectation"})
     path = write_recipe(tmp / "tiny.yaml", recipe)
+    root = tmp / "runs"
     rc = run_cli("fit", "--config", str(path), "--run.root", str(tmp / "runs"), "--run.name", "tiny",
-                 "--run.wandb", "true")  # offline (conftest): a real wandb/offline-run-*/run-*.wandb
+                 "--run.wandb", "true")  # offline (conftest)
     assert rc == 0
     import wandb
 
-    wandb.finish()  # what the end of a `resnet-lamb fit` process does (atexit): the log's exit record
-    root, tiny = tmp / "runs", tmp / "runs" / "tiny"
+    (tmp / "wandb_config.json").write_text(json.dumps(dict(wandb.run.config)))  # what the run gave W&B
+    wandb.finish()  # what the end of a `resnet-lamb fit` process does (atexit)
+    tiny = root / "tiny"
     bs512 = {"data.global_batch": 512, "model.optimizer.base_batch": 512, "model.optimizer.base_lr": 0.005,
              "model.schedule.warmup_epochs": 0.3125}
     imagenet = IMAGENET  # only such runs sit beside the paper
@@ -70,8 +84,11 @@ def runs(tmp_path_factory):
                                                             "data.val_images": 20, "data.num_classes": 19})
     stopped = _copy_run(tiny, root / "lamb-bs512-interrupted", **bs512, **imagenet, **{"trainer.max_epochs": 90})
     (stopped / "interrupted.txt").write_text("KeyboardInterrupt\n")  # what RunStatus writes on Ctrl-C
+    _summary(stopped, "interrupted", "KeyboardInterrupt")
     _copy_run(tiny, root / "tiny-seed1")
-    (_copy_run(tiny, root / "tiny-ctrl-c") / "failed.txt").write_text("KeyboardInterrupt: \n")  # as written then
+    ctrl_c = _copy_run(tiny, root / "tiny-ctrl-c")
+    (ctrl_c / "summary.json").unlink()  # a run from before summary.json and interrupted.txt
+    (ctrl_c / "failed.txt").write_text("KeyboardInterrupt: \n")  # as written then
     _copy_run(tiny, root / "digits", **{"data.backend": "torchvision", "data.root": "/data/digits",
                                         "data.train_images": 80, "data.val_images": 40})
     _copy_run(tiny, root / "lamb-bs512-resnet18", **bs512)
@@ -82,7 +99,7 @@ def runs(tmp_path_factory):
                                                 "model.optimizer.base_lr": 0.002})
     _copy_run(tiny, root / "sgd-16k", **{**goyal, "model.optimizer.name": "sgd", "model.optimizer.base_lr": 6.4,
                                          "model.optimizer.kwargs": {"momentum": 0.9}})
-    _copy_run(tiny, root / "running", **{"trainer.max_epochs": 5, "trainer.max_steps": 15})
+    _summary(_copy_run(tiny, root / "running", **{"trainer.max_epochs": 5, "trainer.max_steps": 15}), "running")
     cut = _copy_run(tiny, root / "truncated") / "csv" / "metrics.csv"
     data = cut.read_bytes()
     cut.write_bytes(data[: data.rindex(b"\n", 0, len(data) - 1) + 20])  # 20 bytes into the last line
@@ -155,7 +172,7 @@ def test_only_imagenet_runs_sit_beside_the_paper_and_a_cell_holds_one_recipe(rep
 
 def test_ctrl_c_leaves_an_interrupted_run(tmp_path):
     """A real `resnet-lamb fit` stopped with SIGINT (Ctrl-C) after its first epoch: interrupted.txt,
-    no failed.txt, and `report` says "interrupted"."""
+    no failed.txt, summary.json "interrupted", plan.json, and `report` says "interrupted"."""
     import os
     import signal
     import subprocess
@@ -166,7 +183,8 @@ def test_ctrl_c_leaves_an_interrupted_run(tmp_path):
     recipe = tiny_recipe(None, **{"model.arch": "mlp", "model.mlp_hidden": [16], "trainer.max_epochs": 500})
     path = write_recipe(tmp_path / "r.yaml", recipe)
     run = tmp_path / "runs" / "stopped"
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # as launch/torchrun.sh starts it (the plan printed there already): fit still writes plan.json
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RESNET_LAMB_PLAN_SHOWN="1")
     proc = subprocess.Popen([sys.executable, "-m", "resnet_lamb", "fit", "--config", str(path), "--run.root",
                              str(tmp_path / "runs"), "--run.name", "stopped", "--run.wandb", "false"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -186,6 +204,9 @@ def test_ctrl_c_leaves_an_interrupted_run(tmp_path):
     failed = (run / "failed.txt").read_text() if (run / "failed.txt").is_file() else None
     assert (run / "interrupted.txt").is_file(), (sorted(p.name for p in run.iterdir()), failed, err[-3000:])
     assert (run / "interrupted.txt").read_text() == "KeyboardInterrupt\n" and not (run / "failed.txt").exists()
+    assert json.loads((run / "plan.json").read_text())["optimizer"] == "lamb"
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["message"]) == ("interrupted", "KeyboardInterrupt") and summary["ended"]
     out = tmp_path / "out"
     assert run_cli("report", str(run), "--out", str(out)) == 0
     line = next(ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| stopped |"))
@@ -232,73 +253,58 @@ def _same_metrics(a, b):
     assert a.trust_steps == b.trust_steps and a.trust_values == b.trust_values
 
 
-def test_run_without_csv_is_read_from_its_wandb_log(runs, tmp_path, capsys):
-    from resnet_lamb.report import find_run_dirs, load_run, wandb_logs
+def _report_rows(*run_dirs, out):
+    assert run_cli("report", *map(str, run_dirs), "--out", str(out)) == 0
+    text = (out / "report.md").read_text()
+    return text, {line.split("|")[1].strip(): [c.strip() for c in line.split("|")]
+                  for line in text.splitlines() if line.startswith("| ")}
+
+
+def test_report_takes_lr_and_warmup_from_plan_json(runs, tmp_path):
+    """The real run's folder holds the plan.json fit wrote; report shows its LR and warmup, and
+    shows an edited plan.json's values (it reads them, it does not derive them again); a run
+    without plan.json (older runs) shows "-" and the report says why."""
+    from resnet_lamb.report import load_run
 
     tiny = runs / "tiny"
-    assert len(wandb_logs(tiny)) == 1
-    from_csv = load_run(tiny)
-    assert from_csv.source == "" and from_csv.status == "complete"
-    copy = tmp_path / "runs" / "no-csv"
-    shutil.copytree(tiny, copy, ignore=shutil.ignore_patterns("checkpoints"))
-    (copy / "csv" / "metrics.csv").unlink()
-    from_wandb = load_run(copy)
-    _same_metrics(from_wandb, from_csv)  # val top-1/top-5 per epoch, trust ratios: equal, not close
-    assert (from_wandb.status, from_wandb.lr, from_wandb.warmup_epochs) == ("complete", from_csv.lr, from_csv.warmup_epochs)
-    assert from_wandb.source == "W&B log (no csv/metrics.csv)"
-    # the report: the same row but for the status, which says where the numbers came from
-    out = tmp_path / "out"
-    assert run_cli("report", str(tiny), str(copy), "--out", str(out)) == 0
-    text = (out / "report.md").read_text()
-    rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")}
-    assert rows["no-csv"][2].strip() == "complete (from W&B log (no csv/metrics.csv))"
-    assert rows["no-csv"][3:] == rows["tiny"][3:]
-    assert "W&B run logs (run-*.wandb): 1 runs" in text and (out / "trust_ratio_no-csv.png").is_file()
-    assert "no-csv: complete (from W&B log (no csv/metrics.csv))" in capsys.readouterr().err
-    # a W&B run folder named directly; its config.yaml two levels up
-    (direct,) = find_run_dirs([str(tiny / "wandb")])
-    assert direct.name.startswith("offline-run-")
-    _same_metrics(load_run(direct), from_csv)
-    # without config.yaml the config comes from the one W&B recorded (no max_epochs, no expected)
-    (copy / "config.yaml").unlink()
-    bare = load_run(copy)
-    _same_metrics(bare, from_csv)
-    assert (bare.optimizer, bare.global_batch, bare.lr, bare.warmup_epochs, bare.max_epochs, bare.status) == \
-        ("lamb", 32, from_csv.lr, from_csv.warmup_epochs, None, "complete")
+    plan = json.loads((tiny / "plan.json").read_text())
+    assert (plan["lr"], plan["warmup_epochs"], plan["optimizer_steps"]) == (0.01, 0.5, 6)
+    assert isinstance(plan["sources"], dict)  # as `plan --json` prints it
+    _, rows = _report_rows(tiny, out=tmp_path / "out")
+    assert rows["tiny"][4:6] == ["0.01", "0.5"]  # LR, warmup epochs
+    edited = tmp_path / "runs" / "edited"
+    shutil.copytree(tiny, edited, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+    (edited / "plan.json").write_text(json.dumps({**plan, "lr": 0.0123457, "warmup_epochs": 7.25}))
+    assert (load_run(edited).lr, load_run(edited).warmup_epochs) == (0.0123457, 7.25)
+    old = tmp_path / "runs" / "old"
+    shutil.copytree(edited, old)
+    (old / "plan.json").unlink()
+    text, rows = _report_rows(tiny, edited, old, out=tmp_path / "out2")
+    assert rows["edited"][4:6] == ["0.0123457", "7.25"] and rows["edited"][6:] == rows["tiny"][6:]
+    assert rows["old"][2] == "complete" and rows["old"][4:6] == ["-", "-"] and rows["old"][6:] == rows["tiny"][6:]
+    assert "1 runs have no plan.json (older runs): their LR and warmup show as -." in text
+    (old / "plan.json").write_text("{not json")
+    broken = load_run(old)
+    assert broken.status == "incomplete" and "plan.json is not valid JSON" in broken.reason
 
 
-def test_cut_wandb_log_is_read_up_to_the_cut(runs, tmp_path):
-    from resnet_lamb.report import load_run, wandb_logs, wandb_records
+def test_summary_json_gives_the_status(runs, tmp_path):
+    """summary.json (RunStatus) says how the last fit stands: complete even with fewer validated
+    epochs than max_epochs (a run stopped by max_steps), failed with its message, running = in
+    progress; without it (older runs) the epoch count decides."""
+    from resnet_lamb.report import load_run
 
-    copy = tmp_path / "cut"
-    shutil.copytree(runs / "tiny", copy, ignore=shutil.ignore_patterns("checkpoints"))
-    (copy / "csv" / "metrics.csv").unlink()
-    (log,) = wandb_logs(copy)
-    whole = log.read_bytes()
-    kinds = [r.WhichOneof("record_type") for r in wandb_records(log)]
-    assert "history" in kinds and "config" in kinds and kinds[-1] != "history"
-    log.write_bytes(whole[: len(whole) // 2])
-    run = load_run(copy)
-    assert run.status in ("in progress", "complete") and len(run.val) <= 2 and run.trust_steps
-    log.write_bytes(b"not a wandb log")
-    run = load_run(copy)
-    assert run.status == "incomplete" and "no csv/metrics.csv; W&B log:" in run.reason
-
-
-def test_resumed_attempts_replace_the_earlier_rows(runs, tmp_path):
-    """Two attempts (a later offline-run folder): the later one's rows replace the earlier one's
-    from its first step on, as the CSV logger does, so nothing is counted twice."""
-    from resnet_lamb.report import load_run, wandb_logs
-
-    copy = tmp_path / "resumed"
-    shutil.copytree(runs / "tiny", copy, ignore=shutil.ignore_patterns("checkpoints"))
-    (copy / "csv" / "metrics.csv").unlink()
-    (log,) = wandb_logs(copy)
-    run_id = log.parent.name.rsplit("-", 1)[-1]
-    later = copy / "wandb" / f"offline-run-99990101_000000-{run_id}"
-    shutil.copytree(log.parent, later)
-    assert wandb_logs(copy) == [log, later / log.name]
-    _same_metrics(load_run(copy), load_run(runs / "tiny"))
+    summary = json.loads((runs / "tiny" / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["global_step"] == 6 and summary["epoch"] == 2
+    assert summary["fit_seconds"] > 0 and summary["ended"] and summary["message"] == ""
+    run = _copy_run(runs / "tiny", tmp_path / "cut-short", **{"trainer.max_epochs": 5, "trainer.max_steps": 15})
+    assert load_run(run).status == "complete"
+    _summary(run, "running")
+    assert (load_run(run).status, load_run(run).reason) == ("in progress", "2 of 5 epochs validated")
+    _summary(run, "failed", "FloatingPointError: loss is nan at step 4")
+    assert (load_run(run).status, load_run(run).reason) == ("failed", "FloatingPointError: loss is nan at step 4")
+    (run / "summary.json").unlink()
+    assert load_run(run).status == "in progress"
 
 
 class _FakeRun:
@@ -323,9 +329,10 @@ class _FakeApi:
 
 
 def _logged(run_dir):
-    """What Lightning gave W&B for a run: the flat hyperparameters (csv/hparams.yaml holds the same
-    dict) and the metric rows, "step" as W&B's trainer/global_step, empty cells not logged."""
-    config = yaml.safe_load((run_dir / "csv" / "hparams.yaml").read_text())
+    """What the real run gave W&B: its config (Lightning's flat hyperparameters and RunStatus's
+    ``plan``, read from ``wandb.run.config`` before the run finished) and the metric rows, "step" as
+    W&B's trainer/global_step, empty cells not logged."""
+    config = json.loads((run_dir.parent.parent / "wandb_config.json").read_text())
     with open(run_dir / "csv" / "metrics.csv", newline="") as f:
         rows = [{("trainer/global_step" if k == "step" else k): float(v) for k, v in r.items() if v}
                 for r in csv.DictReader(f)]
@@ -337,10 +344,13 @@ def test_wandb_api_runs_map_like_local_ones(runs):
 
     local = load_run(runs / "tiny")
     config, rows = _logged(runs / "tiny")
+    assert config["plan"]["lr"] == 0.01  # RunStatus gave W&B the run's plan.json
+    unplanned = {k: v for k, v in config.items() if k != "plan"}
     api = _FakeApi([_FakeRun("tiny", config, rows), _FakeRun("live", config, rows[:8], state="running"),
-                    _FakeRun("alien", {"lr": 0.1}, rows)])
-    tiny, live, alien = read_wandb_api("me/resnet-lamb", api=api)
+                    _FakeRun("alien", {"lr": 0.1}, rows), _FakeRun("unplanned", unplanned, rows)])
+    tiny, live, alien, old = read_wandb_api("me/resnet-lamb", api=api)
     _same_metrics(tiny, local)
+    assert old.status == "complete" and (old.lr, old.warmup_epochs) == (None, None)  # "-", not derived
     assert (tiny.optimizer, tiny.schedule, tiny.global_batch, tiny.lr, tiny.warmup_epochs, tiny.status) == \
         (local.optimizer, local.schedule, local.global_batch, local.lr, local.warmup_epochs, "complete")
     assert str(tiny.path) == "wandb:me/resnet-lamb/tiny-id" and tiny.source == "W&B API me/resnet-lamb"
@@ -361,7 +371,7 @@ def _closed_port() -> int:
 
 @pytest.mark.parametrize("key", [None, "x" * 40], ids=["no-key", "unreachable"])
 def test_wandb_api_unreachable_is_one_line_within_seconds(runs, tmp_path, monkeypatch, capsys, key):
-    import resnet_lamb.report as report
+    import resnet_lamb.report.wandb_runs as report
 
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no ~/.netrc key either
