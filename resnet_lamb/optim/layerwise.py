@@ -6,14 +6,22 @@ Flat buffers.  Per param group, device and dtype ("bucket"), the parameters, the
 each optimizer state live in one flat buffer per kind, seen as ``[blocks, BLOCK]``: every tensor
 starts on a block boundary and its last block is zero-padded.  ``p.data``, ``p.grad`` and each
 state tensor are views into these buffers (same shape and strides as the parameter); the CPU
-buffers ask for 2 MiB pages.  A step of a param group with layer adaptation is two compiled
-graphs whatever the number of tensors:
+buffers ask for 2 MiB pages.  A step of a param group with layer adaptation is two passes
+whatever the number of tensors:
 
 1. phase 1, one pass: the moment update where the math allows it before the norms, and per-block
-   partial norms (a plain 2-D reduction, parallel over blocks);
-2. phase 2: per-tensor norms as a segmented reduction of the block partials
+   partial norms of both tensors of the ratio, side by side (``[blocks, 2]``, a plain 2-D
+   reduction, parallel over blocks);
+2. phase 2: per-tensor norms as one segmented reduction of the block partials
    (``torch.segment_reduce``, deterministic on CPU and CUDA), the trust ratios, then one pass
    ``x -= lr * ratio[tensor of the block] * update``.
+
+Compiled, that is one graph (one compiled call) where phase 1 only reads the buffers the apply
+pass reads (classic LARS), else two (LAMB and paper LARS: phase 1 writes m or r, which the apply
+pass reads; in one graph inductor would keep the new values in a fresh model-sized temporary).
+The buckets of a step run smallest first, after every bucket's checks: on a CPU, Python run
+after a model-sized pass finds its data evicted from the caches, so it runs before them where it
+can.  The same functions serve every device: no device branch besides torch's fused shortcuts.
 
 A group without adaptation (ratio 1) is one pass: torch's fused AdamW/SGD kernel on the whole
 buffer where that is exactly the update, else phase 1 applies it.
@@ -34,8 +42,9 @@ zeroes the gradient buffer in one op and keeps the views (see :meth:`LayerwiseOp
 Implementations, chosen by ``impl``: ``"compiled"`` runs the phase functions under
 ``torch.compile`` (inductor: C++/OpenMP loop nests on CPU, Triton kernels on CUDA, a few per
 graph); ``"eager"`` runs the same functions op by op over chunks of blocks, no compiler needed; ``"auto"`` picks
-``"compiled"`` where a compiler works, else ``"eager"`` (one warning), and falls back to eager if
-a compile fails.  lr, the step count and every float hyperparameter enter as small tensors, so an
+``"compiled"`` where a compiler works for the parameters' device type (:func:`compiler_available`
+probes that device's backend, once per type), else ``"eager"`` (one warning), and falls back to
+eager if a compile fails.  lr, the step count and every float hyperparameter enter as small tensors, so an
 LR schedule never recompiles.  State dicts are identical for both (per parameter: ``step``, a 0-dim
 float32 CPU tensor, and the parameter-shaped state tensors).
 """
