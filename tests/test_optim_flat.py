@@ -47,7 +47,8 @@ def _bucket(opt, group=0):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_kernels_per_step_do_not_grow_with_tensors(name, monkeypatch):
     """One step of 4 tensors and one of 40 run the same compiled kernels and the same ops: a
-    fixed number per param group (two graphs for the adapted group, one for the unadapted)."""
+    fixed number per param group (for the adapted group one graph in classic LARS, two in LAMB
+    and paper LARS; one for the unadapted group)."""
     import torch._inductor.config as inductor_config
     from torch.profiler import profile
 
@@ -401,3 +402,70 @@ def test_bfloat16_params_follow_float32(impl):
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=2e-2, atol=2e-2)
     assert ra.keys() == rb.keys() and all(rb[k] == pytest.approx(ra[k], rel=2e-2) for k in ra)
+
+
+# ------------------------------------------------------------------------------------------
+# one route for every device; the compiler probed per device type
+# ------------------------------------------------------------------------------------------
+@needs_compiler
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_cuda_tensors_take_the_same_compiled_functions_as_cpu(name, monkeypatch):
+    """CUDA tensors take the very same compiled flat-bucket functions as CPU tensors: the
+    compiled route has no device branch (only torch's fused AdamW/SGD shortcut for unadapted
+    groups looks at the device, switched off here).  Shown device-independently: with
+    ``get_compiled`` recording and running each function eagerly, CPU and meta tensors (meta:
+    shapes only, like any non-CPU device here) call the same functions with the same static
+    options in the same order.  Numerically, the compiled path on CPU tensors matches the eager
+    path (below) and the float64 references (test_optim_lamb/test_optim_lars
+    ``test_matches_*reference`` with impl "compiled")."""
+    def route(device):
+        calls = []
+
+        def recording(fn, static):
+            def run(*args):
+                calls.append((fn.__name__, tuple(sorted(static.items(), key=lambda kv: kv[0]))))
+                return fn(*args, **static)
+            return run
+
+        monkeypatch.setattr(layerwise, "get_compiled", recording)
+        ps = [torch.nn.Parameter(p.detach().to(device)) for p in _params()]
+        opt = OPTIMIZERS[name]([{"params": ps[:3]}, {"params": ps[3:], "layer_adaptation": False}],
+                               impl="compiled")
+        opt._fast_cpu = False
+        for s in range(2):
+            for p, g in zip(ps, _grads(ps, s)):
+                p.grad = g.to(device)
+            opt.step()
+        monkeypatch.undo()
+        return calls
+
+    cpu = route("cpu")
+    assert cpu and cpu == route("meta")
+    assert {fn for fn, _ in cpu} <= {"layerwise_step", "ratio_then_apply", "lamb_phase1",
+                                      "paper_phase1", "classic_phase2"}
+    out = []
+    for impl in ("eager", "compiled"):
+        ps = _params()
+        out.append(_three_steps(OPTIMIZERS[name](ps, impl=impl), ps))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiler_probe_is_per_device_type(monkeypatch):
+    """``compiler_available`` probes the backend of the device type asked for (cached per type);
+    impl "auto" asks for the parameters' device: meta tensors (no compiler backend) resolve to
+    eager with one warning, CPU tensors probe "cpu"."""
+    monkeypatch.setattr(layerwise, "_compiler_warned", set())
+    assert layerwise.compiler_available("meta") is False
+    assert layerwise._compiler_ok["meta"] is False
+    asked = []
+    real = layerwise.compiler_available
+    monkeypatch.setattr(layerwise, "compiler_available", lambda dt="cpu": asked.append(dt) or real(dt))
+    with pytest.warns(UserWarning, match="not usable for meta tensors"):
+        meta = Lamb([torch.nn.Parameter(torch.empty(3, 4, device="meta"))])
+    assert meta.impl == "eager" and asked == ["meta"]
+    cpu = Lars([torch.nn.Parameter(torch.randn(3, 4))], lr=0.1)
+    assert asked == ["meta", "cpu"]
+    assert cpu.impl == ("compiled" if real("cpu") else "eager")
+    assert Lamb([torch.nn.Parameter(torch.randn(2))], impl="eager").impl == "eager"
+    assert asked == ["meta", "cpu"]  # an explicit impl probes nothing

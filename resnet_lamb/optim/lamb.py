@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from resnet_lamb.optim.layerwise import (NORMS, FlatBucket, LayerwiseOptimizer, apply_update,
-                                         block_partials, check_common, segment_norms, trust_ratio)
+                                         check_common, pair_partials, segment_norms, trust_ratio)
 
 
 def lamb_coefficients(t: float, b1: float, b2: float, bias_correction: bool,
@@ -66,15 +66,15 @@ def lamb_phase1(p, g, m, v, coef, c, *, norm: str, nesterov: str | None, has_wd:
     if not adapt:
         p.sub_(r * (c[0] * steps))
         return None
-    parts = block_partials(p, norm), block_partials(r, norm)
+    parts = pair_partials(p, r, norm)
     g.copy_(r)
     return parts
 
 
-def lamb_ratios(w_part, r_part, lengths, c, *, norm: str, clip: bool) -> torch.Tensor:
-    """Per-tensor trust ratios from the block partials."""
-    return trust_ratio(segment_norms(w_part, lengths, norm), segment_norms(r_part, lengths, norm),
-                       c[7], c[8], clip)
+def lamb_ratios(parts, lengths, c, *, norm: str, clip: bool) -> torch.Tensor:
+    """Per-tensor trust ratios from the block partials of x and r ([blocks, 2])."""
+    norms = segment_norms(parts, lengths, norm)
+    return trust_ratio(norms[:, 0], norms[:, 1], c[7], c[8], clip)
 
 
 class Lamb(LayerwiseOptimizer):
@@ -173,14 +173,15 @@ class Lamb(LayerwiseOptimizer):
             torch._fused_adamw_([bucket.p], [bucket.g], [m], [v], [], [step], lr=ctx["lr"],
                                 beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
                                 eps=group["eps"], amsgrad=False, maximize=False)
-            return torch.ones(bucket.n, device=dev)
+            return bucket.ones
         c = self._group_scalars(ctx["scalars"], dev)
         kw = ctx["kw"]
-        parts = self._call(lamb_phase1, dict(kw, adapt=adapt), bucket.p, bucket.g, m, v,
-                           bucket.coef, c, chunked=5)
-        if not adapt:
-            return torch.ones(bucket.n, device=dev)
-        # the gradient buffer holds r now
-        return self._ratio_and_apply(bucket, c, parts, lamb_ratios,
-                                     dict(norm=kw["norm"], clip=group["trust_clip"] is not None),
-                                     apply_update, {}, (bucket.p, bucket.g))
+        if not adapt:  # ratio 1: phase 1 applies
+            self._call(lamb_phase1, dict(kw, adapt=False), bucket.p, bucket.g, m, v, bucket.coef,
+                       c, chunked=5)
+            return bucket.ones
+        # phase 1 leaves r in the gradient buffer; the apply pass reads it from there
+        return self._adapted_step(bucket, c, (bucket.p, bucket.g, m, v), lamb_phase1,
+                                  dict(kw, adapt=True), lamb_ratios,
+                                  dict(norm=kw["norm"], clip=group["trust_clip"] is not None),
+                                  apply_update, {}, (0, 1), one_graph=False)

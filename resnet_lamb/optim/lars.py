@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import torch
 
 from resnet_lamb.optim.layerwise import (FlatBucket, LayerwiseOptimizer, apply_update,
-                                         block_partials, check_common, phi, segment_norms,
+                                         check_common, pair_partials, phi, segment_norms,
                                          trust_ratio)
 
 _MODES = ("paper", "classic")
@@ -35,22 +35,22 @@ def paper_phase1(p, g, buf, coef, c, *, has_wd: bool, adapt: bool):
     if not adapt:
         p.sub_(buf * (c[0] * steps))
         return None
-    return block_partials(p, "l2"), block_partials(buf, "l2")
+    return pair_partials(p, buf, "l2")
 
 
-def paper_ratios(w_part, m_part, lengths, c, *, clip: bool) -> torch.Tensor:
-    return trust_ratio(segment_norms(w_part, lengths, "l2"), segment_norms(m_part, lengths, "l2"),
-                       c[6], c[7], clip)
+def paper_ratios(parts, lengths, c, *, clip: bool) -> torch.Tensor:
+    norms = segment_norms(parts, lengths, "l2")
+    return trust_ratio(norms[:, 0], norms[:, 1], c[6], c[7], clip)
 
 
-def classic_phase1(p, g):
-    """The block partials of ||x|| and ||g||."""
-    return block_partials(p, "l2"), block_partials(g, "l2")
+def classic_phase1(p, g, buf, coef, c):
+    """The block partials of ||x|| and ||g|| (m is updated in phase 2, with the local lr)."""
+    return pair_partials(p, g, "l2")
 
 
-def classic_ratios(w_part, g_part, lengths, c, *, clip: bool) -> torch.Tensor:
-    return local_lr(segment_norms(w_part, lengths, "l2"), segment_norms(g_part, lengths, "l2"),
-                    c[3], c[5], c[4], c[6], c[7], clip)
+def classic_ratios(parts, lengths, c, *, clip: bool) -> torch.Tensor:
+    norms = segment_norms(parts, lengths, "l2")
+    return local_lr(norms[:, 0], norms[:, 1], c[3], c[5], c[4], c[6], c[7], clip)
 
 
 def classic_phase2(p, g, buf, coef, block_ratio, c, *, nesterov: bool, has_wd: bool) -> None:
@@ -143,23 +143,25 @@ class Lars(LayerwiseOptimizer):
             torch._fused_sgd_([bucket.p], [bucket.g], [buf], weight_decay=group["weight_decay"],
                               momentum=mom, lr=ctx["lr"], dampening=mom if mode == "paper" else 0.0,
                               nesterov=group["nesterov"], maximize=False, is_first_step=False)
-            return torch.ones(bucket.n, device=dev)
+            return bucket.ones
         c = self._group_scalars(ctx["scalars"], dev)
         has_wd, clip = group["weight_decay"] != 0, group["trust_clip"] is not None
         classic = dict(nesterov=group["nesterov"], has_wd=has_wd)
-        if mode == "paper":
-            parts = self._call(paper_phase1, dict(has_wd=has_wd, adapt=adapt), bucket.p, bucket.g,
-                               buf, bucket.coef, c, chunked=4)
-            if adapt:
-                return self._ratio_and_apply(bucket, c, parts, paper_ratios, dict(clip=clip),
-                                             apply_update, {}, (bucket.p, buf))
+        if mode == "paper" and adapt:
+            return self._adapted_step(bucket, c, (bucket.p, bucket.g, buf), paper_phase1,
+                                      dict(has_wd=has_wd, adapt=True), paper_ratios,
+                                      dict(clip=clip), apply_update, {}, (0, 2),
+                                      one_graph=False)
+        if mode == "paper":  # ratio 1 (the fused shortcut switched off): phase 1 applies
+            self._call(paper_phase1, dict(has_wd=has_wd, adapt=False), bucket.p, bucket.g, buf,
+                       bucket.coef, c, chunked=4)
         elif adapt:
-            parts = self._call(classic_phase1, {}, bucket.p, bucket.g, chunked=2)
-            return self._ratio_and_apply(bucket, c, parts, classic_ratios, dict(clip=clip),
-                                         classic_phase2, classic, (bucket.p, bucket.g, buf))
+            return self._adapted_step(bucket, c, (bucket.p, bucket.g, buf), classic_phase1, {},
+                                      classic_ratios, dict(clip=clip), classic_phase2, classic,
+                                      (0, 1, 2), one_graph=True)
         else:  # local lr 1 (the fused shortcut switched off): the steps column is the ratio
             block_ratio = bucket.coef[:, 0]
             torch._dynamo.maybe_mark_dynamic(block_ratio, 0)
             self._call(classic_phase2, classic, bucket.p, bucket.g, buf, bucket.coef, block_ratio,
                        c, chunked=5)
-        return torch.ones(bucket.n, device=dev)
+        return bucket.ones

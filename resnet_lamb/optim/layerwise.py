@@ -6,14 +6,22 @@ Flat buffers.  Per param group, device and dtype ("bucket"), the parameters, the
 each optimizer state live in one flat buffer per kind, seen as ``[blocks, BLOCK]``: every tensor
 starts on a block boundary and its last block is zero-padded.  ``p.data``, ``p.grad`` and each
 state tensor are views into these buffers (same shape and strides as the parameter); the CPU
-buffers ask for 2 MiB pages.  A step of a param group with layer adaptation is two compiled
-graphs whatever the number of tensors:
+buffers ask for 2 MiB pages.  A step of a param group with layer adaptation is two passes
+whatever the number of tensors:
 
 1. phase 1, one pass: the moment update where the math allows it before the norms, and per-block
-   partial norms (a plain 2-D reduction, parallel over blocks);
-2. phase 2: per-tensor norms as a segmented reduction of the block partials
+   partial norms of both tensors of the ratio, side by side (``[blocks, 2]``, a plain 2-D
+   reduction, parallel over blocks);
+2. phase 2: per-tensor norms as one segmented reduction of the block partials
    (``torch.segment_reduce``, deterministic on CPU and CUDA), the trust ratios, then one pass
    ``x -= lr * ratio[tensor of the block] * update``.
+
+Compiled, that is one graph (one compiled call) where phase 1 only reads the buffers the apply
+pass reads (classic LARS), else two (LAMB and paper LARS: phase 1 writes m or r, which the apply
+pass reads; in one graph inductor would keep the new values in a fresh model-sized temporary).
+The buckets of a step run smallest first, after every bucket's checks: on a CPU, Python run
+after a model-sized pass finds its data evicted from the caches, so it runs before them where it
+can.  The same functions serve every device: no device branch besides torch's fused shortcuts.
 
 A group without adaptation (ratio 1) is one pass: torch's fused AdamW/SGD kernel on the whole
 buffer where that is exactly the update, else phase 1 applies it.
@@ -34,8 +42,9 @@ zeroes the gradient buffer in one op and keeps the views (see :meth:`LayerwiseOp
 Implementations, chosen by ``impl``: ``"compiled"`` runs the phase functions under
 ``torch.compile`` (inductor: C++/OpenMP loop nests on CPU, Triton kernels on CUDA, a few per
 graph); ``"eager"`` runs the same functions op by op over chunks of blocks, no compiler needed; ``"auto"`` picks
-``"compiled"`` where a compiler works, else ``"eager"`` (one warning), and falls back to eager if
-a compile fails.  lr, the step count and every float hyperparameter enter as small tensors, so an
+``"compiled"`` where a compiler works for the parameters' device type (:func:`compiler_available`
+probes that device's backend, once per type), else ``"eager"`` (one warning), and falls back to
+eager if a compile fails.  lr, the step count and every float hyperparameter enter as small tensors, so an
 LR schedule never recompiles.  State dicts are identical for both (per parameter: ``step``, a 0-dim
 float32 CPU tensor, and the parameter-shaped state tensors).
 """
@@ -61,34 +70,34 @@ EAGER_CHUNK_BLOCKS = 128
 NORMS = ("l2", "l1", "inf")
 _IMPLS = ("auto", "eager", "compiled")
 
-_compiler_ok: bool | None = None
-_compiler_warned = False
+_compiler_ok: dict[str, bool] = {}
+_compiler_warned: set[str] = set()
 
 
-def compiler_available() -> bool:
-    """True when torch.compile (inductor) can build and run a tiny kernel here (probed once)."""
-    global _compiler_ok
-    if _compiler_ok is None:
+def compiler_available(device_type: str = "cpu") -> bool:
+    """True when torch.compile can build and run a tiny kernel on tensors of ``device_type``
+    ("cpu", "cuda", ...: inductor's backend for that device; probed once per type)."""
+    if device_type not in _compiler_ok:
         try:
             fn = torch.compile(lambda a, b: (a * b + 1.0).sum(), fullgraph=True)
-            x = torch.ones(4)
-            _compiler_ok = bool(fn(x, x).item() == 8.0)
+            x = torch.ones(4, device=device_type)
+            _compiler_ok[device_type] = bool(fn(x, x).item() == 8.0)
         except Exception:  # noqa: BLE001 - any failure means "no working compiler"
-            _compiler_ok = False
-    return _compiler_ok
+            _compiler_ok[device_type] = False
+    return _compiler_ok[device_type]
 
 
-def _resolve_impl(impl: str) -> str:
-    global _compiler_warned
+def _resolve_impl(impl: str, device_type: str = "cpu") -> str:
+    """``impl``, with "auto" resolved for parameters on ``device_type``."""
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {', '.join(_IMPLS)}; got {impl!r}")
     if impl == "auto":
-        if compiler_available():
+        if compiler_available(device_type):
             return "compiled"
-        if not _compiler_warned:
-            warnings.warn("torch.compile is not usable here; optimizers fall back to impl='eager'",
-                          stacklevel=3)
-            _compiler_warned = True
+        if device_type not in _compiler_warned:
+            warnings.warn(f"torch.compile is not usable for {device_type} tensors here; "
+                          f"optimizers fall back to impl='eager'", stacklevel=4)
+            _compiler_warned.add(device_type)
         return "eager"
     return impl
 
@@ -120,27 +129,51 @@ def block_partials(x: torch.Tensor, norm: str) -> torch.Tensor:
     return x.abs().amax(1)
 
 
+def pair_partials(x: torch.Tensor, u: torch.Tensor, norm: str) -> torch.Tensor:
+    """The block partials of ``x`` and ``u`` side by side, [blocks, 2]: one segmented reduction
+    then gives both norms of every tensor."""
+    return torch.stack((block_partials(x, norm), block_partials(u, norm)), 1)
+
+
 def apply_update(p, u, coef, block_ratio, c) -> None:
     """Phase 2 of Lamb and Lars (paper): x -= lr * ratio * u, block by block (c[0] = lr;
     ``block_ratio`` is 0 on the blocks of tensors that do not step)."""
     p.sub_(u * (block_ratio * c[0]).unsqueeze(1))
 
 
+def layerwise_step(*args, phase1: Callable, p1kw: tuple, ratios: Callable, rkw: tuple,
+                   apply: Callable, akw: tuple, apply_bufs: tuple[int, ...],
+                   n_buf: int) -> torch.Tensor:
+    """A bucket's whole adapted step as one graph (compiled path; one compiled call, so one set
+    of guards and wrappers per step).  ``args`` = the bucket's buffers (``n_buf``), then coef,
+    seg, lengths and c: ``phase1(*buffers, coef, c)`` gives the block partials, ``ratios`` the
+    per-tensor ratios, spread over the blocks (0 where a tensor does not step), then
+    ``apply(*buffers[apply_bufs], coef, block_ratio, c)``.  Inductor emits the two passes as two
+    loop nests with the segmented reduction between them."""
+    bufs, (coef, seg, lengths, c) = args[:n_buf], args[n_buf:]
+    parts = phase1(*bufs, coef, c, **dict(p1kw))
+    ratio = ratios(parts, lengths, c, **dict(rkw))
+    block_ratio = ratio[seg] * coef[:, 0]
+    apply(*(bufs[i] for i in apply_bufs), coef, block_ratio, c, **dict(akw))
+    return ratio
+
+
 def ratio_then_apply(*args, ratios: Callable, rkw: tuple, apply: Callable, akw: tuple,
-                     n_buf: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 2 as one graph (compiled path).  ``args`` = apply's buffers (``n_buf``), then coef,
-    seg, lengths, c and the block partials: the per-tensor ratios, spread over the blocks (0 where a
-    tensor does not step), then ``apply(*buffers, coef, block_ratio, c)``.  The block ratios are
-    returned, so they are computed once rather than inside the apply loop."""
-    bufs, (coef, seg, lengths, c), parts = args[:n_buf], args[n_buf:n_buf + 4], args[n_buf + 4:]
-    ratio = ratios(*parts, lengths, c, **dict(rkw))
+                     n_buf: int) -> torch.Tensor:
+    """Phase 2 as one graph, for a phase 1 that wrote a buffer the apply pass reads (compiled in
+    one graph with phase 1, inductor would keep that buffer's new value in a fresh
+    model-sized temporary and copy it back in the apply pass).  ``args`` = apply's buffers
+    (``n_buf``), then coef, seg, lengths, c and the block partials ([blocks, 2])."""
+    bufs, (coef, seg, lengths, c, parts) = args[:n_buf], args[n_buf:]
+    ratio = ratios(parts, lengths, c, **dict(rkw))
     block_ratio = ratio[seg] * coef[:, 0]
     apply(*bufs, coef, block_ratio, c, **dict(akw))
-    return ratio, block_ratio
+    return ratio
 
 
 def segment_norms(partials: torch.Tensor, lengths: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-tensor norms from block partials; ``lengths`` = blocks per tensor."""
+    """Per-tensor norms from block partials ([blocks] or [blocks, k] -> [tensors] or
+    [tensors, k]); ``lengths`` = blocks per tensor."""
     if norm == "inf":
         return torch.segment_reduce(partials, "max", lengths=lengths)
     total = torch.segment_reduce(partials, "sum", lengths=lengths)
@@ -271,8 +304,10 @@ class FlatBucket:
             off += b
         self.nb = off
         self.lengths = torch.tensor(blocks, device=dev)
-        self.seg = torch.repeat_interleave(torch.arange(self.n, device=dev), self.lengths)
+        self.seg = torch.repeat_interleave(torch.arange(self.n, device=dev), self.lengths,
+                                           output_size=self.nb)  # no device sync
         self.coef = torch.zeros(self.nb, coef_cols, device=dev)  # per block, see _fill_coef
+        self.ones = torch.ones(self.n, device=dev)  # the ratios of a step without adaptation
         for t in (self.lengths, self.seg, self.coef):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         self.p = _new_flat(self.nb, dev, dt)
@@ -439,38 +474,46 @@ class LayerwiseOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any], impl: str = "auto"):
         defaults.setdefault("layer_adaptation", True)
         self._auto = impl == "auto"
-        self.impl = _resolve_impl(impl)
+        self.impl = _resolve_impl(impl) if not self._auto else impl
         self._last_ratios: dict[int, list[tuple[list[int], torch.Tensor, list[bool]]]] = {}
         self._flat: dict[int, tuple[tuple[int, ...], list[FlatBucket]]] = {}
+        self._scalars: dict[tuple, torch.Tensor] = {}
         super().__init__(params, defaults)
+        if self._auto:  # the compiler probed for the parameters' device, not always the CPU's
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            self.impl = _resolve_impl(impl, first.device.type if first is not None else "cpu")
 
     # step ---------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
         """One update of every group, bucket by bucket; keeps the ratios (no sync) for
-        :meth:`trust_ratios`."""
+        :meth:`trust_ratios`.  The buckets are checked and counted first, then stepped smallest
+        first: the Python of the small ones then runs before the big passes have evicted from
+        the caches what it touches (on a CPU that costs more than the small passes)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for gi, group in enumerate(self.param_groups):
             ctx = self._group_constants(group)
-            done = []
+            self._last_ratios[gi] = []
             for bucket in self._buckets(gi, group):
                 active = bucket.sync_grads()
                 if not any(active):
                     continue
                 bucket.init_state(active, self.state)
                 if all(active):
-                    bucket.steps.add_(1.0)
+                    bucket.steps.numpy()[:] += 1.0  # (numpy: no dispatcher on the hot path)
                     bucket.t = None if bucket.t is None else bucket.t + 1.0
                 else:
-                    bucket.steps.add_(torch.tensor(active, dtype=torch.float32))
+                    bucket.steps.numpy()[:] += active
                     bucket.t = None
-                ratio = self._bucket_step(group, ctx, bucket, active)
-                bucket.sync_params_out()
-                done.append((bucket.idx, ratio, active))
-            self._last_ratios[gi] = done
+                work.append((bucket.nb, gi, group, ctx, bucket, active))
+        for _nb, gi, group, ctx, bucket, active in sorted(work, key=operator.itemgetter(0)):
+            ratio = self._bucket_step(group, ctx, bucket, active)
+            bucket.sync_params_out()
+            self._last_ratios[gi].append((bucket.idx, ratio, active))
         return loss
 
     def _buckets(self, gi: int, group: dict[str, Any]) -> list[FlatBucket]:
@@ -553,30 +596,58 @@ class LayerwiseOptimizer(Optimizer):
             outs.append(fn(*part, **static))
         if outs[0] is None:
             return None
-        return tuple(torch.cat(o) for o in zip(*outs))
+        return torch.cat(outs)
 
-    def _ratio_and_apply(self, bucket: FlatBucket, c: torch.Tensor, parts: tuple,
-                         ratios: Callable, rkw: dict[str, Any], apply: Callable,
-                         akw: dict[str, Any], bufs: tuple) -> torch.Tensor:
-        """Phase 2: per-tensor ratios from the block partials, then ``apply(*bufs, coef,
-        block_ratio, c)``.  Compiled: one graph for both (each compiled call costs guards and
-        wrappers); eager: the ratios once, then the apply pass chunk by chunk."""
-        for t in parts:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+    def _adapted_step(self, bucket: FlatBucket, c: torch.Tensor, bufs: tuple,
+                      phase1: Callable, p1kw: dict[str, Any], ratios: Callable,
+                      rkw: dict[str, Any], apply: Callable, akw: dict[str, Any],
+                      apply_bufs: tuple[int, ...], one_graph: bool) -> torch.Tensor:
+        """A bucket's step with layer adaptation: ``phase1(*bufs, coef, c)`` -> block partials;
+        per-tensor ratios; ``apply(*bufs[apply_bufs], coef, block_ratio, c)``.  Compiled with
+        ``one_graph`` (phase 1 only reads what the apply pass reads): one graph for all of it
+        (:func:`layerwise_step`); else phase 1, then :func:`ratio_then_apply`.  Eager: phase 1
+        chunk by chunk, the ratios once, then the apply pass chunk by chunk.  Returns the
+        ratios."""
+        n = len(bufs)
+        if self.impl == "compiled" and not one_graph:
+            parts = self._call(phase1, p1kw, *bufs, bucket.coef, c)
+            if self.impl == "compiled":
+                torch._dynamo.maybe_mark_dynamic(parts, 0)
+                static = dict(ratios=ratios, rkw=tuple(sorted(rkw.items())), apply=apply,
+                              akw=tuple(sorted(akw.items())), n_buf=len(apply_bufs))
+                return self._call(ratio_then_apply, static, *(bufs[i] for i in apply_bufs),
+                                  bucket.coef, bucket.seg, bucket.lengths, c, parts)
+            # phase 1 fell back to eager (and ran): the ratios and the apply pass, eagerly
+            ratio = ratios(parts, bucket.lengths, c, **rkw)
+            block_ratio = ratio[bucket.seg] * bucket.coef[:, 0]
+            apply(*(bufs[i] for i in apply_bufs), bucket.coef, block_ratio, c, **akw)
+            return ratio
         if self.impl == "compiled":
-            static = dict(ratios=ratios, rkw=tuple(sorted(rkw.items())), apply=apply,
-                          akw=tuple(sorted(akw.items())), n_buf=len(bufs))
-            return self._call(ratio_then_apply, static, *bufs, bucket.coef, bucket.seg,
-                              bucket.lengths, c, *parts)[0]
-        ratio = ratios(*parts, bucket.lengths, c, **rkw)
+            static = dict(phase1=phase1, p1kw=tuple(sorted(p1kw.items())), ratios=ratios,
+                          rkw=tuple(sorted(rkw.items())), apply=apply,
+                          akw=tuple(sorted(akw.items())), apply_bufs=apply_bufs, n_buf=n)
+            # (should the compile fail under "auto", _call runs layerwise_step eagerly)
+            return self._call(layerwise_step, static, *bufs, bucket.coef, bucket.seg,
+                              bucket.lengths, c)
+        parts = self._call(phase1, p1kw, *bufs, bucket.coef, c, chunked=n + 1)
+        ratio = ratios(parts, bucket.lengths, c, **rkw)
         block_ratio = ratio[bucket.seg] * bucket.coef[:, 0]
-        self._call(apply, akw, *bufs, bucket.coef, block_ratio, c, chunked=len(bufs) + 2)
+        self._call(apply, akw, *(bufs[i] for i in apply_bufs), bucket.coef, block_ratio, c,
+                   chunked=len(apply_bufs) + 2)
         return ratio
 
-    @staticmethod
-    def _group_scalars(values: list[float], device: torch.device) -> torch.Tensor:
-        c = torch.tensor(values, dtype=torch.float32)
-        return c if device.type == "cpu" else c.to(device, non_blocking=True)
+    def _group_scalars(self, values: list[float], device: torch.device) -> torch.Tensor:
+        """The group's float hyperparameters as a float32 tensor on ``device``, made once per
+        set of values (never written in place: an earlier step's kernels may still read it)."""
+        key = (device, *values)
+        c = self._scalars.get(key)
+        if c is None:
+            if len(self._scalars) >= 4 * len(self.param_groups):  # an lr schedule: keep it small
+                self._scalars.clear()
+            c = torch.tensor(values, dtype=torch.float32)
+            c = c if device.type == "cpu" else c.to(device, non_blocking=True)
+            self._scalars[key] = c
+        return c
 
     # gradients ------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool | None = None) -> None:  # type: ignore[override]
@@ -629,6 +700,7 @@ class LayerwiseOptimizer(Optimizer):
         self.__dict__.setdefault("impl", "eager")
         self.__dict__.setdefault("_auto", False)
         self.__dict__.setdefault("_flat", {})
+        self.__dict__.setdefault("_scalars", {})
 
     # names ------------------------------------------------------------------------------
     def param_names(self) -> list[list[str]]:
