@@ -141,15 +141,27 @@ def test_unnamed_params_get_group_index_names():
     assert set(opt.trust_ratios()) == {"g0.p0", "g0.p1", "g1.p0"}
 
 
-def test_lr_tensor_and_changing_lr_each_step():
-    ps, ref, _, _ = run_both({}, {}, "eager", steps=1)
-    p = torch.nn.Parameter(torch.randn(4, 3))
-    opt = Lamb([p], lr=1e-2, impl=IMPLS[-1])
-    for s in range(5):  # a schedule changes lr every step: must not recompile/break
-        opt.param_groups[0]["lr"] = 1e-2 * (s + 1)
-        p.grad = torch.randn(4, 3)
-        opt.step()
-    assert torch.isfinite(p).all()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lr_tensor_and_changing_lr_each_step(impl):
+    """A tensor lr (as LRScheduler may hold) that changes every step gives the steps a float lr gives."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(4, 3), [torch.randn(4, 3) for _ in range(5)]
+    out = []
+    for as_tensor in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        opt = Lamb([p], lr=torch.tensor(1e-2) if as_tensor else 1e-2, impl=impl)
+        for s, g in enumerate(grads):  # a schedule changes lr every step: must not recompile/break
+            lr = 1e-2 * (s + 1)
+            if as_tensor:
+                opt.param_groups[0]["lr"].fill_(lr)
+            else:
+                opt.param_groups[0]["lr"] = lr
+            p.grad = g.clone()
+            opt.step()
+        out.append(p.detach().clone())
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert torch.isfinite(out[1]).all() and not torch.equal(out[1], start)
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------
