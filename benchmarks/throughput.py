@@ -38,20 +38,20 @@ def device_name() -> str:
     return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def make_folder(root: Path, size: int, per_class: int, classes: int = 10) -> Path:
-    """Smooth random JPEGs in the ImageNet layout (train/ and val/)."""
+def make_folder(root: Path, width: int, height: int, per_class: int, classes: int = 10) -> Path:
+    """Smooth random JPEGs (decode cost like photos, not like noise) in the ImageNet layout
+    (train/ and val/; scripts/gpu_check.py uses it too)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    side = int(round(size * 1.15))
     for split, n in (("train", per_class), ("val", max(1, per_class // 4))):
         for c in range(classes):
             d = root / split / f"n{c:08d}"
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                Image.fromarray(small).resize((side, side), Image.BILINEAR).save(d / f"{i:05d}.JPEG", quality=90)
+                small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+                Image.fromarray(small).resize((width, height), Image.BICUBIC).save(d / f"{i:05d}.JPEG", quality=90)
     return root
 
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                     root = args.root
                 else:
                     per_class = -(-args.batch * (args.steps + args.warmup) // args.classes)
-                    root = str(make_folder(Path(tmp) / "jpegs", args.size, per_class, args.classes))
+                    root = str(make_folder(Path(tmp) / "jpegs", *(2 * [round(args.size * 1.15)]), per_class, args.classes))
             rate = measure(args, backend, root, tmp)
             out[f"{backend}_img_per_s"] = round(rate, 2)
             print(f"{backend}: {rate:.1f} img/s", file=sys.stderr, flush=True)

@@ -125,19 +125,11 @@ def check_optim() -> dict:
 
 # ------------------------------------------------------------------------------------- DALI decode
 def make_jpegs(root: Path, width: int, height: int, per_class: int, classes: int = 8) -> Path:
-    """Smooth random JPEGs (decode cost like photos, not like noise) in the ImageNet layout."""
-    import numpy as np
-    from PIL import Image
+    """Smooth random JPEGs in the ImageNet layout (benchmarks/throughput.py's generator)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from throughput import make_folder
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", per_class), ("val", max(1, per_class // 4))):
-        for c in range(classes):
-            d = root / split / f"n{c:08d}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-                Image.fromarray(small).resize((width, height), Image.BICUBIC).save(d / f"{i:05d}.JPEG", quality=90)
-    return root
+    return make_folder(root, width, height, per_class, classes)
 
 
 def _children() -> int:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -25,6 +26,31 @@ def _prepare_digits(tmp_path_factory, name: str, per_class_train: int, *extra: s
                     "--per-class-train", str(per_class_train), "--per-class-val", "4", *extra], check=True, cwd=REPO,
                    stdout=subprocess.DEVNULL)
     return out
+
+
+def jpeg_tree(root: Path, seed: int = 0, per: tuple = (4, 2), classes: tuple = ("c0", "c1")) -> Path:
+    """A small ImageNet-layout folder of 16-px random JPEGs: ``per`` = images per class in train, val."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.JPEG", quality=92)
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for bitwise comparisons across processes (oneDNN's multi-threaded
+    reductions can differ in the last bits between processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 
 
 class StepRecorder(pl.Callback):

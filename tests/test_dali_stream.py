@@ -142,20 +142,11 @@ def test_stream_is_exact_across_prefetch_depths_and_mid_epoch_resume(digits_root
         d.teardown("fit")
 
 
-@pytest.fixture
-def one_thread_torch():
-    """One intra-op thread: bitwise comparisons between two fits (oneDNN's threaded reductions vary)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _threads():
     return sorted(t.name for t in threading.enumerate())
 
 
-def test_fit_builds_one_pipeline_per_split_and_resumes_exactly(tmp_path, digits_root, one_thread_torch):
+def test_fit_builds_one_pipeline_per_split_and_resumes_exactly(tmp_path, digits_root, one_thread):
     import multiprocessing
 
     recipe = tiny_recipe(digits_root, **{"data.backend": "dali", "data.workers": 2, "trainer.max_epochs": 3,

@@ -16,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -123,16 +122,7 @@ def saves(monkeypatch):
     return out
 
 
-def test_checkpoint_cadence_and_one_write_per_save(tmp_path, saves):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _cadence(tmp_path, saves)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _cadence(tmp_path, saves):
+def test_checkpoint_cadence_and_one_write_per_save(tmp_path, saves, one_thread):
     recipe = tiny_recipe(None, **{"trainer.max_epochs": 4, "trainer.check_val_every_n_epoch": 2,
                                   "model.arch": "mlp", "model.mlp_hidden": [32], "trainer.enable_progress_bar": False})
     path = write_recipe(tmp_path / "r.yaml", recipe)

@@ -37,8 +37,10 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize(("backend", "layout"), [("torchvision", "folder"), ("dali", "folder"), ("synthetic", None),
                                                  ("torchvision", "shards"), ("dali", "shards")])
-def test_kill_after_epoch_1_and_resume_matches_uninterrupted(tmp_path, request, backend, layout):
-    """shards: the same images packed in tar shards (digits_shards_large), read by byte offset."""
+def test_kill_after_epoch_1_and_resume_matches_uninterrupted(tmp_path, request, backend, layout, one_thread):
+    """shards: the same images packed in tar shards (digits_shards_large), read by byte offset. One
+    thread (one_thread): oneDNN's multi-threaded conv backward can differ in the last bits between
+    processes, which would make bitwise equality flaky."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     root = request.getfixturevalue({"folder": "digits_root_large", "shards": "digits_shards_large"}[layout]) \
@@ -50,17 +52,6 @@ def test_kill_after_epoch_1_and_resume_matches_uninterrupted(tmp_path, request, 
     runs = tmp_path / "runs"
     common = ["--config", str(path), "--run.root", str(runs), "--run.wandb", "false"]
 
-    # one thread everywhere: oneDNN's multi-threaded conv backward can differ in the last bits
-    # between processes, which would hide nothing but make bitwise equality flaky
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _kill_resume_compare(common, runs)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _kill_resume_compare(common, runs):
     # 1. a real process, SIGKILLed as soon as the epoch-1 checkpoint is on disk
     last = runs / "killed" / "checkpoints" / "last.ckpt"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

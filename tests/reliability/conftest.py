@@ -3,17 +3,6 @@ as ``conftest``, are used as they are)."""
 from __future__ import annotations
 
 import pytest
-import torch
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for bitwise comparisons across processes (oneDNN's multi-threaded
-    reductions can differ in the last bits between processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

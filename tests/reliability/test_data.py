@@ -18,12 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import REPO, run_cli, tiny_recipe, write_recipe
+from conftest import REPO, jpeg_tree, run_cli, tiny_recipe, write_recipe
 from resnet_lamb.data import ImageDataModule
 from resnet_lamb.errors import DataError
 
@@ -32,15 +30,7 @@ from resnet_lamb.errors import DataError
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """2 classes x 4 train / 2 val 16-px JPEGs."""
-    root = tmp_path_factory.mktemp("template") / "data"
-    rng = np.random.default_rng(0)
-    for split, per in (("train", 4), ("val", 2)):
-        for c in ("c0", "c1"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(per):
-                pixels = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / c / f"{i}.JPEG", quality=92)
-    return root
+    return jpeg_tree(tmp_path_factory.mktemp("template") / "data")
 
 
 def _recipe(root: Path, **over) -> dict:

@@ -16,12 +16,10 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import run_cli, tiny_recipe, write_recipe
+from conftest import jpeg_tree, run_cli, tiny_recipe, write_recipe
 from resnet_lamb.data import ImageDataModule
 from resnet_lamb.data import dali as dali_backend
 from resnet_lamb.data.index import build_index, index_path
@@ -29,22 +27,10 @@ from resnet_lamb.data.shards import pack
 from resnet_lamb.errors import DataError
 
 
-
-def _folder(root: Path, seed: int = 0, per=(4, 2)) -> Path:
-    rng = np.random.default_rng(seed)
-    for split, n in zip(("train", "val"), per):
-        for c in ("c0", "c1"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                pixels = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / c / f"{i}.JPEG", quality=92)
-    return root
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     """2 classes x 4 train / 2 val 16-px JPEGs, with its index."""
-    root = _folder(tmp_path_factory.mktemp("src") / "data")
+    root = jpeg_tree(tmp_path_factory.mktemp("src") / "data")
     build_index(root)
     return root
 
@@ -130,7 +116,7 @@ def _entry_without_member(root):
 
 def _another_data_set(root):
     other = root.parent / "other"
-    pack(_folder(root.parent / "other-src", seed=1, per=(5, 2)), other, shard_size=8 * 1024, quiet=True)
+    pack(jpeg_tree(root.parent / "other-src", seed=1, per=(5, 2)), other, shard_size=8 * 1024, quiet=True)
     for s in ("train", "val"):
         shutil.copy(index_path(other, s), index_path(root, s))
     shard = sorted((root / "train").glob("*.tar"))[0]
@@ -270,7 +256,7 @@ def test_stale_folder_index_is_one_line_and_index_check_lists_the_tree(source, t
 
 def test_folder_index_from_another_data_set(source, tmp_path, capsys, untouched):
     root = _copy(source, tmp_path)
-    other = _folder(tmp_path / "other", seed=3, per=(3, 1))
+    other = jpeg_tree(tmp_path / "other", seed=3, per=(3, 1))
     build_index(other)
     for s in ("train", "val"):
         shutil.copy(index_path(other, s), index_path(root, s))
