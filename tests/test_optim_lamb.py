@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from resnet_lamb.optim import Lamb
-from optim_common import IMPLS, SHAPES, assert_matches_reference
+from optim_common import IMPLS, SHAPES, assert_matches_reference, run_two_groups
 
 # ------------------------------------------------------------------------------------------
 # reference: one tensor at a time, float64, straight from the pseudocode
@@ -69,29 +69,13 @@ def grads_for(step: int, ps):
     return gs
 
 
-NAMES = ["a.weight", "b.bias", "c.weight", "d.weight", "e.weight"]
-GROUP1 = (2, 3)  # the tensors of the second group
 
 
 def run_both(opts: dict, group1: dict, impl: str, steps: int = 4):
     """Two groups: tensors 0,1,4 with ``opts``; tensors 2,3 with ``opts`` overridden by group1."""
     init = make_params()
-    ref = [p.clone() for p in init]
-    ps = [torch.nn.Parameter(p.float().clone()) for p in init]
-    cfg0 = dict(DEFAULTS, **opts)
-    cfg1 = dict(cfg0, **group1)
-    opt = Lamb([{"params": [(NAMES[i], ps[i]) for i in range(len(ps)) if i not in GROUP1]},
-                {"params": [(NAMES[i], ps[i]) for i in GROUP1], **group1}], impl=impl,
-               **{k: v for k, v in cfg0.items()})
-    st = [dict() for _ in ps]
-    ratios = {}
-    for s in range(steps):
-        gs = grads_for(s, init)
-        for i, (p, g) in enumerate(zip(ps, gs)):
-            p.grad = g.float()
-            ratios[NAMES[i]] = ref_lamb_step(ref[i], g, st[i], **(cfg1 if i in GROUP1 else cfg0))
-        opt.step()
-    return ps, ref, opt, ratios
+    return run_two_groups(Lamb, ref_lamb_step, init, lambda s: grads_for(s, init), dict(DEFAULTS, **opts), group1,
+                          impl, steps)
 
 
 CASES = {

@@ -8,10 +8,8 @@ import pytest
 import torch
 
 from resnet_lamb.optim import Lars
-from optim_common import IMPLS, SHAPES, assert_matches_reference
+from optim_common import IMPLS, SHAPES, assert_matches_reference, run_two_groups
 
-NAMES = ["a.weight", "b.bias", "c.weight", "d.weight", "e.weight"]
-GROUP1 = (2, 3)  # the tensors of the second group
 
 
 def _phi(z, clip):
@@ -45,25 +43,15 @@ def run_both(opts, group1, impl, steps=4):
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     init[3].zero_()
-    ref = [p.clone() for p in init]
-    ps = [torch.nn.Parameter(p.float().clone()) for p in init]
-    cfg0 = dict(dict(lr=0.1), **opts)
-    cfg1 = dict(cfg0, **group1)
-    opt = Lars([{"params": [(NAMES[i], ps[i]) for i in range(len(ps)) if i not in GROUP1]},
-                {"params": [(NAMES[i], ps[i]) for i in GROUP1], **group1}], impl=impl, **cfg0)
-    st = [dict() for _ in ps]
-    ratios = {}
-    for s in range(steps):
+
+    def grads_for(s):
         g2 = torch.Generator().manual_seed(100 + s)
-        gs = [torch.randn(p.shape, generator=g2, dtype=torch.float64) * (i + 1)
-              for i, p in enumerate(init)]
+        gs = [torch.randn(p.shape, generator=g2, dtype=torch.float64) * (i + 1) for i, p in enumerate(init)]
         if s == 0:
             gs[3].zero_()
-        for i, (p, g) in enumerate(zip(ps, gs)):
-            p.grad = g.float()
-            ratios[NAMES[i]] = ref_lars_step(ref[i], g, st[i], **(cfg1 if i in GROUP1 else cfg0))
-        opt.step()
-    return ps, ref, opt, ratios
+        return gs
+
+    return run_two_groups(Lars, ref_lars_step, init, grads_for, dict(dict(lr=0.1), **opts), group1, impl, steps)
 
 
 CASES = {
