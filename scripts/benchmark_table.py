@@ -43,35 +43,42 @@ def _span(values: list, unit: str = "x", digits: int = 2) -> str:
     return text + unit
 
 
-# script -> (what it measures, [(label, dotted key, unit, digits)])
+# script -> (what it measures, {label: dotted key in the JSON line}); a key's unit follows from its name
 TABLE = {
-    "optim_step": ("`step()` on ResNet-50's 161 tensors, 1 thread and all threads; ratio to torch's fused kernel", [
-        ("LAMB / fused AdamW, 1 thread", "lamb_over_adamw_fused.cpu1", "x", 2),
-        ("2 threads", "lamb_over_adamw_fused.cpu2", "x", 2),
-        ("LARS paper / fused SGD, 1 thread", "lars_paper_over_sgd_fused.cpu1", "x", 2),
-        ("2 threads", "lars_paper_over_sgd_fused.cpu2", "x", 2),
-        ("LARS classic / fused SGD, 1 thread", "lars_classic_over_sgd_fused.cpu1", "x", 2),
-        ("2 threads", "lars_classic_over_sgd_fused.cpu2", "x", 2),
-        ("LAMB compile, once", "runs.cpu1.compile_s.lamb_compiled", " s", 1)]),
-    "dataloader": ("train images/s side by side: DALI CPU mode vs torchvision; tar shards vs folder", [
-        ("DALI / torchvision", "ratio_dali_over_torchvision", "x", 2),
-        ("shards / folder, DALI", "ratio_shards_over_folder_dali", "x", 2),
-        ("shards / folder, torchvision", "ratio_shards_over_folder_torchvision", "x", 2),
-        ("reads only, shards / folder", "read_only_ratio_shards_over_folder", "x", 2),
-        ("shards opened in epoch 1, DALI", "dali_shards_distinct_files_opened", "", 0)]),
-    "startup": ("`fit` start-up on 100,000 files: data root read from its index vs listed", [
-        ("reading the root, listing / index", "data_startup_speedup", "x", 1),
-        ("index", "index_data_startup_s", " s", 3),
-        ("listing", "listing_data_startup_s", " s", 3),
-        ("fit to first step, listing / index", "fit_to_first_step_speedup", "x", 2),
-        ("another rank's calls and entries, listing / index", "other_rank_calls_and_entries_ratio", "x", 0)]),
-    "harness_overhead": ("time per optimizer step, `fit` vs a hand-written loop", [
-        ("fit / loop", "ratio", "x", 3)]),
+    "optim_step": ("`step()` on ResNet-50's 161 tensors, 1 thread and all threads; ratio to torch's fused kernel", {
+        "LAMB / fused AdamW, 1 thread": "lamb_over_adamw_fused.cpu1", "LAMB, 2 threads": "lamb_over_adamw_fused.cpu2",
+        "LARS paper / fused SGD, 1 thread": "lars_paper_over_sgd_fused.cpu1",
+        "LARS paper, 2 threads": "lars_paper_over_sgd_fused.cpu2",
+        "LARS classic / fused SGD, 1 thread": "lars_classic_over_sgd_fused.cpu1",
+        "LARS classic, 2 threads": "lars_classic_over_sgd_fused.cpu2",
+        "LAMB compile, once": "runs.cpu1.compile_s.lamb_compiled"}),
+    "dataloader": ("train images/s side by side: DALI CPU mode vs torchvision; tar shards vs folder", {
+        "DALI / torchvision": "ratio_dali_over_torchvision",
+        "shards / folder, DALI": "ratio_shards_over_folder_dali",
+        "shards / folder, torchvision": "ratio_shards_over_folder_torchvision",
+        "reads only, shards / folder": "read_only_ratio_shards_over_folder",
+        "shards opened in epoch 1, DALI": "dali_shards_distinct_files_opened"}),
+    "startup": ("`fit` start-up on 100,000 files: data root read from its index vs listed", {
+        "reading the root, listing / index": "data_startup_speedup", "index": "index_data_startup_s",
+        "listing": "listing_data_startup_s", "fit to first step, listing / index": "fit_to_first_step_speedup",
+        "another rank's calls and entries, listing / index": "other_rank_calls_and_entries_ratio"}),
+    "harness_overhead": ("time per optimizer step, `fit` vs a hand-written loop", {"fit / loop": "ratio"}),
     "throughput": ("ResNet-50 images/s through `fit` (CPU: 64 px; GPU: compare NVIDIA's 2,470 img/s "
-                   "on one A100, quoted, not measured here)", [
-        ("synthetic", "synthetic_img_per_s", " img/s", 0),
-        ("DALI folder", "dali_img_per_s", " img/s", 0)]),
+                   "on one A100, quoted, not measured here)", {
+                       "synthetic": "synthetic_img_per_s", "DALI folder": "dali_img_per_s"}),
 }
+
+
+def _unit(key: str) -> tuple[str, int]:
+    """(unit, digits) of a JSON key: ``*_img_per_s`` images/s, ``*_s`` seconds, a count, else a ratio."""
+    last = key.rsplit(".", 1)[-1]
+    if last.endswith("img_per_s"):
+        return " img/s", 0
+    if last.endswith("_s") or ".compile_s." in key:
+        return " s", 3 if "startup" in last else 1
+    if last.endswith("opened"):
+        return "", 0
+    return "x", 3 if last == "ratio" else 2
 
 
 def machine() -> str:
@@ -97,8 +104,8 @@ def row(name: str) -> str:
     if not runs:
         return (f"| `benchmarks/{name}.py` | {what} | no run recorded "
                 f"(`python scripts/benchmark_table.py record benchmarks/{name}.py`) | - |")
-    cells = "; ".join(f"{label} {_span([_get(r['result'], key) for r in runs], unit, digits)}"
-                      for label, key, unit, digits in figures)
+    cells = "; ".join(f"{label} {_span([_get(r['result'], key) for r in runs], *_unit(key))}"
+                      for label, key in figures.items())
     loads = [r.get("load_avg_1min") for r in runs]
     where = sorted({r["machine"] for r in runs})
     dates = sorted(r["date"][:10] for r in runs)
