@@ -153,11 +153,11 @@ def test_fit_builds_one_pipeline_per_split_and_resumes_exactly(tmp_path, digits_
                                          "trainer.enable_progress_bar": False})
     path = write_recipe(tmp_path / "r.yaml", recipe)
     common = ["fit", "--config", str(path), "--run.root", str(tmp_path / "runs"), "--run.wandb", "false"]
-    threads = _threads()
+    threads, children = _threads(), set(multiprocessing.active_children())  # earlier tests' are not this fit's
     before = dali_backend.PIPELINES_BUILT
     assert run_cli(*common, "--run.name", "straight") == 0
     assert dali_backend.PIPELINES_BUILT - before == 2, "one training and one validation pipeline for 3 epochs"
-    assert not multiprocessing.active_children()
+    assert not set(multiprocessing.active_children()) - children, "no process of the fit outlives it"
     assert not [t for t in _threads() if t not in threads], "the loaders' threads end with the fit"
     # the same run stopped after epoch 1 (its checkpoint), then resumed in a fresh fit
     assert run_cli(*common, "--run.name", "resumed", "--trainer.max_steps", "6") == 0
