@@ -47,7 +47,7 @@ optimizer + per-step schedule.
   itself (identically on every rank: DDP has averaged the gradients).
 * Checkpoints carry ``checkpoint["resnet_lamb"]["recipe"]`` (:func:`recipe_identity`: optimizer,
   schedule, global batch, epochs); ``fit --ckpt_path`` refuses to resume with other values unless
-  ``--run.force_resume true`` (``resnet_lamb.train``).  A forced resume keeps the weights, the
+  ``--run.force_resume true`` (``resnet_lamb.checkpoints.check_resume``).  A forced resume keeps the weights, the
   step count and the data position; it starts a fresh optimizer state when the optimizer's name
   or param_rule changed, and the LR follows the new recipe from the restored step on.
 """
