@@ -1,7 +1,7 @@
 """Console script `resnet-lamb`: dispatches each subcommand to the module that owns it.
 
 Imports are lazy so that `plan`, and `fit`'s recipe, data and run-folder errors, answer before
-torch is imported (resnet_lamb.train.check_config), and a subcommand's heavy imports (torch,
+torch is imported (resnet_lamb.startup.check_config), and a subcommand's heavy imports (torch,
 Lightning, DALI) are paid only by the subcommand that needs them.
 """
 

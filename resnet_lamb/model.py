@@ -47,7 +47,7 @@ optimizer + per-step schedule.
   itself (identically on every rank: DDP has averaged the gradients).
 * Checkpoints carry ``checkpoint["resnet_lamb"]["recipe"]`` (:func:`recipe_identity`: optimizer,
   schedule, global batch, epochs); ``fit --ckpt_path`` refuses to resume with other values unless
-  ``--run.force_resume true`` (``resnet_lamb.train``).  A forced resume keeps the weights, the
+  ``--run.force_resume true`` (``resnet_lamb.checkpoints.check_resume``).  A forced resume keeps the weights, the
   step count and the data position; it starts a fresh optimizer state when the optimizer's name
   or param_rule changed, and the LR follows the new recipe from the restored step on.
 """
@@ -67,6 +67,7 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_lamb.errors import RecipeError, UserError
+from resnet_lamb.lightning_internals import saved_epoch_progress
 from resnet_lamb.recipe import ARCHS, OptimizerSpec, ScheduleSpec, check_arch  # noqa: F401 (ARCHS: re-exported)
 
 
@@ -526,19 +527,20 @@ class LambModule(pl.LightningModule):
         the loader agree and every step takes a whole global batch."""
         trainer = getattr(self, "_trainer", None)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        saved = saved_epoch_progress(checkpoint)
         try:
-            fit = checkpoint["loops"]["fit_loop"]
-            prog = fit["epoch_loop.batch_progress"]
             per_epoch = int(dm.steps_per_epoch) * int(dm.accumulation)
-        except (KeyError, TypeError, AttributeError):
+        except (TypeError, AttributeError):
             return
+        if saved is None:
+            return
+        prog, loaders = saved
         cur = prog.get("current", {})
         if cur.get("ready") is None:
             return
         if prog.get("is_last_batch"):
             target = per_epoch
         else:
-            loaders = (fit.get("state_dict") or {}).get("combined_loader") or []
             images = loaders[0].get("images") if loaders and isinstance(loaders[0], dict) else None
             if images is None:
                 return

@@ -25,6 +25,8 @@ import sys
 
 from lightning.pytorch.callbacks import Callback
 
+from resnet_lamb.lightning_internals import skip_sigterm_broadcast
+
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _requested: list[int] = []  # signals received since the handlers were installed
 
@@ -51,9 +53,7 @@ class Preemption(Callback):
         for sig in SIGNALS:  # Lightning installed its SIGTERM handler before this hook: replace it
             self._previous.setdefault(sig, signal.getsignal(sig))
             signal.signal(sig, _handler)
-        loop = trainer.fit_loop.epoch_loop
-        if hasattr(loop, "_broadcast_sigterm_tensor"):  # Lightning 2.6: a broadcast and a sync per batch
-            loop._broadcast_sigterm_tensor = lambda: None
+        skip_sigterm_broadcast(trainer)  # Lightning's: a broadcast and a sync per batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not getattr(pl_module, "stop_requested", False) or self.stopped_at is not None:

@@ -63,7 +63,7 @@ def test_cuda_toolkit_without_gpu_message_is_filtered(tmp_path):
     """torch says "No CUDA runtime is found" when it finds a CUDA toolkit but no GPU and its compiler
     stack is imported (torch.compile); CUDA_HOME pointing at any folder makes it say so here."""
     code = "import torch.utils.cpp_extension"
-    quiet = "from resnet_lamb.train import _quiet_libraries; _quiet_libraries('fit'); " + code
+    quiet = "from resnet_lamb.startup import quiet_libraries; quiet_libraries('fit'); " + code
     env = _env(tmp_path)
     if torch.cuda.is_available():
         pytest.skip("the message is only printed without a GPU")
@@ -74,7 +74,7 @@ def test_cuda_toolkit_without_gpu_message_is_filtered(tmp_path):
 
 
 def test_wandb_offline_line_only_on_rank_zero(monkeypatch, capsys, tmp_path):
-    from resnet_lamb.train import wandb_mode
+    from resnet_lamb.run_logging import wandb_mode
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     for rank, lines in (("1", 0), ("0", 1)):

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from conftest import REPO, read_csv, run_cli, tiny_recipe, write_recipe
-from resnet_lamb.train import _wandb_reachable, _wandb_route, ddp_strategy, device_defaults
+from resnet_lamb.lightning_cli import ddp_strategy, device_defaults
+from resnet_lamb.run_logging import _wandb_reachable, _wandb_route
 
 
 def test_device_defaults():

@@ -148,7 +148,7 @@ def test_resume_with_another_accumulation_keeps_the_global_batch(tmp_path, capsy
 
 
 def test_world_size_from_torchrun_or_devices(monkeypatch):
-    from resnet_lamb.train import world_size
+    from resnet_lamb.startup import world_size
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert world_size({"devices": 4, "num_nodes": 2, "accelerator": "gpu"}) == 8

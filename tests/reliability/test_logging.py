@@ -55,7 +55,7 @@ def test_wandb_without_key_or_network_goes_offline_in_one_line(tmp_path):
 
 
 def test_wandb_key_without_network_goes_offline_in_one_line(monkeypatch, capsys):
-    from resnet_lamb.train import wandb_mode
+    from resnet_lamb.run_logging import wandb_mode
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
@@ -119,7 +119,7 @@ def test_disk_full_during_checkpoint_save_keeps_the_last_checkpoint(fit, tmp_pat
 def test_ctrl_c_during_a_checkpoint_write_stays_an_interrupt(tmp_path, monkeypatch):
     """A KeyboardInterrupt inside torch.save that carries an OSError torch handled is Ctrl-C, not a
     full disk: it propagates as itself (the run is then "interrupted", not "failed"); no temp file."""
-    from resnet_lamb.train import CheckpointWriteError, _atomic_io_class
+    from resnet_lamb.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 
     def interrupted(obj, f, *args, **kwargs):
         try:
@@ -129,5 +129,5 @@ def test_ctrl_c_during_a_checkpoint_write_stays_an_interrupt(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt) as caught:
-        _atomic_io_class()().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
     assert not isinstance(caught.value, CheckpointWriteError) and not list(tmp_path.iterdir())
