@@ -234,20 +234,8 @@ def test_lightning_loop_state(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ wandb
-def test_wandb_internal_record_proto():
-    """report.py reads run-*.wandb transaction logs as wandb_internal_pb2.Record messages."""
-    from wandb.proto import wandb_internal_pb2
-
-    record = need(wandb_internal_pb2, "Record", "wandb.proto.wandb_internal_pb2.Record")()
-    fields = record.DESCRIPTOR.fields_by_name
-    for field in ("history", "run", "config"):
-        assert field in fields, f"wandb_internal_pb2.Record.{field} is gone"
-    item = wandb_internal_pb2.HistoryItem(key="a", value_json="1")
-    assert (item.key, item.value_json, list(item.nested_key)) == ("a", "1", []), "wandb_internal_pb2.HistoryItem changed"
-
-
 def test_wandb_wbauth_authenticate_session():
-    """report.py looks up W&B credentials without wandb's interactive prompt."""
+    """report (resnet_lamb/report/wandb_runs.py) looks up W&B credentials without wandb's interactive prompt."""
     from wandb.sdk.lib import wbauth
 
     need(wbauth, "authenticate_session", "wandb.sdk.lib.wbauth.authenticate_session",
