@@ -30,15 +30,13 @@ either way, and the parameter rule (``param_rule: author``) finds it as a BatchN
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
-    def __init__(self, num_features: int, *args, ghost_batch: Optional[int] = None, **kwargs) -> None:
+    def __init__(self, num_features: int, *args, ghost_batch: int | None = None, **kwargs) -> None:
         super().__init__(num_features, *args, **kwargs)
         if ghost_batch is not None and (not isinstance(ghost_batch, int) or ghost_batch < 1):
             raise ValueError(f"ghost_batch must be a positive integer or None, got {ghost_batch!r}")

@@ -19,9 +19,10 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -204,7 +205,7 @@ def _set_as_cli(cfg: dict, key: str, value: Any) -> "list[str]":
     return [key]
 
 
-def _origin(key: str, origins: "dict[str, str]") -> Optional[str]:
+def _origin(key: str, origins: "dict[str, str]") -> str | None:
     """Where ``key`` (or the mapping holding it) was set, None when in the recipe itself."""
     key = re.sub(r"\[\d+\]", "", key)
     while key:
@@ -402,7 +403,7 @@ class ScheduleSpec:
         if not isinstance(self.milestones, (list, tuple)):
             raise RecipeError(f"{p}milestones: expected a list of epochs, got {self.milestones!r}")
         miles = [_positive_int(m, f"{p}milestones[{i}]") for i, m in enumerate(self.milestones)]
-        if any(b <= a for a, b in zip(miles, miles[1:])):
+        if any(b <= a for a, b in zip(miles, miles[1:], strict=False)):
             raise RecipeError(f"{p}milestones: expected strictly increasing epochs, got {miles}")
         self.milestones = miles
         gamma = _positive_float(self.gamma, p + "gamma")
@@ -476,7 +477,7 @@ class Plan:
     padded_steps: int = 0
     full_batch_steps: int = 0
     run_epochs: int = 0
-    bn_batch: Optional[int] = None
+    bn_batch: int | None = None
     bn_images: int = 0
 
     def schedule_step(self, step: int) -> int:
@@ -528,7 +529,7 @@ def _divisors(n: int, limit: int = 8) -> str:
 
 def derive_plan(optimizer: OptimizerSpec, schedule: ScheduleSpec, *, global_batch: int, micro_batch: int,
                 world_size: int, train_images: int, epochs: int, epoch_mode: str = "padded",
-                bn_batch: Optional[int] = None) -> Plan:
+                bn_batch: int | None = None) -> Plan:
     """Every number of docs/CONTRACTS.md "Derived numbers"; a :class:`RecipeError` on bad input.
 
     accumulation = global / (micro * world); lr = base_lr * (global/base_batch)^{1/2|1|0};
@@ -613,18 +614,18 @@ class Recipe:
     optimizer: OptimizerSpec
     schedule: ScheduleSpec
     global_batch: int
-    micro_batch: Optional[int]
+    micro_batch: int | None
     epochs: int
-    train_images: Optional[int]
-    data_root: Optional[str]
+    train_images: int | None
+    data_root: str | None
     expected: dict = field(default_factory=dict)
     epoch_mode: str = "padded"
-    bn_batch: Optional[int] = None
+    bn_batch: int | None = None
     model: dict = field(default_factory=dict)  # model.* keys shown by `plan` (label_smoothing, grad_clip_norm...)
     sources: dict = field(default_factory=dict)  # dotted recipe key -> where its value comes from
 
 
-def _section(cfg: dict, key: str, required: bool) -> Optional[dict]:
+def _section(cfg: dict, key: str, required: bool) -> dict | None:
     value = cfg.get(key)
     if value is None:
         if required:
@@ -635,7 +636,7 @@ def _section(cfg: dict, key: str, required: bool) -> Optional[dict]:
     return value
 
 
-def _expected_fraction(value: Any, key: str) -> Optional[float]:
+def _expected_fraction(value: Any, key: str) -> float | None:
     if value is None:
         return None
     if not _is_number(value) or not 0.0 <= value <= 1.0:
@@ -773,8 +774,8 @@ def count_train_images(root: "str | os.PathLike[str]") -> int:
     return count_images(root, "train")
 
 
-def plan_recipe(recipe: Recipe, *, world_size: int = 1, micro_batch: Optional[int] = None,
-                train_images: Optional[int] = None) -> Plan:
+def plan_recipe(recipe: Recipe, *, world_size: int = 1, micro_batch: int | None = None,
+                train_images: int | None = None) -> Plan:
     """:func:`derive_plan` for a validated recipe, with ``plan``'s overrides.
 
     ``train_images``: the argument, else ``data.train_images``, else the files counted under
@@ -839,7 +840,7 @@ def _decay(p: Plan) -> tuple[str, str]:
                                    f"steps < {p.warmup_steps}")
 
 
-def plan_rows(plan: Plan, recipe: Optional[Recipe] = None) -> list[tuple[str, Any, str, str]]:
+def plan_rows(plan: Plan, recipe: Recipe | None = None) -> list[tuple[str, Any, str, str]]:
     """``plan``'s rows: ``(key, value, how it is derived, source)``. The source is what the recipe's
     ``sources`` says of the key the row comes from (empty where it says nothing)."""
     p = plan
@@ -847,7 +848,7 @@ def plan_rows(plan: Plan, recipe: Optional[Recipe] = None) -> list[tuple[str, An
     scale = {"sqrt": "1/2", "linear": "1", "none": "0"}[p.scaling]
     rows: list[tuple[str, Any, str, str]] = []
 
-    def row(key: str, value: Any, how: str, source_key: Optional[str] = None, default: str = "") -> None:
+    def row(key: str, value: Any, how: str, source_key: str | None = None, default: str = "") -> None:
         rows.append((key, _value(value), how, sources.get(source_key or "", default)))
 
     row("optimizer", p.optimizer, "", "model.optimizer.name")
@@ -913,7 +914,7 @@ def plan_rows(plan: Plan, recipe: Optional[Recipe] = None) -> list[tuple[str, An
     return rows
 
 
-def format_plan(plan: Plan, recipe: Optional[Recipe] = None) -> str:
+def format_plan(plan: Plan, recipe: Recipe | None = None) -> str:
     """``plan`` as an aligned text table: key, value, how the value was derived, and its source
     (the recipe's ``sources``), then the recipe's expected accuracy."""
     rows = plan_rows(plan, recipe)
@@ -930,7 +931,7 @@ def format_plan(plan: Plan, recipe: Optional[Recipe] = None) -> str:
     return "\n".join(lines)
 
 
-def plan_main(argv: Optional[list] = None) -> int:
+def plan_main(argv: list | None = None) -> int:
     """``resnet-lamb plan --config RECIPE [--world-size N] [--micro-batch M] [--train-images N] [--json]``."""
     parser = argparse.ArgumentParser(
         prog="resnet-lamb plan",

@@ -60,8 +60,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from resnet_lamb.data.common import (MEAN, STD, EpochPosition, mix64, placeholder_jpeg, sample_key, val_resize,
-                                     warn_corrupt)
+from resnet_lamb.data.common import (
+    MEAN,
+    STD,
+    EpochPosition,
+    mix64,
+    placeholder_jpeg,
+    sample_key,
+    val_resize,
+    warn_corrupt,
+)
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 
 PIPELINES_BUILT = 0  # pipelines built in this process (tests count them; torchvision spawns its workers then)
@@ -204,7 +212,7 @@ class _Source:
             self.on_bad(int(idx[j]))
         known |= failed
         placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8)
-        enc = [placeholder if k else d for d, k in zip(data, known)]
+        enc = [placeholder if k else d for d, k in zip(data, known, strict=True)]
         labels = np.where(real & ~known, self.split.labels[idx], -1).astype(np.int64)
         if not self.train:
             return enc, labels

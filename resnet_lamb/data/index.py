@@ -283,8 +283,8 @@ def _check_folder_full(root: Path, folder: Folder) -> None:
         problems.append(f"{root}: class folders {_few(listed.classes)} in the tree, {_few(folder.classes)} in the index")
     for split in SPLITS:
         sp, ls = folder.splits[split], listed.splits[split]
-        have = dict(zip(sp.paths.tolist(), zip(sp.labels.tolist(), sp.sizes.tolist())))
-        seen = dict(zip(ls.paths.tolist(), ls.labels.tolist()))
+        have = dict(zip(sp.paths.tolist(), zip(sp.labels.tolist(), sp.sizes.tolist(), strict=True), strict=True))
+        seen = dict(zip(ls.paths.tolist(), ls.labels.tolist(), strict=True))
         for rel, label in seen.items():
             path = root / split / rel.decode()
             if rel not in have:

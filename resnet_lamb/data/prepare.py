@@ -276,7 +276,7 @@ def _val_labels(devkit: Path) -> list[str]:
                 elif m.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
                     truth = tf.extractfile(m).read().decode()
     except (tarfile.TarError, OSError) as err:
-        raise DataError(f"{devkit}: not a readable devkit archive ({err}); pass --devkit ILSVRC2012_devkit_t12.tar.gz")
+        raise DataError(f"{devkit}: not a readable devkit archive ({err}); pass --devkit ILSVRC2012_devkit_t12.tar.gz") from None
     if meta is None or truth is None:
         raise DataError(f"{devkit}: no data/meta.mat or data/ILSVRC2012_validation_ground_truth.txt inside; "
                         "pass --devkit ILSVRC2012_devkit_t12.tar.gz")

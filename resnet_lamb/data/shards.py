@@ -239,7 +239,7 @@ class ShardSplit:
     def index_entries(self) -> dict:
         """``index.write_index`` arguments (without ``classes``) for this split."""
         return dict(kind="shards", names=self.paths, labels=self.labels, sizes=self.sizes, shard=self.shard,
-                    offset=self.offset, shards=[[n, b] for n, b in zip(self.shard_names, self.shard_sizes)])
+                    offset=self.offset, shards=[[n, b] for n, b in zip(self.shard_names, self.shard_sizes, strict=True)])
 
 
 def _header_matches(block: bytes, member: bytes, size: int) -> bool:

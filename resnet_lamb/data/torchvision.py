@@ -20,8 +20,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from resnet_lamb.data.common import (MEAN, STD, BadFiles, EpochPosition, mix64, placeholder_jpeg, sample_key,
-                                     val_resize, warn_corrupt)
+from resnet_lamb.data.common import (
+    MEAN,
+    STD,
+    BadFiles,
+    EpochPosition,
+    mix64,
+    placeholder_jpeg,
+    sample_key,
+    val_resize,
+    warn_corrupt,
+)
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 from resnet_lamb.errors import DataError
 

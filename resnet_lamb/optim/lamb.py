@@ -12,12 +12,21 @@ the whole flat buffer.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from resnet_lamb.optim.layerwise import (NORMS, FlatBucket, LayerwiseOptimizer, apply_update,
-                                         check_common, pair_partials, segment_norms, trust_ratio)
+from resnet_lamb.optim.layerwise import (
+    NORMS,
+    FlatBucket,
+    LayerwiseOptimizer,
+    apply_update,
+    check_common,
+    pair_partials,
+    segment_norms,
+    trust_ratio,
+)
 
 
 def lamb_coefficients(t: float, b1: float, b2: float, bias_correction: bool,

@@ -5,13 +5,21 @@ MLPerf form, on the flat buffers of :mod:`resnet_lamb.optim.layerwise` (as
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from resnet_lamb.optim.layerwise import (FlatBucket, LayerwiseOptimizer, apply_update,
-                                         check_common, pair_partials, phi, segment_norms,
-                                         trust_ratio)
+from resnet_lamb.optim.layerwise import (
+    FlatBucket,
+    LayerwiseOptimizer,
+    apply_update,
+    check_common,
+    pair_partials,
+    phi,
+    segment_norms,
+    trust_ratio,
+)
 
 _MODES = ("paper", "classic")
 

@@ -57,7 +57,8 @@ import operator
 import sys
 import types
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -256,7 +257,7 @@ def _new_flat(nb: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
 def _dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense (any dimension order, e.g. channels_last)."""
     expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda x: x[1]):
         if size == 1:
             continue
         if stride != expected:
@@ -320,7 +321,7 @@ class FlatBucket:
         self.g_ptrs = [v.data_ptr() for v in self.g_views]
         # parameters: copy in, re-point where allowed (tied storage among the params: never)
         storages = [p.untyped_storage().data_ptr() for p in params]
-        shared = {s for s, p in zip(storages, params)
+        shared = {s for s, p in zip(storages, params, strict=True)
                   if storages.count(s) > 1 and not _ours(p.untyped_storage())}
         torch._foreach_copy_(self.p_views, params)
         self.p_ptrs: list[int] = []
@@ -342,7 +343,7 @@ class FlatBucket:
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         flat1 = flat.view(-1)
-        return [flat1.as_strided(s, st, o) for s, st, o in zip(self.shapes, self.strides, self.offsets)]
+        return [flat1.as_strided(s, st, o) for s, st, o in zip(self.shapes, self.strides, self.offsets, strict=True)]
 
     def _adopt(self, i: int, p: torch.Tensor, allowed: bool = True) -> None:
         """``p``'s values are in its region already: make p a view of it if p may be re-pointed."""
@@ -367,7 +368,7 @@ class FlatBucket:
         """State entries (views, zero) for tensors stepped for the first time."""
         if self.initialised:
             return
-        for i, (p, a) in enumerate(zip(self.params, active)):
+        for i, (p, a) in enumerate(zip(self.params, active, strict=True)):
             if a and not state[p]:
                 self._point_state(i, state[p])
         self.initialised = all(state[p] for p in self.params)
@@ -376,7 +377,7 @@ class FlatBucket:
         """Same shapes, dtype, device and (dense tensors) strides as the buffers' views."""
         return all(p.shape == s and p.dtype == self.dtype and p.device == self.device
                    and (p.stride() == st or not _dense(p))
-                   for p, s, st in zip(params, self.shapes, self.strides))
+                   for p, s, st in zip(params, self.shapes, self.strides, strict=True))
 
     def sync_params_in(self) -> bool:
         """Check every parameter is still the expected tensor; re-adopt the ones whose data was
@@ -385,7 +386,7 @@ class FlatBucket:
         if ptrs != self.p_ptrs:
             if not self.fits(self.params):
                 return False
-            for i, (p, ptr) in enumerate(zip(self.params, ptrs)):
+            for i, (p, ptr) in enumerate(zip(self.params, ptrs, strict=True)):
                 if ptr != self.p_ptrs[i]:
                     self.p_views[i].copy_(p)
                     self._adopt(i, p)
@@ -430,7 +431,7 @@ class FlatBucket:
         return active
 
     def grads_are_views(self) -> list[bool]:
-        return [p.grad is not None and p.grad.data_ptr() == ptr for p, ptr in zip(self.params, self.g_ptrs)]
+        return [p.grad is not None and p.grad.data_ptr() == ptr for p, ptr in zip(self.params, self.g_ptrs, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,7 +529,7 @@ class LayerwiseOptimizer(Optimizer):
         for i, p in enumerate(group["params"]):
             by_kind.setdefault((p.device, p.dtype), []).append(i)
         buckets = []
-        for (dev, _dt), idx in by_kind.items():
+        for (_dev, _dt), idx in by_kind.items():
             ps = [group["params"][i] for i in idx]
             if not ps[0].is_floating_point():
                 raise RuntimeError(f"{type(self).__name__} needs floating-point parameters; got {ps[0].dtype}")
@@ -564,7 +565,7 @@ class LayerwiseOptimizer(Optimizer):
                 bucket.coef_row = values
             return True
         # rows of idle tensors only need to be finite: they are multiplied by 0
-        table = torch.tensor([[float(a), *row(max(t, 1.0))] for a, t in zip(active, steps)])
+        table = torch.tensor([[float(a), *row(max(t, 1.0))] for a, t in zip(active, steps, strict=True)])
         bucket.coef.copy_(table.to(bucket.device)[bucket.seg], non_blocking=True)
         bucket.coef_row = None
         return False
@@ -668,7 +669,7 @@ class LayerwiseOptimizer(Optimizer):
                 views = b.grads_are_views()
                 if any(views):
                     b.g.zero_()
-                    kept.update(id(p) for p, v in zip(b.params, views) if v)
+                    kept.update(id(p) for p, v in zip(b.params, views, strict=True) if v)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or id(p) in kept:
@@ -718,7 +719,7 @@ class LayerwiseOptimizer(Optimizer):
         out: dict[str, torch.Tensor] = {}
         for gi, done in sorted(self._last_ratios.items()):
             for idx, ratios, active in done:
-                for j, (i, a) in enumerate(zip(idx, active)):
+                for j, (i, a) in enumerate(zip(idx, active, strict=True)):
                     if a:
                         out[names[gi][i]] = ratios[j]
         return out

@@ -23,7 +23,8 @@ Parameters with ``requires_grad=False`` are left out; empty groups are dropped.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 

@@ -22,7 +22,8 @@ torch's optimizers run fused (CPU/CUDA, floating params) or foreach where torch 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -17,7 +17,8 @@ This module imports no torch at import time (``resnet-lamb plan`` must stay fast
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -179,7 +180,7 @@ def multiplier_fn(spec: Any, plan: Any) -> Callable[[int], float]:
     raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
-def build_scheduler(optimizer: "torch.optim.Optimizer", spec: Any, plan: Any) -> "torch.optim.lr_scheduler.LambdaLR":
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: Any, plan: Any) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` over ``optimizer`` following ``spec`` (``ScheduleSpec``) and ``plan`` (``Plan``).
 
     Build the optimizer with ``lr=plan.lr`` (the peak); LambdaLR multiplies each param group's

@@ -28,14 +28,22 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
 
 from resnet_lamb.errors import UserError
 from resnet_lamb.report.figures import write_figures
 from resnet_lamb.report.reading import find_run_dirs, load_run, paper_tables, read_metrics
 from resnet_lamb.report.runs import Run
-from resnet_lamb.report.tables import (grid_table, mean_text, other_sections, render_report, spread, status_text,
-                                       table3_key, table3_rows, table5_rows)
+from resnet_lamb.report.tables import (
+    grid_table,
+    mean_text,
+    other_sections,
+    render_report,
+    spread,
+    status_text,
+    table3_key,
+    table3_rows,
+    table5_rows,
+)
 from resnet_lamb.report.wandb_runs import read_wandb_api
 
 __all__ = ["Run", "find_run_dirs", "grid_table", "load_run", "main", "mean_text", "other_sections", "paper_tables",
@@ -43,7 +51,7 @@ __all__ = ["Run", "find_run_dirs", "grid_table", "load_run", "main", "mean_text"
            "table5_rows", "write_figures"]
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="resnet-lamb report",
         description="Write DIR/report.md (the paper's Tables 5 and 3, other runs) and DIR/*.png "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from resnet_lamb.report.runs import Run
 
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "run"
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -78,7 +77,7 @@ def read_config(run: Run, path: Path) -> None:
     run.expected = cfg.get("expected") or {}
 
 
-def _json_object(path: Path) -> Optional[dict]:
+def _json_object(path: Path) -> dict | None:
     """A JSON file holding an object; None when there is no such file; ValueError naming what is wrong."""
     if not path.is_file():
         return None
@@ -115,7 +114,7 @@ class History:
     def __init__(self) -> None:
         self.by_epoch: dict = {}   # epoch (1-based) -> (step, top1, top5)
         self.trust: list = []      # (step, {layer: value})
-        self.last_step: Optional[int] = None
+        self.last_step: int | None = None
 
     def add(self, row: dict, where: str) -> None:
         step = int(_number(row["step"], where, "step")) if row.get("step") is not None else None
@@ -130,7 +129,7 @@ class History:
         if trust:
             self.trust.append((int(_number(row.get("step"), where, "step")), trust))
 
-    def finish(self, run: Run, layers: Optional[list] = None) -> Optional[int]:
+    def finish(self, run: Run, layers: list | None = None) -> int | None:
         """Fill ``run``'s val / trust fields (layers: the CSV's column order, else sorted); the last step."""
         run.val = [(e, *self.by_epoch[e][1:]) for e in sorted(self.by_epoch)]
         run.trust_layers = list(layers) if layers is not None else sorted({k for _, d in self.trust for k in d})
@@ -139,7 +138,7 @@ class History:
         return self.last_step
 
 
-def read_metrics(run: Run) -> Optional[int]:
+def read_metrics(run: Run) -> int | None:
     """Validation accuracies and trust ratios from csv/metrics.csv, streamed (a 90-epoch run has
     225K rows); returns the last logged step. ValueError names what is wrong with the file."""
     path = run.path / "csv" / "metrics.csv"
@@ -163,11 +162,11 @@ def read_metrics(run: Run) -> Optional[int]:
             line = reader.line_num
             if len(row) != len(header):
                 raise ValueError(f"csv/metrics.csv line {line} has {len(row)} fields, the header {len(header)}")
-            history.add({name: value for name, value in zip(header, row) if value}, f"csv/metrics.csv line {line}")
+            history.add({name: value for name, value in zip(header, row, strict=True) if value}, f"csv/metrics.csv line {line}")
     return history.finish(run, [name[len(TRUST_PREFIX):] for name in header if name.startswith(TRUST_PREFIX)])
 
 
-def _ended_status(path: Path, summary: Optional[dict]) -> Optional[tuple]:
+def _ended_status(path: Path, summary: dict | None) -> tuple | None:
     """(status, message) of a last fit that failed or was interrupted, from summary.json; for a run
     from before summary.json, from failed.txt / interrupted.txt. None otherwise."""
     if summary is not None or (path / "summary.json").exists():
