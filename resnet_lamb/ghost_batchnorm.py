@@ -28,6 +28,7 @@ author's TPU run normalised over the 128 images of each core).
 The layer is a ``BatchNorm2d`` subclass with the same parameters and buffers: state dicts load
 either way, and the parameter rule (``param_rule: author``) finds it as a BatchNorm layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,10 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         if not self.training or k is None or x.shape[0] == k:
             return super().forward(x)
         if x.shape[0] % k:
-            raise ValueError(f"model.bn_batch: {k} does not divide the micro batch of {x.shape[0]} samples "
-                             f"(data.micro_batch); set model.bn_batch to a divisor of it")
+            raise ValueError(
+                f"model.bn_batch: {k} does not divide the micro batch of {x.shape[0]} samples "
+                f"(data.micro_batch); set model.bn_batch to a divisor of it"
+            )
         self._check_input_dim(x)
         track = self.track_running_stats and self.running_mean is not None
         if track:

@@ -96,15 +96,15 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if backend not in BACKENDS:
             raise RecipeError(f"data.backend: {backend!r} is not one of {' | '.join(BACKENDS)}")
-        for key, value in (("global_batch", global_batch), ("micro_batch", micro_batch),
-                           ("image_size", image_size)):
+        for key, value in (("global_batch", global_batch), ("micro_batch", micro_batch), ("image_size", image_size)):
             if not isinstance(value, int) or value <= 0:
                 raise RecipeError(f"data.{key}: {value!r} must be a positive integer")
         from resnet_lamb.data.sampling import EPOCH_MODES
 
         if epoch_mode not in EPOCH_MODES:
-            raise RecipeError(f"data.epoch_mode: unknown epoch mode {epoch_mode!r}; choose one of "
-                              f"{', '.join(EPOCH_MODES)}")
+            raise RecipeError(
+                f"data.epoch_mode: unknown epoch mode {epoch_mode!r}; choose one of {', '.join(EPOCH_MODES)}"
+            )
         require_root(backend, root)
         self.backend_requested = backend
         self.root = root
@@ -140,11 +140,15 @@ class ImageDataModule(L.LightningDataModule):
             if b == "auto":
                 b = "dali" if dali.available() else "torchvision"
                 if b == "torchvision":
-                    print("resnet-lamb: DALI not installed (pip install '.[dali]'); using torchvision's DataLoader",
-                          file=sys.stderr)
+                    print(
+                        "resnet-lamb: DALI not installed (pip install '.[dali]'); using torchvision's DataLoader",
+                        file=sys.stderr,
+                    )
             elif b == "dali" and not dali.available():
-                raise DataError("data.backend: dali, but nvidia.dali is not importable; pip install '.[dali]' "
-                                "(nvidia-dali-cuda130) or set data.backend: torchvision")
+                raise DataError(
+                    "data.backend: dali, but nvidia.dali is not importable; pip install '.[dali]' "
+                    "(nvidia-dali-cuda130) or set data.backend: torchvision"
+                )
             self._backend = b
         return self._backend
 
@@ -155,8 +159,11 @@ class ImageDataModule(L.LightningDataModule):
             return
         from resnet_lamb.data.index import load_root
 
-        folder = folder if folder is not None else load_root(self.root, check=self.global_rank == 0,
-                                                             full=self.index_check and self.global_rank == 0)
+        folder = (
+            folder
+            if folder is not None
+            else load_root(self.root, check=self.global_rank == 0, full=self.index_check and self.global_rank == 0)
+        )
         check_counts(folder, self._given, self.root)
         self._folder = folder
 
@@ -190,8 +197,10 @@ class ImageDataModule(L.LightningDataModule):
         else:
             folder = held if held is not None and held.index_hash == value else load_root(self.root, check=False)
             if folder.index_hash != value:
-                raise DataError(f"{self.root}: its index changed while the ranks started (rank 0 read another one); "
-                                "start the run again once nothing writes to the data root")
+                raise DataError(
+                    f"{self.root}: its index changed while the ranks started (rank 0 read another one); "
+                    "start the run again once nothing writes to the data root"
+                )
         check_counts(folder, self._given, self.root)
         self._folder = folder
         self._close_loaders()
@@ -211,8 +220,11 @@ class ImageDataModule(L.LightningDataModule):
         if self.backend_requested == "synthetic":
             return self._given[key] if self._given[key] is not None else IMAGENET[key]
         self.validate()
-        return len(self._folder.splits["train" if key == "train_images" else "val"]) if key != "num_classes" \
+        return (
+            len(self._folder.splits["train" if key == "train_images" else "val"])
+            if key != "num_classes"
             else len(self._folder.classes)
+        )
 
     # ---- derived numbers -------------------------------------------------------------------------
     @property
@@ -238,8 +250,10 @@ class ImageDataModule(L.LightningDataModule):
     def accumulation(self) -> int:
         slots = self.micro_batch * self.world_size
         if self.global_batch % slots:
-            raise RecipeError(f"data.global_batch: {self.global_batch} is not a multiple of micro_batch x world size "
-                              f"= {self.micro_batch} x {self.world_size}; change data.micro_batch or the device count")
+            raise RecipeError(
+                f"data.global_batch: {self.global_batch} is not a multiple of micro_batch x world size "
+                f"= {self.micro_batch} x {self.world_size}; change data.micro_batch or the device count"
+            )
         return self.global_batch // slots
 
     @property
@@ -271,18 +285,32 @@ class ImageDataModule(L.LightningDataModule):
         if split in self._loaders:
             return self._loaders[split]
         train = split == "train"
-        kw = dict(train=train, n=self.train_images if train else self.val_images, global_batch=self.global_batch,
-                  micro_batch=self.micro_batch, world_size=self.world_size, seed=self.seed,
-                  image_size=self.image_size, channels_last=self.channels_last, dtype=self.dtype,
-                  epoch_mode=self.epoch_mode, epoch_fn=self._epoch_for_loader if train else None)
+        kw = dict(
+            train=train,
+            n=self.train_images if train else self.val_images,
+            global_batch=self.global_batch,
+            micro_batch=self.micro_batch,
+            world_size=self.world_size,
+            seed=self.seed,
+            image_size=self.image_size,
+            channels_last=self.channels_last,
+            dtype=self.dtype,
+            epoch_mode=self.epoch_mode,
+            epoch_fn=self._epoch_for_loader if train else None,
+        )
         _ = self.accumulation
         if self.backend == "synthetic":
             from resnet_lamb.data.synthetic import SyntheticLoader
 
             loader = SyntheticLoader(num_classes=self.num_classes, **kw)
         else:
-            kw.update(split=self._folder.splits[split], rank=self.global_rank, workers=self.workers,
-                      prefetch=self.prefetch, on_skip=self._on_skip)
+            kw.update(
+                split=self._folder.splits[split],
+                rank=self.global_rank,
+                workers=self.workers,
+                prefetch=self.prefetch,
+                on_skip=self._on_skip,
+            )
             if self.backend == "dali":
                 from resnet_lamb.data.dali import DaliLoader
 
@@ -345,14 +373,23 @@ class ImageDataModule(L.LightningDataModule):
         device sync) and never with SyncBatchNorm (its forward is a collective every rank joins)."""
         trainer = getattr(self, "trainer", None)
         module = getattr(trainer, "lightning_module", None)
-        if not (trainer is not None and trainer.training and getattr(module, "skip_padding", False)
-                and isinstance(batch, (list, tuple)) and len(batch) == 2):  # (the model summary's input)
+        if not (
+            trainer is not None
+            and trainer.training
+            and getattr(module, "skip_padding", False)
+            and isinstance(batch, (list, tuple))
+            and len(batch) == 2
+        ):  # (the model summary's input)
             return batch
         from torch.nn import SyncBatchNorm
 
         images, labels = batch
-        if (labels.device.type != "cpu" or not labels.numel() or bool((labels >= 0).any())
-                or any(isinstance(m, SyncBatchNorm) for m in module.modules())):
+        if (
+            labels.device.type != "cpu"
+            or not labels.numel()
+            or bool((labels >= 0).any())
+            or any(isinstance(m, SyncBatchNorm) for m in module.modules())
+        ):
             return batch
         return images[:0], labels[:0]
 

@@ -21,6 +21,7 @@ Rules:
 
 Parameters with ``requires_grad=False`` are left out; empty groups are dropped.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -52,8 +53,10 @@ def param_groups(model: nn.Module | Iterable, weight_decay: float, rule: str = "
     if isinstance(model, nn.Module):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     elif rule == "author":
-        raise ValueError("param_rule 'author' needs an nn.Module (BatchNorm is found by "
-                         "module type); pass the model or use param_rule 'timm' / 'none'")
+        raise ValueError(
+            "param_rule 'author' needs an nn.Module (BatchNorm is found by "
+            "module type); pass the model or use param_rule 'timm' / 'none'"
+        )
     else:
         named = [p if isinstance(p, tuple) else (f"p{i}", p) for i, p in enumerate(model)]
     if rule == "none":
@@ -66,9 +69,9 @@ def param_groups(model: nn.Module | Iterable, weight_decay: float, rule: str = "
     plain = [(n, p) for n, p in named if id(p) in skip]
     groups = []
     if decay:
-        groups.append({"params": decay, "weight_decay": float(weight_decay),
-                       "layer_adaptation": True, "apply_decay": True})
+        groups.append(
+            {"params": decay, "weight_decay": float(weight_decay), "layer_adaptation": True, "apply_decay": True}
+        )
     if plain:
-        groups.append({"params": plain, "weight_decay": 0.0,
-                       "layer_adaptation": False, "apply_decay": False})
+        groups.append({"params": plain, "weight_decay": 0.0, "layer_adaptation": False, "apply_decay": False})
     return groups

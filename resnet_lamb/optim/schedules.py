@@ -102,8 +102,7 @@ def warmup_poly(step: int, warmup_steps: int, total_steps: int, power: float = 1
     return (1.0 - end) * (1.0 - t / total_steps) ** power + end
 
 
-def poly_after_warmup(step: int, warmup_steps: int, total_steps: int, power: float = 1.0,
-                      end: float = 0.0) -> float:
+def poly_after_warmup(step: int, warmup_steps: int, total_steps: int, power: float = 1.0, end: float = 0.0) -> float:
     """``poly_after_warmup``: linear warmup to the peak, then polynomial decay measured from the
     end of the warmup (the LAMB author's ResNet-50 form).
 

@@ -5,6 +5,7 @@ steps), ``csv/metrics.csv`` (the metrics) and ``summary.json`` (how the last fit
 :class:`resnet_lamb.telemetry.RunStatus`); ``failed.txt`` / ``interrupted.txt`` for runs from before
 ``summary.json``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,8 +44,10 @@ def find_run_dirs(patterns: list) -> list:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if os.path.isdir(m)]
         if not matches:
-            raise UserError(f"{pattern}: no such run folder; give run folders (runs/NAME), a glob "
-                            f"(\"runs/lamb-*\") or a folder of run folders (runs)")
+            raise UserError(
+                f"{pattern}: no such run folder; give run folders (runs/NAME), a glob "
+                f'("runs/lamb-*") or a folder of run folders (runs)'
+            )
         for m in matches:
             p = Path(m)
             if not _is_run_dir(p):
@@ -112,8 +115,8 @@ class History:
     absent = not logged in that row), from csv/metrics.csv or the W&B API alike."""
 
     def __init__(self) -> None:
-        self.by_epoch: dict = {}   # epoch (1-based) -> (step, top1, top5)
-        self.trust: list = []      # (step, {layer: value})
+        self.by_epoch: dict = {}  # epoch (1-based) -> (step, top1, top5)
+        self.trust: list = []  # (step, {layer: value})
         self.last_step: int | None = None
 
     def add(self, row: dict, where: str) -> None:
@@ -122,10 +125,16 @@ class History:
             self.last_step = step
         if row.get("val/top1") is not None or row.get("val/top5") is not None:
             epoch = int(_number(row.get("epoch"), where, "epoch"))
-            self.by_epoch[epoch + 1] = (step, _number(row.get("val/top1"), where, "val/top1"),
-                                        _number(row.get("val/top5"), where, "val/top5"))
-        trust = {k[len(TRUST_PREFIX):]: _number(v, where, k) for k, v in row.items()
-                 if k.startswith(TRUST_PREFIX) and v is not None}
+            self.by_epoch[epoch + 1] = (
+                step,
+                _number(row.get("val/top1"), where, "val/top1"),
+                _number(row.get("val/top5"), where, "val/top5"),
+            )
+        trust = {
+            k[len(TRUST_PREFIX) :]: _number(v, where, k)
+            for k, v in row.items()
+            if k.startswith(TRUST_PREFIX) and v is not None
+        }
         if trust:
             self.trust.append((int(_number(row.get("step"), where, "step")), trust))
 
@@ -162,8 +171,10 @@ def read_metrics(run: Run) -> int | None:
             line = reader.line_num
             if len(row) != len(header):
                 raise ValueError(f"csv/metrics.csv line {line} has {len(row)} fields, the header {len(header)}")
-            history.add({name: value for name, value in zip(header, row, strict=True) if value}, f"csv/metrics.csv line {line}")
-    return history.finish(run, [name[len(TRUST_PREFIX):] for name in header if name.startswith(TRUST_PREFIX)])
+            history.add(
+                {name: value for name, value in zip(header, row, strict=True) if value}, f"csv/metrics.csv line {line}"
+            )
+    return history.finish(run, [name[len(TRUST_PREFIX) :] for name in header if name.startswith(TRUST_PREFIX)])
 
 
 def _ended_status(path: Path, summary: dict | None) -> tuple | None:

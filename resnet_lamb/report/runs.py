@@ -1,4 +1,5 @@
 """One run as the report sees it (:class:`Run`), from a run folder or the W&B API alike."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,26 +15,26 @@ class Run:
 
     name: str
     path: Path
-    status: str = "complete"               # complete | in progress | interrupted | failed | incomplete
-    reason: str = ""                       # why incomplete / in progress / interrupted / failed
+    status: str = "complete"  # complete | in progress | interrupted | failed | incomplete
+    reason: str = ""  # why incomplete / in progress / interrupted / failed
     optimizer: str = "?"
     arch: str = "?"
     num_classes: int | None = None
-    backend: str = "?"                     # data.backend: synthetic data is no data set
-    data_root: str = ""                    # data.root
-    train_images: int | None = None     # the counts fit recorded (data.train_images, data.val_images)
+    backend: str = "?"  # data.backend: synthetic data is no data set
+    data_root: str = ""  # data.root
+    train_images: int | None = None  # the counts fit recorded (data.train_images, data.val_images)
     val_images: int | None = None
     schedule: str = "?"
     global_batch: int | None = None
     max_epochs: int | None = None
     max_steps: int | None = None
-    plan: dict | None = None            # the run's plan.json as fit wrote it; None: the run has none
+    plan: dict | None = None  # the run's plan.json as fit wrote it; None: the run has none
     expected: dict = field(default_factory=dict)
-    val: list = field(default_factory=list)          # [(epoch 1-based, top1, top5)]
+    val: list = field(default_factory=list)  # [(epoch 1-based, top1, top5)]
     trust_layers: list = field(default_factory=list)  # layer names
-    trust_steps: list = field(default_factory=list)   # optimizer steps
+    trust_steps: list = field(default_factory=list)  # optimizer steps
     trust_values: list = field(default_factory=list)  # one list per step, a value per layer (nan = missing)
-    source: str = ""                       # "" = the run folder; else where it was read from (W&B API)
+    source: str = ""  # "" = the run folder; else where it was read from (W&B API)
 
     @property
     def lr(self) -> float | None:
@@ -51,9 +52,12 @@ class Run:
         a run the paper's ImageNet tables can be set beside."""
         from resnet_lamb.data.folder import IMAGENET
 
-        return (self.arch == "resnet50" and self.backend not in ("synthetic", "?")
-                and (self.train_images, self.val_images, self.num_classes)
-                == (IMAGENET["train_images"], IMAGENET["val_images"], IMAGENET["num_classes"]))
+        return (
+            self.arch == "resnet50"
+            and self.backend not in ("synthetic", "?")
+            and (self.train_images, self.val_images, self.num_classes)
+            == (IMAGENET["train_images"], IMAGENET["val_images"], IMAGENET["num_classes"])
+        )
 
     @property
     def data(self) -> str:
@@ -95,7 +99,7 @@ def read_model_and_data(run: Run, model: dict, data: dict) -> None:
 
 
 def set_progress(run: Run, last_step: int | None, unfinished: str | None = None) -> None:
-    """"in progress" when fewer epochs than max_epochs were validated and max_steps was not reached,
+    """ "in progress" when fewer epochs than max_epochs were validated and max_steps was not reached,
     or when ``unfinished`` (a W&B run not finished) says so."""
     max_steps = run.max_steps
     stopped = isinstance(max_steps, int) and max_steps > 0 and last_step is not None and last_step >= max_steps - 1
