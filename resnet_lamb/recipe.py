@@ -539,7 +539,10 @@ class Plan:
 
 def _valid_micro_batches(global_batch: int, world_size: int, limit: int = 10) -> str:
     if global_batch % world_size:
-        return f"none: data.global_batch {global_batch} is not divisible by world size {world_size}; use a world size that divides it"
+        return (
+            f"none: data.global_batch {global_batch} is not divisible by world size {world_size}; "
+            "use a world size that divides it"
+        )
     per_rank = global_batch // world_size
     divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0] if per_rank <= 1 << 20 else [per_rank]
     return ", ".join(str(d) for d in divisors[-limit:])

@@ -9,10 +9,10 @@ with no LastBatchPolicy subtleties (DALI#2881/#4686/#4440).
 Feeding: ``fn.external_source`` in batch mode with a callback that DALI calls in the main thread
 each time it schedules an iteration (``prefetch`` ahead of the consumer). The callback hands over
 the encoded bytes of stream batch ``pos`` (``pos = epoch * len(loader) + batch``), read by a thread
-pool one batch ahead (``split.read``: a folder's file or a shard's member; reads release the GIL); no Python worker processes. Each split's stream
-runs on across epochs (the next epoch's first batches decode during validation); a consumer that
-asks for another position (a resume, an epoch cut short by ``limit_*_batches``) gets it after the
-batches already in flight are run and dropped.
+pool one batch ahead (``split.read``: a folder's file or a shard's member; reads release the GIL); no
+Python worker processes. Each split's stream runs on across epochs (the next epoch's first batches
+decode during validation); a consumer that asks for another position (a resume, an epoch cut short
+by ``limit_*_batches``) gets it after the batches already in flight are run and dropped.
 
 Augmentation without DALI's random state: a training sample's random-resized-crop window and flip
 are computed here, by :func:`random_resized_crop` (torchvision's algorithm: 10 attempts at scale
@@ -44,9 +44,9 @@ a batch stays valid while the trainer holds it.
 
 Corrupt files: DALI's decoder fails the whole batch (a "Critical error in pipeline"; checked in CPU
 mode for non-image bytes, truncated and damaged JPEGs; a file that cannot be read, or whose header
-Pillow cannot read, is marked at read time). The loader then decodes the files of the batches in flight one by one with a
-small DALI CPU pipeline, marks the failing ones bad (placeholder + label -1 from then on, one warning
-each), rebuilds the pipeline at the failed batch (the only case where a split gets a second
+Pillow cannot read, is marked at read time). The loader then decodes the files of the batches in
+flight one by one with a small DALI CPU pipeline, marks the failing ones bad (placeholder + label -1
+from then on, one warning each), rebuilds the pipeline at the failed batch (the only case where a split gets a second
 pipeline) and carries on. See :mod:`resnet_lamb.data.folder` for the policy.
 """
 

@@ -10,8 +10,9 @@ Per rank per epoch the train loader yields exactly ``steps_per_epoch * accumulat
 ``epoch_mode: padded``: every image once across all ranks (a permutation seeded by
 ``(seed, epoch)``, the same on every rank, sharded by global rank; the last global batch is padded
 with repeats labelled -1); ``full_batch``: full global batches cut from one stream of per-pass
-permutations (no padding; the run's ``max_steps`` ends it). Validation: ``ceil(val_images / (micro_batch * world_size))`` batches per
-rank, every image exactly once across ranks, padding labelled -1.
+permutations (no padding; the run's ``max_steps`` ends it). Validation:
+``ceil(val_images / (micro_batch * world_size))`` batches per rank, every image exactly once across
+ranks, padding labelled -1.
 
 World size and rank come from the trainer at ``setup`` when attached, else from torch.distributed
 when initialised, else 1 / 0.
