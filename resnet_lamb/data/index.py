@@ -170,7 +170,7 @@ def count_images(root, split: str = "train") -> int:
     from resnet_lamb.data import shards
 
     if shards.is_shard_split(Path(root).expanduser() / split):
-        return len(shards.scan_split(Path(root).expanduser(), split).names)
+        return len(shards.scan_split(Path(root).expanduser(), split))
     return len(validate_root(root, (split,)).splits[split])
 
 
