@@ -56,22 +56,23 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
                 f"(data.micro_batch); set model.bn_batch to a divisor of it"
             )
         self._check_input_dim(x)
-        track = self.track_running_stats and self.running_mean is not None
-        if track:
+        running: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, var) when tracked
+        if self.track_running_stats and self.running_mean is not None:
+            assert self.running_var is not None and self.num_batches_tracked is not None  # registered together
+            running = (self.running_mean, self.running_var)
             self.num_batches_tracked.add_(1)
             momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         else:
             momentum = 0.0
         outs, means, vars_ = [], [], []
         for group in x.split(k):
-            rm = self.running_mean.clone() if track else None
-            rv = self.running_var.clone() if track else None
+            rm, rv = (running[0].clone(), running[1].clone()) if running is not None else (None, None)
             outs.append(F.batch_norm(group, rm, rv, self.weight, self.bias, True, momentum, self.eps))
-            if track:
+            if rm is not None and rv is not None:
                 means.append(rm)
                 vars_.append(rv)
-        if track:
+        if running is not None:
             with torch.no_grad():
-                self.running_mean.copy_(torch.stack(means).mean(0))
-                self.running_var.copy_(torch.stack(vars_).mean(0))
+                running[0].copy_(torch.stack(means).mean(0))
+                running[1].copy_(torch.stack(vars_).mean(0))
         return torch.cat(outs)

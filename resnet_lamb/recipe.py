@@ -19,10 +19,10 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import yaml
 
@@ -179,7 +179,8 @@ def apply_overrides(cfg: dict, args: "list[str]") -> "tuple[dict, dict[str, str]
     Also returns where each key got its value: ``{dotted key: origin}``, the origin being
     ``"--key value"`` for a flag or the file's path for a ``--config`` file (see :func:`blame`).
     """
-    cfg, origins = copy.deepcopy(cfg), {}
+    cfg = copy.deepcopy(cfg)
+    origins: dict[str, str] = {}
     for key, raw in command_line_flags(args):
         if key == "config":
             key, value, origin = "", load_recipe(raw), os.path.normpath(raw)
@@ -278,12 +279,16 @@ def _nonnegative_float(value: Any, key: str) -> float:
     return float(value)
 
 
-def _choice(value: Any, key: str, allowed: "tuple[str, ...] | list[str]", what: str) -> str:
+_Name = TypeVar("_Name", bound=str)
+
+
+def _choice(value: Any, key: str, allowed: Sequence[_Name], what: str) -> _Name:
+    """``value`` when it is one of ``allowed`` (a ``Literal``'s names keep their type), else a RecipeError."""
     if not isinstance(value, str) or value not in allowed:
         hint = difflib.get_close_matches(str(value), list(allowed), n=1)
         did = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise RecipeError(f"{key}: unknown {what} {value!r}{did}; choose one of {', '.join(allowed)}")
-    return value
+    return cast(_Name, value)  # one of allowed
 
 
 def _unknown_keys(mapping: dict, allowed: "tuple[str, ...]", prefix: str, what: str = "key") -> None:
@@ -692,12 +697,11 @@ class Recipe:
     sources: dict = field(default_factory=dict)  # dotted recipe key -> where its value comes from
 
 
-def _section(cfg: dict, key: str, required: bool) -> dict | None:
+def _section(cfg: dict, key: str) -> dict:
+    """The required section ``cfg[key]``."""
     value = cfg.get(key)
     if value is None:
-        if required:
-            raise RecipeError(f"{key}: missing section; see docs/CONTRACTS.md for the recipe layout")
-        return None
+        raise RecipeError(f"{key}: missing section; see docs/CONTRACTS.md for the recipe layout")
     if not isinstance(value, dict):
         raise RecipeError(f"{key}: expected a mapping, got {value!r}")
     return value
@@ -744,12 +748,12 @@ def _validate(cfg: dict, shown: str) -> Recipe:
     if ckpt is not None and not isinstance(ckpt, str):
         raise RecipeError(f"ckpt_path: expected a path or null, got {ckpt!r}")
 
-    trainer = _section(cfg, "trainer", required=True)
+    trainer = _section(cfg, "trainer")
     if trainer.get("max_epochs") is None:
         raise RecipeError("trainer.max_epochs: missing; set the number of epochs (the paper's is 90)")
     epochs = _positive_int(trainer["max_epochs"], "trainer.max_epochs")
 
-    model = _section(cfg, "model", required=True)
+    model = _section(cfg, "model")
     opt = model.get("optimizer")
     if not isinstance(opt, dict):
         raise RecipeError(
@@ -768,7 +772,7 @@ def _validate(cfg: dict, shown: str) -> Recipe:
         raise RecipeError(f"model.schedule: expected a mapping, got {sched!r}")
     _unknown_keys(sched, SCHEDULE_KEYS, "model.schedule.")
 
-    data = _section(cfg, "data", required=True)
+    data = _section(cfg, "data")
     if data.get("global_batch") is None:
         raise RecipeError("data.global_batch: missing; set the global batch (the paper's batch size)")
     global_batch = _positive_int(data["global_batch"], "data.global_batch")

@@ -314,7 +314,8 @@ def _probe_bad(split, files: dict[str, int]) -> dict[str, str]:
     A DataError reading the bytes (a shard unlike its index) is raised, not counted."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    # device_id=None: a CPU-only pipeline, which DALI takes but its stubs (device_id: int) do not
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)  # type: ignore[call-overload]
     def probe():
         return fn.decoders.image(fn.external_source(name="enc", dtype=types.UINT8), device="cpu", output_type=types.RGB)
 

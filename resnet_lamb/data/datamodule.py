@@ -45,7 +45,13 @@ import sys
 import lightning as L
 
 from resnet_lamb.data.common import torch_dtype
-from resnet_lamb.data.folder import BACKENDS, IMAGENET, check_counts, require_root  # noqa: F401 (re-exported)
+from resnet_lamb.data.folder import (  # noqa: F401 (re-exported)
+    BACKENDS,
+    IMAGENET,
+    Folder,
+    check_counts,
+    require_root,
+)
 from resnet_lamb.errors import DataError, RecipeError
 
 
@@ -115,12 +121,12 @@ class ImageDataModule(L.LightningDataModule):
         self.index_check = index_check
         self._shared_world = 1  # world size whose ranks already agreed on the folder
         self._given = {"train_images": train_images, "val_images": val_images, "num_classes": num_classes}
-        self._folder = None
+        self._folder: Folder | None = None
         self._epoch = 0
         self._loaders: dict[str, object] = {}
         self.skipped: list[str] = []
         self.world_size, self.global_rank = self._dist_from_torch()
-        self._backend = None
+        self._backend: str | None = None
 
     # ---- world, backend, folder -------------------------------------------------------------
     @staticmethod
@@ -207,6 +213,11 @@ class ImageDataModule(L.LightningDataModule):
         self._close_loaders()
         self._shared_world = self.world_size
 
+    def _validated_folder(self) -> Folder:
+        self.validate()
+        assert self._folder is not None  # validate() reads it for every backend but synthetic
+        return self._folder
+
     def _broadcast(self, obj):
         strategy = getattr(getattr(self, "trainer", None), "strategy", None)
         if strategy is not None and hasattr(strategy, "broadcast"):
@@ -219,13 +230,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def _count(self, key: str) -> int:
         if self.backend_requested == "synthetic":
-            return self._given[key] if self._given[key] is not None else IMAGENET[key]
-        self.validate()
-        return (
-            len(self._folder.splits["train" if key == "train_images" else "val"])
-            if key != "num_classes"
-            else len(self._folder.classes)
-        )
+            given = self._given[key]
+            return given if given is not None else IMAGENET[key]
+        folder = self._validated_folder()
+        if key == "num_classes":
+            return len(folder.classes)
+        return len(folder.splits["train" if key == "train_images" else "val"])
 
     # ---- derived numbers -------------------------------------------------------------------------
     @property
@@ -244,8 +254,7 @@ class ImageDataModule(L.LightningDataModule):
     def classes(self) -> list[str]:
         if self.backend_requested == "synthetic":
             return [str(i) for i in range(self.num_classes)]
-        self.validate()
-        return list(self._folder.classes)
+        return list(self._validated_folder().classes)
 
     @property
     def accumulation(self) -> int:
@@ -300,13 +309,14 @@ class ImageDataModule(L.LightningDataModule):
             epoch_fn=self._epoch_for_loader if train else None,
         )
         _ = self.accumulation
+        loader: object
         if self.backend == "synthetic":
             from resnet_lamb.data.synthetic import SyntheticLoader
 
             loader = SyntheticLoader(num_classes=self.num_classes, **kw)
         else:
             kw.update(
-                split=self._folder.splits[split],
+                split=self._validated_folder().splits[split],
                 rank=self.global_rank,
                 workers=self.workers,
                 prefetch=self.prefetch,
@@ -377,6 +387,7 @@ class ImageDataModule(L.LightningDataModule):
         if not (
             trainer is not None
             and trainer.training
+            and module is not None
             and getattr(module, "skip_padding", False)
             and isinstance(batch, (list, tuple))
             and len(batch) == 2

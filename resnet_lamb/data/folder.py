@@ -36,10 +36,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from resnet_lamb.errors import DataError
+
+if TYPE_CHECKING:
+    from resnet_lamb.data.shards import ShardSplit
 
 # data.backend's choices (resnet_lamb.data.datamodule), named here so fit checks them before Lightning loads
 BACKENDS = ("dali", "torchvision", "memory", "synthetic", "auto")
@@ -90,7 +94,7 @@ class Split:
 class Folder:
     root: Path
     classes: list[str]
-    splits: dict[str, Split] = field(default_factory=dict)
+    splits: dict[str, Split | ShardSplit] = field(default_factory=dict)
     index_hash: str | None = None  # the content hash of the index it was read from; None: listed
 
     @property

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from resnet_lamb.data.folder import Folder, Split, validate_root
+from resnet_lamb.data.shards import ShardSplit
 from resnet_lamb.errors import DataError
 
 SPLITS = ("train", "val")
@@ -143,12 +144,12 @@ def read_index(path: Path, header_only: bool = False) -> Index:
         with open(path, "rb") as f:
             data = f.read(4096) if header_only else f.read()
             nl = data.find(b"\n", 0, 200)
-            fmt, version, size = data[: max(nl, 0)].decode("ascii", "replace").split(" ")
+            fmt, version, size_text = data[: max(nl, 0)].decode("ascii", "replace").split(" ")
             if fmt != FORMAT:
                 raise ValueError(f"it starts with {data[:40]!r}")
             if int(version) != VERSION:
                 raise DataError(f"{path}: an index of version {version}, not {VERSION}; {rebuild_hint(path.parent)}")
-            start, size = nl + 1, int(size)
+            start, size = nl + 1, int(size_text)
             if header_only and len(data) < start + size:
                 data += f.read(start + size - len(data))
         meta = json.loads(data[start : start + size])
@@ -186,6 +187,7 @@ def _dir_times(root: Path, split: str, classes: list[str]) -> dict[str, int]:
 def folder_entries(folder: Folder, split: str) -> dict:
     """``write_index`` arguments for a listed folder split (one ``stat`` per file for the sizes)."""
     sp = folder.splits[split]
+    assert isinstance(sp, Split)  # a folder layout's split (build_index gives shards their own entries)
     sizes = np.fromiter((os.stat(sp.path(i)).st_size for i in range(len(sp))), dtype=np.int64, count=len(sp))
     return dict(
         kind="folder",
@@ -203,8 +205,9 @@ def build_index(root) -> dict[str, Index]:
     folder = discover(root)
     out = {}
     for split in SPLITS:
-        if folder.kind == "shards":
-            kw = dict(folder.splits[split].index_entries(), classes=folder.classes)
+        sp = folder.splits[split]
+        if isinstance(sp, ShardSplit):
+            kw = dict(sp.index_entries(), classes=folder.classes)
         else:
             kw = folder_entries(folder, split)
         out[split] = read_index(write_index(root, split, **kw))
@@ -261,16 +264,19 @@ def load_root(root, *, check: bool = True, full: bool = False) -> Folder:
     if check or full:
         for s, i in idx.items():
             i.verify_hash()
-            if i.kind == "folder":
-                _check_folder_times(root, s, i)
+            sp = folder.splits[s]
+            if isinstance(sp, ShardSplit):
+                sp.check_cheap()
             else:
-                folder.splits[s].check_cheap()
+                _check_folder_times(root, s, i)
     if full:
         if folder.kind == "folder":
             _check_folder_full(root, folder)
         else:
             for s in SPLITS:
-                folder.splits[s].check_full()
+                sp = folder.splits[s]
+                if isinstance(sp, ShardSplit):
+                    sp.check_full()
     return folder
 
 
@@ -283,8 +289,6 @@ def _split_from_index(root: Path, split: str, i: Index):
     if i.kind == "folder":
         return Split(root / split, a["names"], a["labels"], a["sizes"])
     if i.kind == "shards":
-        from resnet_lamb.data.shards import ShardSplit
-
         return ShardSplit(
             root / split,
             [str(n) for n, _ in i.meta["shards"]],
@@ -328,6 +332,7 @@ def _check_folder_full(root: Path, folder: Folder) -> None:
         )
     for split in SPLITS:
         sp, ls = folder.splits[split], listed.splits[split]
+        assert sp.sizes is not None  # read from an index, which holds every file's size
         have = dict(zip(sp.paths.tolist(), zip(sp.labels.tolist(), sp.sizes.tolist(), strict=True), strict=True))
         seen = dict(zip(ls.paths.tolist(), ls.labels.tolist(), strict=True))
         for rel, label in seen.items():

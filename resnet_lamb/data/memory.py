@@ -36,12 +36,12 @@ def _decode(split, i: int, size: int) -> np.ndarray | None:
     except OSError:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
+        with Image.open(io.BytesIO(data)) as opened:
+            img = opened.convert("RGB")
             w, h = img.size
             scale = size / min(w, h)
             if (w, h) != (size, size):
-                img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+                img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
                 left, top = (img.width - size) // 2, (img.height - size) // 2
                 img = img.crop((left, top, left + size, top + size))
             return np.array(img, dtype=np.uint8)

@@ -133,7 +133,8 @@ def _limit_per_class(labels: np.ndarray, limit: int | None, rng: np.random.Gener
     order = rng.permutation(len(labels)) if rng is not None else np.arange(len(labels))
     if limit is None:
         return np.sort(order)
-    keep, seen = [], {}
+    keep = []
+    seen: dict[int, int] = {}
     for i in order:
         c = labels[i]
         if seen.get(c, 0) < limit:
@@ -263,7 +264,7 @@ def _foolbox(args, w: Writer):
     files = sorted(data.glob("imagenet_*.jpg"))
     if not files:
         raise DataError(f"{data}: no imagenet_*.jpg photos; pip install foolbox==3.3.4")
-    per = {}
+    per: dict[int, list[Path]] = {}
     for f in files:  # imagenet_<index>_<label>.jpg
         parts = f.stem.split("_")
         label = int(parts[-1]) if parts[-1].isdigit() else 0
@@ -285,6 +286,14 @@ def _need(path: str | None, flag: str, what: str) -> Path:
     return p
 
 
+def _member_bytes(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular file member's bytes (tarfile extracts no other kind)."""
+    f = tf.extractfile(member)
+    if f is None:
+        raise tarfile.TarError(f"{member.name} is not a regular file")
+    return f.read()
+
+
 def _val_labels(devkit: Path) -> list[str]:
     """wnid of each validation image, in ILSVRC2012_val_00000001... order."""
     try:
@@ -296,9 +305,9 @@ def _val_labels(devkit: Path) -> list[str]:
         with tarfile.open(devkit) as tf:
             for m in tf.getmembers():
                 if m.name.endswith("data/meta.mat"):
-                    meta = tf.extractfile(m).read()
+                    meta = _member_bytes(tf, m)
                 elif m.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
-                    truth = tf.extractfile(m).read().decode()
+                    truth = _member_bytes(tf, m).decode()
     except (tarfile.TarError, OSError) as err:
         raise DataError(
             f"{devkit}: not a readable devkit archive ({err}); pass --devkit ILSVRC2012_devkit_t12.tar.gz"
@@ -336,7 +345,7 @@ def _imagenet(args, w: Writer):
                             "train",
                             wnid,
                             Path(im.name).name,
-                            inner.extractfile(im).read(),
+                            _member_bytes(inner, im),
                             f"{train_tar}:{member.name}:{im.name}",
                         )
         seen: dict[str, int] = {}
@@ -356,7 +365,7 @@ def _imagenet(args, w: Writer):
                 if args.per_class_val is not None and seen.get(wnid, 0) >= args.per_class_val:
                     continue
                 seen[wnid] = seen.get(wnid, 0) + 1
-                w.jpeg("val", wnid, name, tf.extractfile(m).read(), f"{val_tar}:{m.name}")
+                w.jpeg("val", wnid, name, _member_bytes(tf, m), f"{val_tar}:{m.name}")
     except tarfile.TarError as err:
         raise DataError(f"imagenet: unreadable archive ({err}); pass the original ILSVRC2012 tars") from None
 

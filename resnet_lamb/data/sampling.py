@@ -81,6 +81,8 @@ def epoch_plan(
     accum = global_batch // slots
     steps = math.ceil(n / global_batch)
     total = steps * global_batch
+    index: np.ndarray  # both 1-D here, reshaped per step and slot below
+    real: np.ndarray
     if mode == "full_batch":
         index = stream(n, epoch * total, (epoch + 1) * total, seed, shuffle)
         real = np.ones(total, dtype=bool)

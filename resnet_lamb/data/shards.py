@@ -43,9 +43,11 @@ import re
 import sys
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from resnet_lamb.data.folder import Folder, Split
 from resnet_lamb.errors import DataError
 
 MEMBER_SEP = "::"  # an image inside a shard is named <shard path>::<member>
@@ -279,8 +281,9 @@ def _header_matches(block: bytes, member: bytes, size: int) -> bool:
     if block[124:135] == b"%011o" % size:
         return True
     try:
-        return tarfile.nti(block[124:136]) == size
-    except tarfile.InvalidHeaderError:
+        # tarfile's own number-field parser and its error: in CPython's tarfile, not in typeshed
+        return tarfile.nti(block[124:136]) == size  # type: ignore[attr-defined]
+    except tarfile.InvalidHeaderError:  # type: ignore[attr-defined]
         return False
 
 
@@ -420,15 +423,13 @@ def scan_split(root: Path, split: str) -> ShardSplit:
 
 def scan_root(root: Path):
     """A shard set without an index: read every shard's headers (what a listing is for a folder)."""
-    from resnet_lamb.data.folder import Folder
-
     for s in ("train", "val"):
         if not (root / s).is_dir():
             raise DataError(
                 f"{root / s}: missing; a shard set needs train/*.tar and val/*.tar "
                 "(`resnet-lamb pack SRC --out DIR` writes them)"
             )
-    splits = {s: scan_split(root, s) for s in ("train", "val")}
+    splits: dict[str, Split | ShardSplit] = {s: scan_split(root, s) for s in ("train", "val")}
     n = int(max(sp.labels.max() for sp in splits.values())) + 1
     classes = [str(c) for c in range(n)]
     names_file = root / CLASSES_FILE
@@ -450,7 +451,8 @@ class _ShardWriter:
     def __init__(self, out_dir: Path, split: str, limit: int):
         self.out_dir, self.split, self.limit = out_dir, split, limit
         self.shards: list[list] = []  # [name, bytes]
-        self._tf = self._file = None
+        self._tf: tarfile.TarFile | None = None
+        self._file: BinaryIO | None = None
         self._members = 0
 
     def _open(self):
@@ -476,6 +478,7 @@ class _ShardWriter:
     def _add(self, name: str, data: bytes) -> int:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(data), 0o444, 0
+        assert self._tf is not None  # add() opens a shard first
         self._tf.addfile(info, io.BytesIO(data))
         return self._tf.offset - -(-len(data) // HEADER) * HEADER  # where the data starts
 
@@ -508,6 +511,7 @@ def pack(src, out, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, quiet: b
     counts = {}
     for split in ("train", "val"):
         sp = folder.splits[split]
+        assert isinstance(sp, Split)  # folder.kind is "folder"
         rels = [p.decode() for p in sp.paths.tolist()]
         keys = [member_key(r) for r in rels]
         first: dict[str, int] = {}

@@ -292,7 +292,7 @@ def _owns_storage(t: torch.Tensor) -> bool:
     st = t.untyped_storage()
     if _ours(st):
         return True
-    return t.storage_offset() == 0 and st.nbytes() == t.numel() * t.element_size() and _dense(t)
+    return bool(t.storage_offset() == 0 and st.nbytes() == t.numel() * t.element_size() and _dense(t))
 
 
 class FlatBucket:

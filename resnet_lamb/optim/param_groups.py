@@ -30,7 +30,7 @@ from typing import Any
 from torch import nn
 
 RULES = ("author", "timm", "none")
-_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def _norm_param_ids(model: nn.Module) -> set[int]:
@@ -62,6 +62,7 @@ def param_groups(model: nn.Module | Iterable, weight_decay: float, rule: str = "
     if rule == "none":
         skip: set[int] = set()
     elif rule == "author":
+        assert isinstance(model, nn.Module)  # other models were refused above
         skip = _norm_param_ids(model)
     else:  # timm
         skip = {id(p) for _, p in named if p.ndim <= 1}

@@ -181,8 +181,9 @@ def _ended_status(path: Path, summary: dict | None) -> tuple | None:
     """(status, message) of a last fit that failed or was interrupted, from summary.json; for a run
     from before summary.json, from failed.txt / interrupted.txt. None otherwise."""
     if summary is not None or (path / "summary.json").exists():
-        status = (summary or {}).get("status")
-        return (status, str(summary.get("message") or status)) if status in ("failed", "interrupted") else None
+        fields = summary or {}
+        status = fields.get("status")
+        return (status, str(fields.get("message") or status)) if status in ("failed", "interrupted") else None
     for status in ("failed", "interrupted"):
         marker = path / f"{status}.txt"
         if marker.is_file():

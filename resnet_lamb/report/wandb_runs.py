@@ -42,8 +42,9 @@ def config_from_wandb(run: Run, cfg: dict) -> None:
         raise ValueError("the W&B config has no optimizer or global_batch (not a resnet-lamb run?)")
     read_model_and_data(run, model, data)
     run.max_epochs, run.max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
-    run.expected = cfg.get("expected") if isinstance(cfg.get("expected"), dict) else {}
-    run.plan = cfg.get("plan") if isinstance(cfg.get("plan"), dict) else None
+    expected, plan = cfg.get("expected"), cfg.get("plan")
+    run.expected = expected if isinstance(expected, dict) else {}
+    run.plan = plan if isinstance(plan, dict) else None
 
 
 def _short_error_text(err: BaseException) -> str:
@@ -66,8 +67,8 @@ def wandb_api(project: str):
     try:  # wandb 0.31's own lookup (env, netrc, settings) without its interactive prompt
         from wandb.sdk.lib import wbauth
     except ImportError:  # another wandb layout: wandb.Api() decides (and may prompt on a terminal)
-        wbauth = None
-    if wbauth is not None:
+        pass
+    else:
         try:
             auth = wbauth.authenticate_session(
                 host=base, source="resnet-lamb report", no_offline=True, prompt=False, update_session=False
