@@ -28,9 +28,8 @@ author's TPU run normalised over the 128 images of each core).
 The layer is a ``BatchNorm2d`` subclass with the same parameters and buffers: state dicts load
 either way, and the parameter rule (``param_rule: author``) finds it as a BatchNorm layer.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ from torch import nn
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
-    def __init__(self, num_features: int, *args, ghost_batch: Optional[int] = None, **kwargs) -> None:
+    def __init__(self, num_features: int, *args, ghost_batch: int | None = None, **kwargs) -> None:
         super().__init__(num_features, *args, **kwargs)
         if ghost_batch is not None and (not isinstance(ghost_batch, int) or ghost_batch < 1):
             raise ValueError(f"ghost_batch must be a positive integer or None, got {ghost_batch!r}")
@@ -52,25 +51,28 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         if not self.training or k is None or x.shape[0] == k:
             return super().forward(x)
         if x.shape[0] % k:
-            raise ValueError(f"model.bn_batch: {k} does not divide the micro batch of {x.shape[0]} samples "
-                             f"(data.micro_batch); set model.bn_batch to a divisor of it")
+            raise ValueError(
+                f"model.bn_batch: {k} does not divide the micro batch of {x.shape[0]} samples "
+                f"(data.micro_batch); set model.bn_batch to a divisor of it"
+            )
         self._check_input_dim(x)
-        track = self.track_running_stats and self.running_mean is not None
-        if track:
+        running: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, var) when tracked
+        if self.track_running_stats and self.running_mean is not None:
+            assert self.running_var is not None and self.num_batches_tracked is not None  # registered together
+            running = (self.running_mean, self.running_var)
             self.num_batches_tracked.add_(1)
             momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         else:
             momentum = 0.0
         outs, means, vars_ = [], [], []
         for group in x.split(k):
-            rm = self.running_mean.clone() if track else None
-            rv = self.running_var.clone() if track else None
+            rm, rv = (running[0].clone(), running[1].clone()) if running is not None else (None, None)
             outs.append(F.batch_norm(group, rm, rv, self.weight, self.bias, True, momentum, self.eps))
-            if track:
+            if rm is not None and rv is not None:
                 means.append(rm)
                 vars_.append(rv)
-        if track:
+        if running is not None:
             with torch.no_grad():
-                self.running_mean.copy_(torch.stack(means).mean(0))
-                self.running_var.copy_(torch.stack(vars_).mean(0))
+                running[0].copy_(torch.stack(means).mean(0))
+                running[1].copy_(torch.stack(vars_).mean(0))
         return torch.cat(outs)

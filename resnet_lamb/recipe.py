@@ -19,9 +19,10 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import yaml
 
@@ -34,8 +35,10 @@ TOP_LEVEL_KEYS = ("base", "expected", "sources", "seed_everything", "trainer", "
 EXPECTED_KEYS = ("top1", "top5", "source", "note")
 RECIPE_ONLY_KEYS = ("base", "expected", "sources")
 # model.optimizer keys a recipe must state, and what to set (the OptimizerSpec defaults are not a recipe)
-REQUIRED_OPTIMIZER_KEYS = (("name", "the optimizer, one of resnet_lamb.optim.list_optimizers()"),
-                           ("base_lr", "the peak LR at model.optimizer.base_batch"))
+REQUIRED_OPTIMIZER_KEYS = (
+    ("name", "the optimizer, one of resnet_lamb.optim.list_optimizers()"),
+    ("base_lr", "the peak LR at model.optimizer.base_batch"),
+)
 
 
 # ------------------------------------------------------------------------------------ YAML
@@ -80,8 +83,10 @@ def _read_yaml(path: Path, shown: str) -> dict:
     except yaml.YAMLError as err:
         raise RecipeError(f"{shown}: YAML error: {_one_line(err)}") from None
     if data is None:
-        raise RecipeError(f"{shown}: empty recipe; expected a YAML mapping with model, data and trainer "
-                          f"sections (see recipes/imagenet/table5/lamb-bs512.yaml)")
+        raise RecipeError(
+            f"{shown}: empty recipe; expected a YAML mapping with model, data and trainer "
+            f"sections (see recipes/imagenet/table5/lamb-bs512.yaml)"
+        )
     if not isinstance(data, dict):
         raise RecipeError(f"{shown}:1: expected a YAML mapping at the top level, got {type(data).__name__}")
     return data
@@ -112,9 +117,12 @@ def load_recipe(path: "str | os.PathLike[str]") -> dict:
 def _load(path: Path, chain: tuple) -> dict:
     shown = os.path.normpath(str(path))
     if not path.is_file():
-        raise RecipeError(f"{shown}: recipe file not found" if not chain else
-                          f"{chain[-1][1]}: base: {shown} not found; fix the base path (relative to "
-                          f"{os.path.dirname(chain[-1][1]) or '.'})")
+        raise RecipeError(
+            f"{shown}: recipe file not found"
+            if not chain
+            else f"{chain[-1][1]}: base: {shown} not found; fix the base path (relative to "
+            f"{os.path.dirname(chain[-1][1]) or '.'})"
+        )
     resolved = path.resolve()
     if any(resolved == seen for seen, _ in chain):
         cycle = " -> ".join([s for _, s in chain] + [shown])
@@ -171,7 +179,8 @@ def apply_overrides(cfg: dict, args: "list[str]") -> "tuple[dict, dict[str, str]
     Also returns where each key got its value: ``{dotted key: origin}``, the origin being
     ``"--key value"`` for a flag or the file's path for a ``--config`` file (see :func:`blame`).
     """
-    cfg, origins = copy.deepcopy(cfg), {}
+    cfg = copy.deepcopy(cfg)
+    origins: dict[str, str] = {}
     for key, raw in command_line_flags(args):
         if key == "config":
             key, value, origin = "", load_recipe(raw), os.path.normpath(raw)
@@ -204,7 +213,7 @@ def _set_as_cli(cfg: dict, key: str, value: Any) -> "list[str]":
     return [key]
 
 
-def _origin(key: str, origins: "dict[str, str]") -> Optional[str]:
+def _origin(key: str, origins: "dict[str, str]") -> str | None:
     """Where ``key`` (or the mapping holding it) was set, None when in the recipe itself."""
     key = re.sub(r"\[\d+\]", "", key)
     while key:
@@ -225,7 +234,7 @@ def blame(message: str, path: "str | os.PathLike[str]", origins: "dict[str, str]
     that the micro batch does not divide), the override is named beside the recipe:
     ``"recipe.yaml with --data.micro_batch 7: data.global_batch: ..."``."""
     shown = os.path.normpath(str(path))
-    rest = message[len(shown) + 2:] if message.startswith(shown + ": ") else message
+    rest = message[len(shown) + 2 :] if message.startswith(shown + ": ") else message
     lead, sep, problem = rest.partition(": ")
     lead_origin = _origin(lead, origins) if sep and _KEY.fullmatch(re.sub(r"\[\d+\]", "", lead)) else None
     if lead_origin is not None:
@@ -270,12 +279,16 @@ def _nonnegative_float(value: Any, key: str) -> float:
     return float(value)
 
 
-def _choice(value: Any, key: str, allowed: "tuple[str, ...] | list[str]", what: str) -> str:
+_Name = TypeVar("_Name", bound=str)
+
+
+def _choice(value: Any, key: str, allowed: Sequence[_Name], what: str) -> _Name:
+    """``value`` when it is one of ``allowed`` (a ``Literal``'s names keep their type), else a RecipeError."""
     if not isinstance(value, str) or value not in allowed:
         hint = difflib.get_close_matches(str(value), list(allowed), n=1)
         did = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise RecipeError(f"{key}: unknown {what} {value!r}{did}; choose one of {', '.join(allowed)}")
-    return value
+    return cast(_Name, value)  # one of allowed
 
 
 def _unknown_keys(mapping: dict, allowed: "tuple[str, ...]", prefix: str, what: str = "key") -> None:
@@ -288,9 +301,19 @@ def _unknown_keys(mapping: dict, allowed: "tuple[str, ...]", prefix: str, what: 
 
 # ------------------------------------------------------------------------------ the model
 # model.arch: the torchvision ResNet constructors resnet_lamb.model builds, and its MLP
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-         "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
-         "resnext101_64x4d", "mlp")
+ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "mlp",
+)
 
 
 def check_arch(arch: str) -> None:
@@ -349,8 +372,11 @@ class OptimizerSpec:
         if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
             raise RecipeError(f"{p}kwargs: expected a mapping of optimizer keyword arguments, got {self.kwargs!r}")
         self.name = _choice(self.name, p + "name", OPTIMIZERS, "optimizer")
-        for key, owner in (("lr", "base_lr, base_batch and scaling"), ("weight_decay", "model.optimizer.weight_decay"),
-                           ("params", "param_rule")):
+        for key, owner in (
+            ("lr", "base_lr, base_batch and scaling"),
+            ("weight_decay", "model.optimizer.weight_decay"),
+            ("params", "param_rule"),
+        ):
             if key in self.kwargs:
                 raise RecipeError(f"{p}kwargs.{key}: set by {owner}, not by kwargs; remove it")
         if not self.kwargs:
@@ -362,8 +388,9 @@ class OptimizerSpec:
             if key not in accepted and key not in ("lr", "weight_decay", "params"):
                 hint = difflib.get_close_matches(key, list(accepted), n=1)
                 did = f" (did you mean {hint[0]}?)" if hint else ""
-                raise RecipeError(f"{p}kwargs.{key}: unknown option for optimizer {self.name!r}{did}; "
-                                  f"allowed: {', '.join(accepted)}")
+                raise RecipeError(
+                    f"{p}kwargs.{key}: unknown option for optimizer {self.name!r}{did}; allowed: {', '.join(accepted)}"
+                )
 
 
 @dataclass
@@ -390,19 +417,20 @@ class ScheduleSpec:
         p = "model.schedule."
         self.name = _choice(self.name, p + "name", SCHEDULES, "schedule")
         self.warmup_epochs = _nonnegative_float(self.warmup_epochs, p + "warmup_epochs")
-        self.warmup_scaling = _choice(self.warmup_scaling, p + "warmup_scaling", WARMUP_SCALINGS,
-                                      "warmup scaling rule")
+        self.warmup_scaling = _choice(self.warmup_scaling, p + "warmup_scaling", WARMUP_SCALINGS, "warmup scaling rule")
         self.power = _positive_float(self.power, p + "power")
         self.end_lr = _nonnegative_float(self.end_lr, p + "end_lr")
         if self.end_lr and self.name not in POLY_SCHEDULES:
-            raise RecipeError(f"{p}end_lr: {self.end_lr:g} is used by the {' and '.join(POLY_SCHEDULES)} schedules "
-                              f"only, not by {self.name}; remove it or pick one of those")
+            raise RecipeError(
+                f"{p}end_lr: {self.end_lr:g} is used by the {' and '.join(POLY_SCHEDULES)} schedules "
+                f"only, not by {self.name}; remove it or pick one of those"
+            )
         if self.milestones is None:
             self.milestones = []
         if not isinstance(self.milestones, (list, tuple)):
             raise RecipeError(f"{p}milestones: expected a list of epochs, got {self.milestones!r}")
         miles = [_positive_int(m, f"{p}milestones[{i}]") for i, m in enumerate(self.milestones)]
-        if any(b <= a for a, b in zip(miles, miles[1:])):
+        if any(b <= a for a, b in zip(miles, miles[1:], strict=False)):
             raise RecipeError(f"{p}milestones: expected strictly increasing epochs, got {miles}")
         self.milestones = miles
         gamma = _positive_float(self.gamma, p + "gamma")
@@ -476,7 +504,7 @@ class Plan:
     padded_steps: int = 0
     full_batch_steps: int = 0
     run_epochs: int = 0
-    bn_batch: Optional[int] = None
+    bn_batch: int | None = None
     bn_images: int = 0
 
     def schedule_step(self, step: int) -> int:
@@ -516,7 +544,10 @@ class Plan:
 
 def _valid_micro_batches(global_batch: int, world_size: int, limit: int = 10) -> str:
     if global_batch % world_size:
-        return f"none: data.global_batch {global_batch} is not divisible by world size {world_size}; use a world size that divides it"
+        return (
+            f"none: data.global_batch {global_batch} is not divisible by world size {world_size}; "
+            "use a world size that divides it"
+        )
     per_rank = global_batch // world_size
     divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0] if per_rank <= 1 << 20 else [per_rank]
     return ", ".join(str(d) for d in divisors[-limit:])
@@ -526,9 +557,18 @@ def _divisors(n: int, limit: int = 8) -> str:
     return ", ".join(str(d) for d in [d for d in range(1, n + 1) if n % d == 0][-limit:])
 
 
-def derive_plan(optimizer: OptimizerSpec, schedule: ScheduleSpec, *, global_batch: int, micro_batch: int,
-                world_size: int, train_images: int, epochs: int, epoch_mode: str = "padded",
-                bn_batch: Optional[int] = None) -> Plan:
+def derive_plan(
+    optimizer: OptimizerSpec,
+    schedule: ScheduleSpec,
+    *,
+    global_batch: int,
+    micro_batch: int,
+    world_size: int,
+    train_images: int,
+    epochs: int,
+    epoch_mode: str = "padded",
+    bn_batch: int | None = None,
+) -> Plan:
     """Every number of docs/CONTRACTS.md "Derived numbers"; a :class:`RecipeError` on bad input.
 
     accumulation = global / (micro * world); lr = base_lr * (global/base_batch)^{1/2|1|0};
@@ -546,37 +586,49 @@ def derive_plan(optimizer: OptimizerSpec, schedule: ScheduleSpec, *, global_batc
     epochs = _positive_int(epochs, "trainer.max_epochs")
     epoch_mode = _choice(epoch_mode, "data.epoch_mode", EPOCH_MODES, "epoch mode")
     if micro_batch > global_batch:
-        raise RecipeError(f"data.micro_batch: {micro_batch} is larger than data.global_batch {global_batch}; "
-                          f"valid data.micro_batch values for world size {world_size}: "
-                          f"{_valid_micro_batches(global_batch, world_size)}")
+        raise RecipeError(
+            f"data.micro_batch: {micro_batch} is larger than data.global_batch {global_batch}; "
+            f"valid data.micro_batch values for world size {world_size}: "
+            f"{_valid_micro_batches(global_batch, world_size)}"
+        )
     if global_batch % (micro_batch * world_size):
         raise RecipeError(
             f"data.global_batch: {global_batch} is not divisible by data.micro_batch {micro_batch} x world size "
             f"{world_size} = {micro_batch * world_size}; valid data.micro_batch values for world size {world_size}: "
-            f"{_valid_micro_batches(global_batch, world_size)}")
+            f"{_valid_micro_batches(global_batch, world_size)}"
+        )
     if bn_batch is not None:
         bn_batch = _positive_int(bn_batch, "model.bn_batch")
         if micro_batch % bn_batch:
             raise RecipeError(
                 f"model.bn_batch: {bn_batch} does not divide data.micro_batch {micro_batch} (ghost BatchNorm "
                 f"normalises over groups of model.bn_batch samples of each micro batch); set model.bn_batch to one of "
-                f"{_divisors(micro_batch)} or data.micro_batch to a multiple of {bn_batch}")
+                f"{_divisors(micro_batch)} or data.micro_batch to a multiple of {bn_batch}"
+            )
     accumulation = global_batch // (micro_batch * world_size)
 
     lr = scale_lr(optimizer.base_lr, optimizer.base_batch, global_batch, optimizer.scaling)
     if schedule.end_lr > lr:
         rule = {"sqrt": "1/2", "linear": "1", "none": "0"}[optimizer.scaling]
-        raise RecipeError(f"model.schedule.end_lr: {schedule.end_lr:g} is above the peak LR {lr:.6g} "
-                          f"(model.optimizer.base_lr {optimizer.base_lr:g} x ({global_batch}/{optimizer.base_batch})^"
-                          f"{rule}); set model.schedule.end_lr to at most {lr:.6g}")
-    warmup_epochs = scale_warmup_epochs(schedule.warmup_epochs, optimizer.base_batch, global_batch,
-                                        schedule.warmup_scaling)
+        raise RecipeError(
+            f"model.schedule.end_lr: {schedule.end_lr:g} is above the peak LR {lr:.6g} "
+            f"(model.optimizer.base_lr {optimizer.base_lr:g} x ({global_batch}/{optimizer.base_batch})^"
+            f"{rule}); set model.schedule.end_lr to at most {lr:.6g}"
+        )
+    warmup_epochs = scale_warmup_epochs(
+        schedule.warmup_epochs, optimizer.base_batch, global_batch, schedule.warmup_scaling
+    )
     if warmup_epochs > epochs:
-        how = (f"{schedule.warmup_epochs:g} epochs at model.optimizer.base_batch {optimizer.base_batch} scale "
-               f"linearly to {warmup_epochs:g} epochs at data.global_batch {global_batch}"
-               if schedule.warmup_scaling == "linear" else f"{warmup_epochs:g} epochs")
-        raise RecipeError(f"model.schedule.warmup_epochs: {how}, longer than training (trainer.max_epochs "
-                          f"{epochs}); shorten the warmup or train longer")
+        how = (
+            f"{schedule.warmup_epochs:g} epochs at model.optimizer.base_batch {optimizer.base_batch} scale "
+            f"linearly to {warmup_epochs:g} epochs at data.global_batch {global_batch}"
+            if schedule.warmup_scaling == "linear"
+            else f"{warmup_epochs:g} epochs"
+        )
+        raise RecipeError(
+            f"model.schedule.warmup_epochs: {how}, longer than training (trainer.max_epochs "
+            f"{epochs}); shorten the warmup or train longer"
+        )
     steps_per_epoch = -(-train_images // global_batch)
     total_steps = -(-epochs * train_images // global_batch)
     padded_steps = epochs * steps_per_epoch
@@ -588,19 +640,40 @@ def derive_plan(optimizer: OptimizerSpec, schedule: ScheduleSpec, *, global_batc
     else:
         milestones, milestone_steps = (), ()
     return Plan(
-        optimizer=optimizer.name, schedule=schedule.name, base_lr=optimizer.base_lr,
-        base_batch=optimizer.base_batch, scaling=optimizer.scaling, lr=lr, weight_decay=optimizer.weight_decay,
-        global_batch=global_batch, micro_batch=micro_batch, world_size=world_size, accumulation=accumulation,
-        train_images=train_images, epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        optimizer=optimizer.name,
+        schedule=schedule.name,
+        base_lr=optimizer.base_lr,
+        base_batch=optimizer.base_batch,
+        scaling=optimizer.scaling,
+        lr=lr,
+        weight_decay=optimizer.weight_decay,
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        world_size=world_size,
+        accumulation=accumulation,
+        train_images=train_images,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
         optimizer_steps=optimizer_steps,
         micro_batches_per_epoch_per_rank=steps_per_epoch * accumulation,
         padding_per_epoch=0 if epoch_mode == "full_batch" else steps_per_epoch * global_batch - train_images,
         images_seen=total_steps * global_batch,
-        warmup_epochs_at_base=schedule.warmup_epochs, warmup_scaling=schedule.warmup_scaling,
-        warmup_epochs=warmup_epochs, warmup_steps=warmup_steps, power=schedule.power, gamma=schedule.gamma,
-        milestones=milestones, milestone_steps=milestone_steps, end_lr=schedule.end_lr, epoch_mode=epoch_mode,
-        padded_steps=padded_steps, full_batch_steps=total_steps, run_epochs=-(-optimizer_steps // steps_per_epoch),
-        bn_batch=bn_batch, bn_images=bn_batch or micro_batch,
+        warmup_epochs_at_base=schedule.warmup_epochs,
+        warmup_scaling=schedule.warmup_scaling,
+        warmup_epochs=warmup_epochs,
+        warmup_steps=warmup_steps,
+        power=schedule.power,
+        gamma=schedule.gamma,
+        milestones=milestones,
+        milestone_steps=milestone_steps,
+        end_lr=schedule.end_lr,
+        epoch_mode=epoch_mode,
+        padded_steps=padded_steps,
+        full_batch_steps=total_steps,
+        run_epochs=-(-optimizer_steps // steps_per_epoch),
+        bn_batch=bn_batch,
+        bn_images=bn_batch or micro_batch,
     )
 
 
@@ -613,29 +686,28 @@ class Recipe:
     optimizer: OptimizerSpec
     schedule: ScheduleSpec
     global_batch: int
-    micro_batch: Optional[int]
+    micro_batch: int | None
     epochs: int
-    train_images: Optional[int]
-    data_root: Optional[str]
+    train_images: int | None
+    data_root: str | None
     expected: dict = field(default_factory=dict)
     epoch_mode: str = "padded"
-    bn_batch: Optional[int] = None
+    bn_batch: int | None = None
     model: dict = field(default_factory=dict)  # model.* keys shown by `plan` (label_smoothing, grad_clip_norm...)
     sources: dict = field(default_factory=dict)  # dotted recipe key -> where its value comes from
 
 
-def _section(cfg: dict, key: str, required: bool) -> Optional[dict]:
+def _section(cfg: dict, key: str) -> dict:
+    """The required section ``cfg[key]``."""
     value = cfg.get(key)
     if value is None:
-        if required:
-            raise RecipeError(f"{key}: missing section; see docs/CONTRACTS.md for the recipe layout")
-        return None
+        raise RecipeError(f"{key}: missing section; see docs/CONTRACTS.md for the recipe layout")
     if not isinstance(value, dict):
         raise RecipeError(f"{key}: expected a mapping, got {value!r}")
     return value
 
 
-def _expected_fraction(value: Any, key: str) -> Optional[float]:
+def _expected_fraction(value: Any, key: str) -> float | None:
     if value is None:
         return None
     if not _is_number(value) or not 0.0 <= value <= 1.0:
@@ -665,8 +737,9 @@ def _validate(cfg: dict, shown: str) -> Recipe:
         raise RecipeError(f"expected a mapping at the top level, got {type(cfg).__name__}")
     for key in cfg:
         if key in ("optimizer", "lr_scheduler"):
-            raise RecipeError(f"{key}: not a recipe key; the optimizer and its schedule go under "
-                              f"model.optimizer and model.schedule")
+            raise RecipeError(
+                f"{key}: not a recipe key; the optimizer and its schedule go under model.optimizer and model.schedule"
+            )
     _unknown_keys(cfg, TOP_LEVEL_KEYS, "", "top-level key")
     seed = cfg.get("seed_everything")
     if seed is not None and not isinstance(seed, (bool, int)):
@@ -675,16 +748,19 @@ def _validate(cfg: dict, shown: str) -> Recipe:
     if ckpt is not None and not isinstance(ckpt, str):
         raise RecipeError(f"ckpt_path: expected a path or null, got {ckpt!r}")
 
-    trainer = _section(cfg, "trainer", required=True)
+    trainer = _section(cfg, "trainer")
     if trainer.get("max_epochs") is None:
         raise RecipeError("trainer.max_epochs: missing; set the number of epochs (the paper's is 90)")
     epochs = _positive_int(trainer["max_epochs"], "trainer.max_epochs")
 
-    model = _section(cfg, "model", required=True)
+    model = _section(cfg, "model")
     opt = model.get("optimizer")
     if not isinstance(opt, dict):
-        raise RecipeError("model.optimizer: missing; set at least model.optimizer.name and model.optimizer.base_lr"
-                          if opt is None else f"model.optimizer: expected a mapping, got {opt!r}")
+        raise RecipeError(
+            "model.optimizer: missing; set at least model.optimizer.name and model.optimizer.base_lr"
+            if opt is None
+            else f"model.optimizer: expected a mapping, got {opt!r}"
+        )
     _unknown_keys(opt, OPTIMIZER_KEYS, "model.optimizer.")
     for key, what in REQUIRED_OPTIMIZER_KEYS:
         if opt.get(key) is None:
@@ -696,7 +772,7 @@ def _validate(cfg: dict, shown: str) -> Recipe:
         raise RecipeError(f"model.schedule: expected a mapping, got {sched!r}")
     _unknown_keys(sched, SCHEDULE_KEYS, "model.schedule.")
 
-    data = _section(cfg, "data", required=True)
+    data = _section(cfg, "data")
     if data.get("global_batch") is None:
         raise RecipeError("data.global_batch: missing; set the global batch (the paper's batch size)")
     global_batch = _positive_int(data["global_batch"], "data.global_batch")
@@ -715,7 +791,9 @@ def _validate(cfg: dict, shown: str) -> Recipe:
 
     expected = cfg.get("expected") or {}
     if not isinstance(expected, dict):
-        raise RecipeError(f"expected: expected a mapping like {{top1: 0.7696, top5: 0.9335, source: ...}}, got {expected!r}")
+        raise RecipeError(
+            f"expected: expected a mapping like {{top1: 0.7696, top5: 0.9335, source: ...}}, got {expected!r}"
+        )
     _unknown_keys(expected, EXPECTED_KEYS, "expected.")
     expected = dict(expected)
     for key in ("top1", "top5"):
@@ -728,10 +806,21 @@ def _validate(cfg: dict, shown: str) -> Recipe:
     schedule = ScheduleSpec(**sched)
     optimizer = OptimizerSpec(**opt)  # last: checking the name imports the registry (torch)
     shown_model = {k: model[k] for k in ("label_smoothing", "grad_clip_norm", "zero_init_residual") if k in model}
-    return Recipe(path=shown, optimizer=optimizer, schedule=schedule, global_batch=global_batch,
-                  micro_batch=micro, epochs=epochs, train_images=train_images,
-                  data_root=None if root is None else str(root), expected=expected, epoch_mode=epoch_mode,
-                  bn_batch=bn_batch, model=shown_model, sources=sources)
+    return Recipe(
+        path=shown,
+        optimizer=optimizer,
+        schedule=schedule,
+        global_batch=global_batch,
+        micro_batch=micro,
+        epochs=epochs,
+        train_images=train_images,
+        data_root=None if root is None else str(root),
+        expected=expected,
+        epoch_mode=epoch_mode,
+        bn_batch=bn_batch,
+        model=shown_model,
+        sources=sources,
+    )
 
 
 _MISSING = object()
@@ -759,8 +848,10 @@ def _sources(cfg: dict) -> dict:
         if not isinstance(text, str) or not text.strip():
             raise RecipeError(f"sources.{key}: expected the source as text, got {text!r}")
         if not isinstance(key, str) or key.split(".")[0] in RECIPE_ONLY_KEYS or _lookup(cfg, key) is _MISSING:
-            raise RecipeError(f"sources.{key}: names no key this recipe sets; write the dotted key of a setting "
-                              f"(e.g. model.optimizer.base_lr) or set that key in the recipe")
+            raise RecipeError(
+                f"sources.{key}: names no key this recipe sets; write the dotted key of a setting "
+                f"(e.g. model.optimizer.base_lr) or set that key in the recipe"
+            )
     return dict(sources)
 
 
@@ -773,8 +864,9 @@ def count_train_images(root: "str | os.PathLike[str]") -> int:
     return count_images(root, "train")
 
 
-def plan_recipe(recipe: Recipe, *, world_size: int = 1, micro_batch: Optional[int] = None,
-                train_images: Optional[int] = None) -> Plan:
+def plan_recipe(
+    recipe: Recipe, *, world_size: int = 1, micro_batch: int | None = None, train_images: int | None = None
+) -> Plan:
     """:func:`derive_plan` for a validated recipe, with ``plan``'s overrides.
 
     ``train_images``: the argument, else ``data.train_images``, else the files counted under
@@ -782,20 +874,31 @@ def plan_recipe(recipe: Recipe, *, world_size: int = 1, micro_batch: Optional[in
     """
     micro = micro_batch if micro_batch is not None else recipe.micro_batch
     if micro is None:
-        raise RecipeError(f"{recipe.path}: data.micro_batch: missing; set the per-device batch in the recipe "
-                          f"or pass --micro-batch")
+        raise RecipeError(
+            f"{recipe.path}: data.micro_batch: missing; set the per-device batch in the recipe or pass --micro-batch"
+        )
     images = train_images if train_images is not None else recipe.train_images
     if images is None:
         root = recipe.data_root
         if root is None or not (Path(root) / "train").is_dir():
             where = f"{root}/train does not exist" if root is not None else "data.root is not set"
-            raise RecipeError(f"{recipe.path}: data.train_images: null and {where}; set data.train_images in the "
-                              f"recipe or pass --train-images")
+            raise RecipeError(
+                f"{recipe.path}: data.train_images: null and {where}; set data.train_images in the "
+                f"recipe or pass --train-images"
+            )
         images = count_train_images(root)  # DataError naming the folder when train/ is empty
     try:
-        return derive_plan(recipe.optimizer, recipe.schedule, global_batch=recipe.global_batch,
-                           micro_batch=micro, world_size=world_size, train_images=images, epochs=recipe.epochs,
-                           epoch_mode=recipe.epoch_mode, bn_batch=recipe.bn_batch)
+        return derive_plan(
+            recipe.optimizer,
+            recipe.schedule,
+            global_batch=recipe.global_batch,
+            micro_batch=micro,
+            world_size=world_size,
+            train_images=images,
+            epochs=recipe.epochs,
+            epoch_mode=recipe.epoch_mode,
+            bn_batch=recipe.bn_batch,
+        )
     except RecipeError as err:
         raise RecipeError(f"{recipe.path}: {err}") from None
 
@@ -835,11 +938,12 @@ def _decay(p: Plan) -> tuple[str, str]:
         if p.power == 1 and not p.end_lr:
             how += ": (T - t)*lr/(T - W)"
         return f"{p.warmup_steps}..{p.total_steps}", how
-    return f"0..{p.total_steps}", (f"{power} from step 0 to {end} at step {p.total_steps}, the warmup overriding "
-                                   f"steps < {p.warmup_steps}")
+    return f"0..{p.total_steps}", (
+        f"{power} from step 0 to {end} at step {p.total_steps}, the warmup overriding steps < {p.warmup_steps}"
+    )
 
 
-def plan_rows(plan: Plan, recipe: Optional[Recipe] = None) -> list[tuple[str, Any, str, str]]:
+def plan_rows(plan: Plan, recipe: Recipe | None = None) -> list[tuple[str, Any, str, str]]:
     """``plan``'s rows: ``(key, value, how it is derived, source)``. The source is what the recipe's
     ``sources`` says of the key the row comes from (empty where it says nothing)."""
     p = plan
@@ -847,73 +951,131 @@ def plan_rows(plan: Plan, recipe: Optional[Recipe] = None) -> list[tuple[str, An
     scale = {"sqrt": "1/2", "linear": "1", "none": "0"}[p.scaling]
     rows: list[tuple[str, Any, str, str]] = []
 
-    def row(key: str, value: Any, how: str, source_key: Optional[str] = None, default: str = "") -> None:
+    def row(key: str, value: Any, how: str, source_key: str | None = None, default: str = "") -> None:
         rows.append((key, _value(value), how, sources.get(source_key or "", default)))
 
     row("optimizer", p.optimizer, "", "model.optimizer.name")
-    row("weight_decay", p.weight_decay, "decoupled or L2, as the optimizer defines it",
-        "model.optimizer.weight_decay")
+    row("weight_decay", p.weight_decay, "decoupled or L2, as the optimizer defines it", "model.optimizer.weight_decay")
     if recipe is not None:
         from resnet_lamb.optim.registry import optimizer_options
 
-        row("param_rule", recipe.optimizer.param_rule, "which tensors get weight decay and the trust ratio",
-            "model.optimizer.param_rule")
+        row(
+            "param_rule",
+            recipe.optimizer.param_rule,
+            "which tensors get weight decay and the trust ratio",
+            "model.optimizer.param_rule",
+        )
         stated = recipe.optimizer.kwargs
         for name, default in optimizer_options(p.optimizer).items():
             if name not in _HIDDEN_OPTIONS:
                 where = f"model.optimizer.kwargs.{name}"
-                row(name, stated.get(name, default), where if name in stated else f"{p.optimizer}'s default",
-                    where, "" if name in stated else "the optimizer's default")
+                row(
+                    name,
+                    stated.get(name, default),
+                    where if name in stated else f"{p.optimizer}'s default",
+                    where,
+                    "" if name in stated else "the optimizer's default",
+                )
     row("schedule", p.schedule, _SCHEDULE_FORMS[p.schedule], "model.schedule.name")
-    row("lr", p.lr, f"{_fmt(p.base_lr)} x ({p.global_batch}/{p.base_batch})^{scale}  [{p.scaling}]",
-        "model.optimizer.base_lr")
-    row("warmup_epochs", p.warmup_epochs, f"{_fmt(p.warmup_epochs_at_base)} x {p.global_batch}/{p.base_batch}  [linear]"
-        if p.warmup_scaling == "linear" else "[not scaled]", "model.schedule.warmup_epochs")
-    row("warmup_steps", p.warmup_steps, f"round({_fmt(p.warmup_epochs)} x {p.train_images} / {p.global_batch}), "
-        f"LR t*lr/W up to W", "model.schedule.warmup_epochs")
+    row(
+        "lr",
+        p.lr,
+        f"{_fmt(p.base_lr)} x ({p.global_batch}/{p.base_batch})^{scale}  [{p.scaling}]",
+        "model.optimizer.base_lr",
+    )
+    row(
+        "warmup_epochs",
+        p.warmup_epochs,
+        f"{_fmt(p.warmup_epochs_at_base)} x {p.global_batch}/{p.base_batch}  [linear]"
+        if p.warmup_scaling == "linear"
+        else "[not scaled]",
+        "model.schedule.warmup_epochs",
+    )
+    row(
+        "warmup_steps",
+        p.warmup_steps,
+        f"round({_fmt(p.warmup_epochs)} x {p.train_images} / {p.global_batch}), LR t*lr/W up to W",
+        "model.schedule.warmup_epochs",
+    )
     if p.schedule in POLY_SCHEDULES:
         value, how = _decay(p)
         row("decay", value, how, "model.schedule.name")
         row("end_lr", p.end_lr, "model.schedule.end_lr, the LR the decay ends at", "model.schedule.end_lr")
     if p.schedule == "goyal":
         row("milestones", ", ".join(map(str, p.milestones)) or "-", "epochs", "model.schedule.milestones")
-        row("milestone_steps", ", ".join(map(str, p.milestone_steps)) or "-",
-            f"round(e x {p.train_images} / {p.global_batch})", "model.schedule.milestones")
+        row(
+            "milestone_steps",
+            ", ".join(map(str, p.milestone_steps)) or "-",
+            f"round(e x {p.train_images} / {p.global_batch})",
+            "model.schedule.milestones",
+        )
     row("global_batch", p.global_batch, "data.global_batch", "data.global_batch")
     row("micro_batch", p.micro_batch, "per device, per forward", "data.micro_batch")
     row("world_size", p.world_size, "devices x nodes")
     row("accumulation", p.accumulation, f"{p.global_batch} / ({p.micro_batch} x {p.world_size})")
-    row("bn_batch", p.bn_images, f"images per BatchNorm group: model.bn_batch (ghost BatchNorm) of micro batch "
-        f"{p.micro_batch}" if p.bn_batch else "images per BatchNorm group: the micro batch (model.bn_batch not set)",
-        "model.bn_batch" if p.bn_batch else "data.micro_batch")
+    row(
+        "bn_batch",
+        p.bn_images,
+        f"images per BatchNorm group: model.bn_batch (ghost BatchNorm) of micro batch {p.micro_batch}"
+        if p.bn_batch
+        else "images per BatchNorm group: the micro batch (model.bn_batch not set)",
+        "model.bn_batch" if p.bn_batch else "data.micro_batch",
+    )
     if recipe is not None:
-        for key, what in (("label_smoothing", "cross-entropy label smoothing"),
-                          ("grad_clip_norm", "global gradient-norm clipping (none = off)"),
-                          ("zero_init_residual", "last BatchNorm gamma of each residual block starts at 0")):
+        for key, what in (
+            ("label_smoothing", "cross-entropy label smoothing"),
+            ("grad_clip_norm", "global gradient-norm clipping (none = off)"),
+            ("zero_init_residual", "last BatchNorm gamma of each residual block starts at 0"),
+        ):
             if key in recipe.model:
                 row(key, recipe.model[key], what, f"model.{key}")
     row("train_images", p.train_images, "data.train_images or counted under data.root/train", "data.train_images")
     row("epochs", p.epochs, "trainer.max_epochs", "trainer.max_epochs")
-    row("epoch_mode", p.epoch_mode, "full-batch steps cut from one stream of per-pass permutations"
-        if p.epoch_mode == "full_batch" else "each epoch's last batch padded (label -1)", "data.epoch_mode")
+    row(
+        "epoch_mode",
+        p.epoch_mode,
+        "full-batch steps cut from one stream of per-pass permutations"
+        if p.epoch_mode == "full_batch"
+        else "each epoch's last batch padded (label -1)",
+        "data.epoch_mode",
+    )
     row("steps_per_epoch", p.steps_per_epoch, f"ceil({p.train_images} / {p.global_batch}), steps per Lightning epoch")
-    row("total_steps", p.total_steps, f"ceil({p.epochs} x {p.train_images} / {p.global_batch}), the schedule's T",
-        "trainer.max_epochs")
-    other = (f"padded mode would take {p.epochs} x {p.steps_per_epoch} = {p.padded_steps}"
-             if p.epoch_mode == "full_batch" else f"full_batch mode would take {p.full_batch_steps}")
+    row(
+        "total_steps",
+        p.total_steps,
+        f"ceil({p.epochs} x {p.train_images} / {p.global_batch}), the schedule's T",
+        "trainer.max_epochs",
+    )
+    other = (
+        f"padded mode would take {p.epochs} x {p.steps_per_epoch} = {p.padded_steps}"
+        if p.epoch_mode == "full_batch"
+        else f"full_batch mode would take {p.full_batch_steps}"
+    )
     row("optimizer_steps", p.optimizer_steps, f"steps the run takes ({p.epoch_mode}); {other}", "data.epoch_mode")
     last = p.optimizer_steps - (p.run_epochs - 1) * p.steps_per_epoch
-    row("run_epochs", p.run_epochs, f"Lightning epochs of {p.steps_per_epoch} steps, validation + checkpoint after "
-        f"each" + (f" (the last {last} steps)" if last != p.steps_per_epoch else ""))
-    row("micro_batches_per_epoch_per_rank", p.micro_batches_per_epoch_per_rank,
-        f"{p.steps_per_epoch} x {p.accumulation}")
-    row("padding_per_epoch", p.padding_per_epoch, "none: every step a full batch" if p.epoch_mode == "full_batch"
-        else f"{p.steps_per_epoch} x {p.global_batch} - {p.train_images}")
+    row(
+        "run_epochs",
+        p.run_epochs,
+        f"Lightning epochs of {p.steps_per_epoch} steps, validation + checkpoint after "
+        f"each" + (f" (the last {last} steps)" if last != p.steps_per_epoch else ""),
+    )
+    row(
+        "micro_batches_per_epoch_per_rank",
+        p.micro_batches_per_epoch_per_rank,
+        f"{p.steps_per_epoch} x {p.accumulation}",
+    )
+    row(
+        "padding_per_epoch",
+        p.padding_per_epoch,
+        "none: every step a full batch"
+        if p.epoch_mode == "full_batch"
+        else f"{p.steps_per_epoch} x {p.global_batch} - {p.train_images}",
+    )
     row("images_seen", p.images_seen, f"{p.total_steps} x {p.global_batch}")
     return rows
 
 
-def format_plan(plan: Plan, recipe: Optional[Recipe] = None) -> str:
+def format_plan(plan: Plan, recipe: Recipe | None = None) -> str:
     """``plan`` as an aligned text table: key, value, how the value was derived, and its source
     (the recipe's ``sources``), then the recipe's expected accuracy."""
     rows = plan_rows(plan, recipe)
@@ -925,30 +1087,35 @@ def format_plan(plan: Plan, recipe: Optional[Recipe] = None) -> str:
     vwidth = max(len(str(r[1])) for r in rows)
     hwidth = min(max(len(r[2]) for r in rows), 64)  # a longer "how" pushes its own source right
     head = f"resnet-lamb plan: {recipe.path}" if recipe is not None else "resnet-lamb plan"
-    lines = [head] + [f"  {k:<{width}}  {str(v):>{vwidth}}  {how:<{hwidth}}  {'| ' + src if src else ''}".rstrip()
-                      for k, v, how, src in rows]
+    lines = [head] + [
+        f"  {k:<{width}}  {str(v):>{vwidth}}  {how:<{hwidth}}  {'| ' + src if src else ''}".rstrip()
+        for k, v, how, src in rows
+    ]
     return "\n".join(lines)
 
 
-def plan_main(argv: Optional[list] = None) -> int:
+def plan_main(argv: list | None = None) -> int:
     """``resnet-lamb plan --config RECIPE [--world-size N] [--micro-batch M] [--train-images N] [--json]``."""
     parser = argparse.ArgumentParser(
         prog="resnet-lamb plan",
         description="Print every number a recipe derives (LR, warmup, steps, accumulation, images seen), "
-                    "touching no data, model or GPU.")
+        "touching no data, model or GPU.",
+    )
     parser.add_argument("--config", "-c", required=True, metavar="RECIPE", help="recipe YAML")
     parser.add_argument("--world-size", type=int, default=1, metavar="N", help="devices x nodes (default 1)")
     parser.add_argument("--micro-batch", type=int, default=None, metavar="M", help="override data.micro_batch")
     parser.add_argument("--train-images", type=int, default=None, metavar="N", help="override data.train_images")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(sys.argv[2:] if argv is None else argv)
-    for flag, value in (("--world-size", args.world_size), ("--micro-batch", args.micro_batch),
-                        ("--train-images", args.train_images)):
+    for flag, value in (
+        ("--world-size", args.world_size),
+        ("--micro-batch", args.micro_batch),
+        ("--train-images", args.train_images),
+    ):
         if value is not None and value <= 0:
             raise RecipeError(f"{flag}: expected a positive integer, got {value}")
     recipe = validate_recipe(load_recipe(args.config), args.config)
-    plan = plan_recipe(recipe, world_size=args.world_size, micro_batch=args.micro_batch,
-                       train_images=args.train_images)
+    plan = plan_recipe(recipe, world_size=args.world_size, micro_batch=args.micro_batch, train_images=args.train_images)
     if args.json:
         sources = {key: src for key, _, _, src in plan_rows(plan, recipe) if src}
         out = {"recipe": recipe.path, **plan.to_dict(), "expected": recipe.expected, "sources": sources}

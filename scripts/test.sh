@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The README's test command: set up, then run the whole suite on the CPU.
+# The README's test command: set up, lint and type-check resnet_lamb/, then run the whole suite on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check resnet_lamb
+.venv/bin/ruff format --check resnet_lamb
+.venv/bin/mypy
 export WANDB_MODE=offline WANDB_SILENT=true
 exec .venv/bin/python -m pytest -q "$@"

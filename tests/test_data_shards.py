@@ -21,7 +21,7 @@ import yaml
 from conftest import read_csv, run_cli, tiny_recipe, write_recipe
 from resnet_lamb.data import ImageDataModule
 from resnet_lamb.data import dali as dali_backend
-from resnet_lamb.data.index import index_path, load_root, read_index
+from resnet_lamb.data.index import count_images, index_path, load_root, read_index
 from resnet_lamb.data.shards import pack, parse_size
 from resnet_lamb.data.stage import stage
 from resnet_lamb.errors import DataError
@@ -122,6 +122,13 @@ def test_pack_layout_order_size_and_determinism(tmp_path, digits_root, packed):
     assert parse_size("512M") == 512 * 2**20 and parse_size("16KiB") == 16384 and parse_size("100") == 100
     with pytest.raises(DataError, match="not a size"):
         parse_size("big")
+
+
+def test_count_images_of_a_shard_set_without_an_index(tmp_path, packed):
+    root = tmp_path / "noindex"
+    shutil.copytree(packed, root, ignore=shutil.ignore_patterns("*.index"))
+    assert not index_path(root, "train").exists()
+    assert count_images(root, "train") == 80 and count_images(root, "val") == 40  # read from the tar headers
 
 
 def test_pack_refuses_keys_that_collide_and_an_output_inside_its_source(tmp_path, digits_root):

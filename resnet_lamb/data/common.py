@@ -9,8 +9,14 @@ import torch
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -57,8 +63,12 @@ def warn_corrupt(path: str, why: str) -> None:
             why, fix = "permission denied", "make it readable by this user (chmod a+r)"
         except OSError as err:
             why = err.strerror or why
-    print(f"resnet-lamb: warning: {path}: corrupt or unreadable image ({why}); skipped for the rest "
-          f"of the run (label -1); {fix}", file=sys.stderr, flush=True)
+    print(
+        f"resnet-lamb: warning: {path}: corrupt or unreadable image ({why}); skipped for the rest "
+        f"of the run (label -1); {fix}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 _M1, _M2, _GOLD = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
@@ -78,7 +88,9 @@ def sample_key(seed: int, epoch: int):
     """The hash both training backends key a sample's augmentation on, before the file index."""
     import numpy as np
 
-    return mix64(mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64)) ^ np.array([epoch & (2**64 - 1)], dtype=np.uint64))
+    return mix64(
+        mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64)) ^ np.array([epoch & (2**64 - 1)], dtype=np.uint64)
+    )
 
 
 class BadFiles:
@@ -136,9 +148,11 @@ class EpochPosition:
         if images % self.images_per_batch:
             from resnet_lamb.errors import UserError
 
-            raise UserError(f"ckpt_path: the checkpoint was written {images} images into epoch {epoch}, not a "
-                            f"whole number of batches of {self.images_per_batch} (micro batch x devices); resume "
-                            "it with the micro batch and device count it was written with")
+            raise UserError(
+                f"ckpt_path: the checkpoint was written {images} images into epoch {epoch}, not a "
+                f"whole number of batches of {self.images_per_batch} (micro batch x devices); resume "
+                "it with the micro batch and device count it was written with"
+            )
         self._position = (epoch, images)
         return images // self.images_per_batch
 

@@ -9,10 +9,10 @@ with no LastBatchPolicy subtleties (DALI#2881/#4686/#4440).
 Feeding: ``fn.external_source`` in batch mode with a callback that DALI calls in the main thread
 each time it schedules an iteration (``prefetch`` ahead of the consumer). The callback hands over
 the encoded bytes of stream batch ``pos`` (``pos = epoch * len(loader) + batch``), read by a thread
-pool one batch ahead (``split.read``: a folder's file or a shard's member; reads release the GIL); no Python worker processes. Each split's stream
-runs on across epochs (the next epoch's first batches decode during validation); a consumer that
-asks for another position (a resume, an epoch cut short by ``limit_*_batches``) gets it after the
-batches already in flight are run and dropped.
+pool one batch ahead (``split.read``: a folder's file or a shard's member; reads release the GIL); no
+Python worker processes. Each split's stream runs on across epochs (the next epoch's first batches
+decode during validation); a consumer that asks for another position (a resume, an epoch cut short
+by ``limit_*_batches``) gets it after the batches already in flight are run and dropped.
 
 Augmentation without DALI's random state: a training sample's random-resized-crop window and flip
 are computed here, by :func:`random_resized_crop` (torchvision's algorithm: 10 attempts at scale
@@ -44,9 +44,9 @@ a batch stays valid while the trainer holds it.
 
 Corrupt files: DALI's decoder fails the whole batch (a "Critical error in pipeline"; checked in CPU
 mode for non-image bytes, truncated and damaged JPEGs; a file that cannot be read, or whose header
-Pillow cannot read, is marked at read time). The loader then decodes the files of the batches in flight one by one with a
-small DALI CPU pipeline, marks the failing ones bad (placeholder + label -1 from then on, one warning
-each), rebuilds the pipeline at the failed batch (the only case where a split gets a second
+Pillow cannot read, is marked at read time). The loader then decodes the files of the batches in
+flight one by one with a small DALI CPU pipeline, marks the failing ones bad (placeholder + label -1
+from then on, one warning each), rebuilds the pipeline at the failed batch (the only case where a split gets a second
 pipeline) and carries on. See :mod:`resnet_lamb.data.folder` for the policy.
 """
 
@@ -60,8 +60,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from resnet_lamb.data.common import (MEAN, STD, EpochPosition, mix64, placeholder_jpeg, sample_key, val_resize,
-                                     warn_corrupt)
+from resnet_lamb.data.common import (
+    MEAN,
+    STD,
+    EpochPosition,
+    mix64,
+    placeholder_jpeg,
+    sample_key,
+    val_resize,
+    warn_corrupt,
+)
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 
 PIPELINES_BUILT = 0  # pipelines built in this process (tests count them; torchvision spawns its workers then)
@@ -69,8 +77,12 @@ PIPELINES_BUILT = 0  # pipelines built in this process (tests count them; torchv
 # nvJPEG preallocation for the training decoder: buffer padding sized for full-size ImageNet, from
 # NVIDIA DeepLearningExamples PyTorch/Classification/ConvNets/image_classification/dali.py, and the
 # largest ImageNet image as a size hint, from DALI docs/examples/use_cases/pytorch/resnet50/main.py
-NVJPEG_TRAIN = dict(device_memory_padding=211025920, host_memory_padding=140544512,
-                    preallocate_width_hint=5980, preallocate_height_hint=6430)
+NVJPEG_TRAIN = dict(
+    device_memory_padding=211025920,
+    host_memory_padding=140544512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+)
 
 SCALE, RATIO, ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 10  # torchvision's RandomResizedCrop defaults
 
@@ -90,7 +102,7 @@ def sample_uniforms(seed: int, epoch: int, keys: np.ndarray, count: int) -> np.n
     counter-based (a hash), so any sample's numbers are computed without drawing the others'."""
     z = mix64(sample_key(seed, epoch) ^ np.asarray(keys, dtype=np.uint64))[:, None]
     z = mix64(z ^ np.arange(count, dtype=np.uint64)[None, :])
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def random_resized_crop(sizes: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +180,7 @@ class _Source:
         epoch, b = divmod(pos, self.n_batches)
         index, real = self.plan(epoch)
         m = self.micro_batch
-        return index[b * m:(b + 1) * m], real[b * m:(b + 1) * m], epoch
+        return index[b * m : (b + 1) * m], real[b * m : (b + 1) * m], epoch
 
     def _read_sized(self, i: int):
         """File ``i``'s bytes (training: and its size from the header), None when it cannot be read."""
@@ -204,7 +216,7 @@ class _Source:
             self.on_bad(int(idx[j]))
         known |= failed
         placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8)
-        enc = [placeholder if k else d for d, k in zip(data, known)]
+        enc = [placeholder if k else d for d, k in zip(data, known, strict=True)]
         labels = np.where(real & ~known, self.split.labels[idx], -1).astype(np.int64)
         if not self.train:
             return enc, labels
@@ -249,25 +261,45 @@ def _build_pipeline(feed, *, train, batch_size, image_size, threads, device_id, 
         _pin_threads(threads)
     dec = "mixed" if gpu else "cpu"
 
-    @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=device_id,
-                  prefetch_queue_depth=prefetch, exec_dynamic=True)  # the default in DALI 2.x; outputs shared
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=max(1, threads),
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        exec_dynamic=True,
+    )  # the default in DALI 2.x; outputs shared
     def pipe():
         if train:
             enc, label, start, shape, mirror = fn.external_source(
-                source=feed, num_outputs=5, batch=True,
-                dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32])
-            img = fn.decoders.image_slice(enc, start=start, shape=shape, device=dec, output_type=types.RGB,
-                                          adjust_orientation=False, **(NVJPEG_TRAIN if gpu else {}))
+                source=feed,
+                num_outputs=5,
+                batch=True,
+                dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32],
+            )
+            img = fn.decoders.image_slice(
+                enc,
+                start=start,
+                shape=shape,
+                device=dec,
+                output_type=types.RGB,
+                adjust_orientation=False,
+                **(NVJPEG_TRAIN if gpu else {}),
+            )
             img = fn.resize(img, resize_x=image_size, resize_y=image_size)
         else:
             enc, label = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
             img = fn.decoders.image(enc, device=dec, output_type=types.RGB, adjust_orientation=False)
             img = fn.resize(img, resize_shorter=val_resize(image_size))
             mirror = 0
-        img = fn.crop_mirror_normalize(img, crop=(image_size, image_size), mirror=mirror,
-                                       mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
-                                       dtype=types.FLOAT16 if half else types.FLOAT,
-                                       output_layout="HWC" if channels_last else "CHW")
+        img = fn.crop_mirror_normalize(
+            img,
+            crop=(image_size, image_size),
+            mirror=mirror,
+            mean=[m * 255 for m in MEAN],
+            std=[s * 255 for s in STD],
+            dtype=types.FLOAT16 if half else types.FLOAT,
+            output_layout="HWC" if channels_last else "CHW",
+        )
         return img, label.gpu() if gpu else label
 
     global PIPELINES_BUILT
@@ -282,10 +314,10 @@ def _probe_bad(split, files: dict[str, int]) -> dict[str, str]:
     A DataError reading the bytes (a shard unlike its index) is raised, not counted."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    # device_id=None: a CPU-only pipeline, which DALI takes but its stubs (device_id: int) do not
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)  # type: ignore[call-overload]
     def probe():
-        return fn.decoders.image(fn.external_source(name="enc", dtype=types.UINT8), device="cpu",
-                                 output_type=types.RGB)
+        return fn.decoders.image(fn.external_source(name="enc", dtype=types.UINT8), device="cpu", output_type=types.RGB)
 
     bad: dict[str, str] = {}
     p = None
@@ -312,9 +344,27 @@ def _probe_bad(split, files: dict[str, int]) -> dict[str, str]:
 class DaliLoader(EpochPosition):
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
-    def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
-                 workers, channels_last, dtype, prefetch=2, epoch_fn=None, on_skip=None, bad=None,
-                 epoch_mode="padded"):
+    def __init__(
+        self,
+        split,
+        *,
+        train,
+        n,
+        global_batch,
+        micro_batch,
+        world_size,
+        rank,
+        seed,
+        image_size,
+        workers,
+        channels_last,
+        dtype,
+        prefetch=2,
+        epoch_fn=None,
+        on_skip=None,
+        bad=None,
+        epoch_mode="padded",
+    ):
         from resnet_lamb.data.common import BadFiles
 
         self.split, self.train, self.n = split, train, n
@@ -328,8 +378,17 @@ class DaliLoader(EpochPosition):
         self.epoch_fn = epoch_fn or (lambda: self._out // self.n_batches)
         self.on_skip = on_skip or (lambda path: None)
         self.bad = bad if bad is not None else BadFiles(n)
-        self._source = _Source(split, train=train, n=n, micro_batch=micro_batch, plan_kw=self.plan_kw, seed=seed,
-                               bad=self.bad, threads=workers, on_bad=self._unreadable)
+        self._source = _Source(
+            split,
+            train=train,
+            n=n,
+            micro_batch=micro_batch,
+            plan_kw=self.plan_kw,
+            seed=seed,
+            bad=self.bad,
+            threads=workers,
+            on_bad=self._unreadable,
+        )
         self._pipe = None
         self._fed = 0  # the stream batch the callback hands over next
         self._out = 0  # the stream batch the pipeline outputs next
@@ -346,9 +405,16 @@ class DaliLoader(EpochPosition):
         self._pipe = None  # the old one (its threads and buffers) goes before the new one is made
         self._fed = self._out = pos
         self._pipe = _build_pipeline(
-            self._feed, train=self.train, batch_size=self.micro_batch, image_size=self.image_size,
-            threads=self.workers, device_id=self.device_id, prefetch=self.prefetch,
-            channels_last=self.channels_last, half=self.dtype == torch.float16)
+            self._feed,
+            train=self.train,
+            batch_size=self.micro_batch,
+            image_size=self.image_size,
+            threads=self.workers,
+            device_id=self.device_id,
+            prefetch=self.prefetch,
+            channels_last=self.channels_last,
+            half=self.dtype == torch.float16,
+        )
         self._ran = False
 
     def _seek(self, pos: int) -> None:

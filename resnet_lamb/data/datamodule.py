@@ -10,8 +10,9 @@ Per rank per epoch the train loader yields exactly ``steps_per_epoch * accumulat
 ``epoch_mode: padded``: every image once across all ranks (a permutation seeded by
 ``(seed, epoch)``, the same on every rank, sharded by global rank; the last global batch is padded
 with repeats labelled -1); ``full_batch``: full global batches cut from one stream of per-pass
-permutations (no padding; the run's ``max_steps`` ends it). Validation: ``ceil(val_images / (micro_batch * world_size))`` batches per
-rank, every image exactly once across ranks, padding labelled -1.
+permutations (no padding; the run's ``max_steps`` ends it). Validation:
+``ceil(val_images / (micro_batch * world_size))`` batches per rank, every image exactly once across
+ranks, padding labelled -1.
 
 World size and rank come from the trainer at ``setup`` when attached, else from torch.distributed
 when initialised, else 1 / 0.
@@ -44,7 +45,13 @@ import sys
 import lightning as L
 
 from resnet_lamb.data.common import torch_dtype
-from resnet_lamb.data.folder import BACKENDS, IMAGENET, check_counts, require_root  # noqa: F401 (re-exported)
+from resnet_lamb.data.folder import (  # noqa: F401 (re-exported)
+    BACKENDS,
+    IMAGENET,
+    Folder,
+    check_counts,
+    require_root,
+)
 from resnet_lamb.errors import DataError, RecipeError
 
 
@@ -96,15 +103,15 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if backend not in BACKENDS:
             raise RecipeError(f"data.backend: {backend!r} is not one of {' | '.join(BACKENDS)}")
-        for key, value in (("global_batch", global_batch), ("micro_batch", micro_batch),
-                           ("image_size", image_size)):
+        for key, value in (("global_batch", global_batch), ("micro_batch", micro_batch), ("image_size", image_size)):
             if not isinstance(value, int) or value <= 0:
                 raise RecipeError(f"data.{key}: {value!r} must be a positive integer")
         from resnet_lamb.data.sampling import EPOCH_MODES
 
         if epoch_mode not in EPOCH_MODES:
-            raise RecipeError(f"data.epoch_mode: unknown epoch mode {epoch_mode!r}; choose one of "
-                              f"{', '.join(EPOCH_MODES)}")
+            raise RecipeError(
+                f"data.epoch_mode: unknown epoch mode {epoch_mode!r}; choose one of {', '.join(EPOCH_MODES)}"
+            )
         require_root(backend, root)
         self.backend_requested = backend
         self.root = root
@@ -114,12 +121,12 @@ class ImageDataModule(L.LightningDataModule):
         self.index_check = index_check
         self._shared_world = 1  # world size whose ranks already agreed on the folder
         self._given = {"train_images": train_images, "val_images": val_images, "num_classes": num_classes}
-        self._folder = None
+        self._folder: Folder | None = None
         self._epoch = 0
         self._loaders: dict[str, object] = {}
         self.skipped: list[str] = []
         self.world_size, self.global_rank = self._dist_from_torch()
-        self._backend = None
+        self._backend: str | None = None
 
     # ---- world, backend, folder -------------------------------------------------------------
     @staticmethod
@@ -140,11 +147,15 @@ class ImageDataModule(L.LightningDataModule):
             if b == "auto":
                 b = "dali" if dali.available() else "torchvision"
                 if b == "torchvision":
-                    print("resnet-lamb: DALI not installed (pip install '.[dali]'); using torchvision's DataLoader",
-                          file=sys.stderr)
+                    print(
+                        "resnet-lamb: DALI not installed (pip install '.[dali]'); using torchvision's DataLoader",
+                        file=sys.stderr,
+                    )
             elif b == "dali" and not dali.available():
-                raise DataError("data.backend: dali, but nvidia.dali is not importable; pip install '.[dali]' "
-                                "(nvidia-dali-cuda130) or set data.backend: torchvision")
+                raise DataError(
+                    "data.backend: dali, but nvidia.dali is not importable; pip install '.[dali]' "
+                    "(nvidia-dali-cuda130) or set data.backend: torchvision"
+                )
             self._backend = b
         return self._backend
 
@@ -155,8 +166,11 @@ class ImageDataModule(L.LightningDataModule):
             return
         from resnet_lamb.data.index import load_root
 
-        folder = folder if folder is not None else load_root(self.root, check=self.global_rank == 0,
-                                                             full=self.index_check and self.global_rank == 0)
+        folder = (
+            folder
+            if folder is not None
+            else load_root(self.root, check=self.global_rank == 0, full=self.index_check and self.global_rank == 0)
+        )
         check_counts(folder, self._given, self.root)
         self._folder = folder
 
@@ -190,12 +204,19 @@ class ImageDataModule(L.LightningDataModule):
         else:
             folder = held if held is not None and held.index_hash == value else load_root(self.root, check=False)
             if folder.index_hash != value:
-                raise DataError(f"{self.root}: its index changed while the ranks started (rank 0 read another one); "
-                                "start the run again once nothing writes to the data root")
+                raise DataError(
+                    f"{self.root}: its index changed while the ranks started (rank 0 read another one); "
+                    "start the run again once nothing writes to the data root"
+                )
         check_counts(folder, self._given, self.root)
         self._folder = folder
         self._close_loaders()
         self._shared_world = self.world_size
+
+    def _validated_folder(self) -> Folder:
+        self.validate()
+        assert self._folder is not None  # validate() reads it for every backend but synthetic
+        return self._folder
 
     def _broadcast(self, obj):
         strategy = getattr(getattr(self, "trainer", None), "strategy", None)
@@ -209,10 +230,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def _count(self, key: str) -> int:
         if self.backend_requested == "synthetic":
-            return self._given[key] if self._given[key] is not None else IMAGENET[key]
-        self.validate()
-        return len(self._folder.splits["train" if key == "train_images" else "val"]) if key != "num_classes" \
-            else len(self._folder.classes)
+            given = self._given[key]
+            return given if given is not None else IMAGENET[key]
+        folder = self._validated_folder()
+        if key == "num_classes":
+            return len(folder.classes)
+        return len(folder.splits["train" if key == "train_images" else "val"])
 
     # ---- derived numbers -------------------------------------------------------------------------
     @property
@@ -231,15 +254,16 @@ class ImageDataModule(L.LightningDataModule):
     def classes(self) -> list[str]:
         if self.backend_requested == "synthetic":
             return [str(i) for i in range(self.num_classes)]
-        self.validate()
-        return list(self._folder.classes)
+        return list(self._validated_folder().classes)
 
     @property
     def accumulation(self) -> int:
         slots = self.micro_batch * self.world_size
         if self.global_batch % slots:
-            raise RecipeError(f"data.global_batch: {self.global_batch} is not a multiple of micro_batch x world size "
-                              f"= {self.micro_batch} x {self.world_size}; change data.micro_batch or the device count")
+            raise RecipeError(
+                f"data.global_batch: {self.global_batch} is not a multiple of micro_batch x world size "
+                f"= {self.micro_batch} x {self.world_size}; change data.micro_batch or the device count"
+            )
         return self.global_batch // slots
 
     @property
@@ -271,18 +295,33 @@ class ImageDataModule(L.LightningDataModule):
         if split in self._loaders:
             return self._loaders[split]
         train = split == "train"
-        kw = dict(train=train, n=self.train_images if train else self.val_images, global_batch=self.global_batch,
-                  micro_batch=self.micro_batch, world_size=self.world_size, seed=self.seed,
-                  image_size=self.image_size, channels_last=self.channels_last, dtype=self.dtype,
-                  epoch_mode=self.epoch_mode, epoch_fn=self._epoch_for_loader if train else None)
+        kw = dict(
+            train=train,
+            n=self.train_images if train else self.val_images,
+            global_batch=self.global_batch,
+            micro_batch=self.micro_batch,
+            world_size=self.world_size,
+            seed=self.seed,
+            image_size=self.image_size,
+            channels_last=self.channels_last,
+            dtype=self.dtype,
+            epoch_mode=self.epoch_mode,
+            epoch_fn=self._epoch_for_loader if train else None,
+        )
         _ = self.accumulation
+        loader: object
         if self.backend == "synthetic":
             from resnet_lamb.data.synthetic import SyntheticLoader
 
             loader = SyntheticLoader(num_classes=self.num_classes, **kw)
         else:
-            kw.update(split=self._folder.splits[split], rank=self.global_rank, workers=self.workers,
-                      prefetch=self.prefetch, on_skip=self._on_skip)
+            kw.update(
+                split=self._validated_folder().splits[split],
+                rank=self.global_rank,
+                workers=self.workers,
+                prefetch=self.prefetch,
+                on_skip=self._on_skip,
+            )
             if self.backend == "dali":
                 from resnet_lamb.data.dali import DaliLoader
 
@@ -345,14 +384,24 @@ class ImageDataModule(L.LightningDataModule):
         device sync) and never with SyncBatchNorm (its forward is a collective every rank joins)."""
         trainer = getattr(self, "trainer", None)
         module = getattr(trainer, "lightning_module", None)
-        if not (trainer is not None and trainer.training and getattr(module, "skip_padding", False)
-                and isinstance(batch, (list, tuple)) and len(batch) == 2):  # (the model summary's input)
+        if not (
+            trainer is not None
+            and trainer.training
+            and module is not None
+            and getattr(module, "skip_padding", False)
+            and isinstance(batch, (list, tuple))
+            and len(batch) == 2
+        ):  # (the model summary's input)
             return batch
         from torch.nn import SyncBatchNorm
 
         images, labels = batch
-        if (labels.device.type != "cpu" or not labels.numel() or bool((labels >= 0).any())
-                or any(isinstance(m, SyncBatchNorm) for m in module.modules())):
+        if (
+            labels.device.type != "cpu"
+            or not labels.numel()
+            or bool((labels >= 0).any())
+            or any(isinstance(m, SyncBatchNorm) for m in module.modules())
+        ):
             return batch
         return images[:0], labels[:0]
 

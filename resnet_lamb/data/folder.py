@@ -36,10 +36,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from resnet_lamb.errors import DataError
+
+if TYPE_CHECKING:
+    from resnet_lamb.data.shards import ShardSplit
 
 # data.backend's choices (resnet_lamb.data.datamodule), named here so fit checks them before Lightning loads
 BACKENDS = ("dali", "torchvision", "memory", "synthetic", "auto")
@@ -90,7 +94,7 @@ class Split:
 class Folder:
     root: Path
     classes: list[str]
-    splits: dict[str, Split] = field(default_factory=dict)
+    splits: dict[str, Split | ShardSplit] = field(default_factory=dict)
     index_hash: str | None = None  # the content hash of the index it was read from; None: listed
 
     @property
@@ -105,8 +109,9 @@ def _listing(folder: Path) -> list[os.DirEntry]:
         with os.scandir(folder) as it:
             return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
     except PermissionError:
-        raise DataError(f"{folder}: permission denied; make the data readable by this user "
-                        f"(chmod -R a+rX {folder})") from None
+        raise DataError(
+            f"{folder}: permission denied; make the data readable by this user (chmod -R a+rX {folder})"
+        ) from None
     except OSError as err:
         raise DataError(f"{folder}: cannot list it ({err.strerror or err})") from None
 
@@ -133,13 +138,14 @@ def _list_classes(split_dir: Path) -> list[str]:
         if kind == "dir" and e.is_symlink():
             target = os.path.realpath(e.path)
             if os.path.commonpath([target, os.path.realpath(split_dir)]) == target:  # points at or above itself
-                raise DataError(f"{e.path}: symlink loop (points to {target}, which contains it); "
-                                "remove the link")
+                raise DataError(f"{e.path}: symlink loop (points to {target}, which contains it); remove the link")
         if kind == "dir":
             names.append(e.name)
     if not names:
-        raise DataError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image>.JPEG "
-                        "(`resnet-lamb prepare` writes this layout)")
+        raise DataError(
+            f"{split_dir}: no class folders; expected {split_dir}/<class>/<image>.JPEG "
+            "(`resnet-lamb prepare` writes this layout)"
+        )
     return names
 
 
@@ -150,18 +156,23 @@ def _scan_split(split_dir: Path, classes: list[str]) -> Split:
         cdir = split_dir / name
         entries = _listing(cdir)
         if not entries:
-            raise DataError(f"{cdir}: empty class folder; put its images there or remove the folder "
-                            "from train/ and val/")
+            raise DataError(
+                f"{cdir}: empty class folder; put its images there or remove the folder from train/ and val/"
+            )
         for e in entries:
             # is_file() costs nothing for a regular file (the listing's d_type) and one stat for a symlink
             kind = _kind(e)
             if kind != "file":
                 what = "a folder" if kind == "dir" else "not a regular file"
-                raise DataError(f"{e.path}: {what} inside a class folder; images go directly in "
-                                f"{split_dir.name}/<class>/, move it out of the data folder")
+                raise DataError(
+                    f"{e.path}: {what} inside a class folder; images go directly in "
+                    f"{split_dir.name}/<class>/, move it out of the data folder"
+                )
             if not e.name.lower().endswith(IMG_EXTENSIONS):
-                raise DataError(f"{e.path}: not an image file (extensions read: "
-                                f"{' '.join(IMG_EXTENSIONS)}); move it out of the data folder")
+                raise DataError(
+                    f"{e.path}: not an image file (extensions read: "
+                    f"{' '.join(IMG_EXTENSIONS)}); move it out of the data folder"
+                )
         files = [e.name for e in entries]
         paths += [f"{name}/{f}" for f in files]
         labels += [label] * len(files)
@@ -171,8 +182,10 @@ def _scan_split(split_dir: Path, classes: list[str]) -> Split:
 def require_root(backend: str, root) -> None:
     """Every backend but synthetic reads a folder: ``data.root`` must be set."""
     if backend != "synthetic" and not root:
-        raise DataError(f"data.root: not set; backend {backend} reads root/train/<class>/ and root/val/<class>/ "
-                        "(`resnet-lamb prepare DATASET --out DIR` writes them), or use backend: synthetic")
+        raise DataError(
+            f"data.root: not set; backend {backend} reads root/train/<class>/ and root/val/<class>/ "
+            "(`resnet-lamb prepare DATASET --out DIR` writes them), or use backend: synthetic"
+        )
 
 
 def validate_root(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "val")) -> Folder:
@@ -183,12 +196,16 @@ def validate_root(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"{root}: data root not found; pass data.root=DIR with DIR/train/<class>/ and "
-                        "DIR/val/<class>/ (`resnet-lamb prepare DATASET --out DIR` writes one)")
+        raise DataError(
+            f"{root}: data root not found; pass data.root=DIR with DIR/train/<class>/ and "
+            "DIR/val/<class>/ (`resnet-lamb prepare DATASET --out DIR` writes one)"
+        )
     for s in splits:
         if not (root / s).is_dir():
-            raise DataError(f"{root / s}: missing; the data root needs train/<class>/ and val/<class>/ "
-                            "folders (`resnet-lamb prepare DATASET --out DIR` writes them)")
+            raise DataError(
+                f"{root / s}: missing; the data root needs train/<class>/ and val/<class>/ "
+                "folders (`resnet-lamb prepare DATASET --out DIR` writes them)"
+            )
     classes = _list_classes(root / splits[0])
     for s in splits[1:]:
         other = _list_classes(root / s)
@@ -198,7 +215,8 @@ def validate_root(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "
             raise DataError(
                 f"{root}: class folders differ between {splits[0]}/ and {s}/ "
                 f"(only in {splits[0]}: {_few(only_a)}; only in {s}: {_few(only_b)}); "
-                "both splits need the same class folders")
+                "both splits need the same class folders"
+            )
     folder = Folder(root, classes)
     for s in splits:
         folder.splits[s] = _scan_split(root / s, classes)
@@ -214,12 +232,17 @@ def _few(names: list[str], n: int = 5) -> str:
 def check_counts(folder: Folder, given: dict, root) -> None:
     """The counts a recipe states (``given``: ``train_images``, ``val_images``, ``num_classes``;
     None = count it) against the folder: every mismatch in one DataError."""
-    found = {"train_images": len(folder.splits["train"]), "val_images": len(folder.splits["val"]),
-             "num_classes": len(folder.classes)}
+    found = {
+        "train_images": len(folder.splits["train"]),
+        "val_images": len(folder.splits["val"]),
+        "num_classes": len(folder.classes),
+    }
     wrong = [key for key, value in given.items() if value is not None and value != found[key]]
     if wrong:
         stated = ", ".join(f"data.{key} {given[key]} (the folder: {found[key]})" for key in wrong)
         fix = " ".join(f"--data.{key} {found[key]}" for key in wrong)
-        raise DataError(f"{root} does not hold what the recipe states: {stated}; pass {fix}, or set "
-                        f"{'them' if len(wrong) > 1 else 'it'} in the recipe (null: counted from the folder; the "
-                        "model's class count follows data.num_classes)")
+        raise DataError(
+            f"{root} does not hold what the recipe states: {stated}; pass {fix}, or set "
+            f"{'them' if len(wrong) > 1 else 'it'} in the recipe (null: counted from the folder; the "
+            "model's class count follows data.num_classes)"
+        )

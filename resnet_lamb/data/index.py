@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from resnet_lamb.data.folder import Folder, Split, validate_root
+from resnet_lamb.data.shards import ShardSplit
 from resnet_lamb.errors import DataError
 
 SPLITS = ("train", "val")
@@ -69,15 +70,35 @@ def content_hash(kind: str, classes: list[str], arrays: dict[str, np.ndarray], s
     return h.hexdigest()
 
 
-def write_index(root, split: str, *, kind: str, classes: list[str], names, labels, sizes,
-                shard=None, offset=None, shards: list | None = None, dirs: dict | None = None) -> Path:
+def write_index(
+    root,
+    split: str,
+    *,
+    kind: str,
+    classes: list[str],
+    names,
+    labels,
+    sizes,
+    shard=None,
+    offset=None,
+    shards: list | None = None,
+    dirs: dict | None = None,
+) -> Path:
     """Write ``ROOT/<split>.index`` atomically (temp file + rename); returns its path."""
-    arrays = {"names": np.asarray(names, dtype="S"), "labels": np.asarray(labels, dtype=np.int64),
-              "sizes": np.asarray(sizes, dtype=np.int64)}
+    arrays = {
+        "names": np.asarray(names, dtype="S"),
+        "labels": np.asarray(labels, dtype=np.int64),
+        "sizes": np.asarray(sizes, dtype=np.int64),
+    }
     if kind == "shards":
         arrays.update(shard=np.asarray(shard, dtype=np.int32), offset=np.asarray(offset, dtype=np.int64))
-    meta = {"kind": kind, "split": split, "images": len(arrays["labels"]), "classes": list(classes),
-            "hash": content_hash(kind, classes, arrays, shards)}
+    meta = {
+        "kind": kind,
+        "split": split,
+        "images": len(arrays["labels"]),
+        "classes": list(classes),
+        "hash": content_hash(kind, classes, arrays, shards),
+    }
     if shards is not None:
         meta["shards"] = [list(s) for s in shards]
     if dirs is not None:
@@ -111,8 +132,9 @@ class Index:
     def verify_hash(self) -> None:
         shards = self.meta.get("shards")
         if content_hash(self.kind, self.meta["classes"], self.arrays, shards) != self.meta["hash"]:
-            raise DataError(f"{self.path}: damaged or edited (its content hash does not match); "
-                            f"{rebuild_hint(self.path.parent)}")
+            raise DataError(
+                f"{self.path}: damaged or edited (its content hash does not match); {rebuild_hint(self.path.parent)}"
+            )
 
 
 def read_index(path: Path, header_only: bool = False) -> Index:
@@ -122,18 +144,18 @@ def read_index(path: Path, header_only: bool = False) -> Index:
         with open(path, "rb") as f:
             data = f.read(4096) if header_only else f.read()
             nl = data.find(b"\n", 0, 200)
-            fmt, version, size = data[:max(nl, 0)].decode("ascii", "replace").split(" ")
+            fmt, version, size_text = data[: max(nl, 0)].decode("ascii", "replace").split(" ")
             if fmt != FORMAT:
                 raise ValueError(f"it starts with {data[:40]!r}")
             if int(version) != VERSION:
                 raise DataError(f"{path}: an index of version {version}, not {VERSION}; {rebuild_hint(path.parent)}")
-            start, size = nl + 1, int(size)
+            start, size = nl + 1, int(size_text)
             if header_only and len(data) < start + size:
                 data += f.read(start + size - len(data))
-        meta = json.loads(data[start:start + size])
+        meta = json.loads(data[start : start + size])
         arrays = {}
         if not header_only:
-            body = memoryview(data)[start + size:]  # the arrays share the bytes read (no copy)
+            body = memoryview(data)[start + size :]  # the arrays share the bytes read (no copy)
             for key, (dtype, n, at) in meta["arrays"].items():
                 arrays[key] = np.frombuffer(body, dtype=dtype, count=n, offset=at)
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -149,7 +171,7 @@ def count_images(root, split: str = "train") -> int:
     from resnet_lamb.data import shards
 
     if shards.is_shard_split(Path(root).expanduser() / split):
-        return len(shards.scan_split(Path(root).expanduser(), split).names)
+        return len(shards.scan_split(Path(root).expanduser(), split))
     return len(validate_root(root, (split,)).splits[split])
 
 
@@ -165,9 +187,16 @@ def _dir_times(root: Path, split: str, classes: list[str]) -> dict[str, int]:
 def folder_entries(folder: Folder, split: str) -> dict:
     """``write_index`` arguments for a listed folder split (one ``stat`` per file for the sizes)."""
     sp = folder.splits[split]
+    assert isinstance(sp, Split)  # a folder layout's split (build_index gives shards their own entries)
     sizes = np.fromiter((os.stat(sp.path(i)).st_size for i in range(len(sp))), dtype=np.int64, count=len(sp))
-    return dict(kind="folder", classes=folder.classes, names=sp.paths, labels=sp.labels, sizes=sizes,
-                dirs=_dir_times(Path(folder.root), split, folder.classes))
+    return dict(
+        kind="folder",
+        classes=folder.classes,
+        names=sp.paths,
+        labels=sp.labels,
+        sizes=sizes,
+        dirs=_dir_times(Path(folder.root), split, folder.classes),
+    )
 
 
 def build_index(root) -> dict[str, Index]:
@@ -176,8 +205,9 @@ def build_index(root) -> dict[str, Index]:
     folder = discover(root)
     out = {}
     for split in SPLITS:
-        if folder.kind == "shards":
-            kw = dict(folder.splits[split].index_entries(), classes=folder.classes)
+        sp = folder.splits[split]
+        if isinstance(sp, ShardSplit):
+            kw = dict(sp.index_entries(), classes=folder.classes)
         else:
             kw = folder_entries(folder, split)
         out[split] = read_index(write_index(root, split, **kw))
@@ -211,13 +241,18 @@ def load_root(root, *, check: bool = True, full: bool = False) -> Folder:
         if check and folder.kind == "folder":
             n = sum(len(s) for s in folder.splits.values())
             if n >= LISTING_HINT_FILES:
-                print(f"resnet-lamb: {root}: listed {n} files (no index); `resnet-lamb index {root}` writes one "
-                      "so that later runs read it instead", file=sys.stderr, flush=True)
+                print(
+                    f"resnet-lamb: {root}: listed {n} files (no index); `resnet-lamb index {root}` writes one "
+                    "so that later runs read it instead",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return folder
     if len(present) < len(SPLITS):
         gone = next(s for s in SPLITS if s not in present)
-        raise DataError(f"{index_path(root, gone)}: missing, but {index_path(root, present[0]).name} is there; "
-                        f"{rebuild_hint(root)}")
+        raise DataError(
+            f"{index_path(root, gone)}: missing, but {index_path(root, present[0]).name} is there; {rebuild_hint(root)}"
+        )
     idx = {s: read_index(index_path(root, s)) for s in SPLITS}
     kinds = {i.kind for i in idx.values()}
     first = idx[SPLITS[0]]
@@ -229,16 +264,19 @@ def load_root(root, *, check: bool = True, full: bool = False) -> Folder:
     if check or full:
         for s, i in idx.items():
             i.verify_hash()
-            if i.kind == "folder":
-                _check_folder_times(root, s, i)
+            sp = folder.splits[s]
+            if isinstance(sp, ShardSplit):
+                sp.check_cheap()
             else:
-                folder.splits[s].check_cheap()
+                _check_folder_times(root, s, i)
     if full:
         if folder.kind == "folder":
             _check_folder_full(root, folder)
         else:
             for s in SPLITS:
-                folder.splits[s].check_full()
+                sp = folder.splits[s]
+                if isinstance(sp, ShardSplit):
+                    sp.check_full()
     return folder
 
 
@@ -251,10 +289,16 @@ def _split_from_index(root: Path, split: str, i: Index):
     if i.kind == "folder":
         return Split(root / split, a["names"], a["labels"], a["sizes"])
     if i.kind == "shards":
-        from resnet_lamb.data.shards import ShardSplit
-
-        return ShardSplit(root / split, [str(n) for n, _ in i.meta["shards"]], [int(b) for _, b in i.meta["shards"]],
-                          a["names"], a["labels"], a["sizes"], a["shard"], a["offset"])
+        return ShardSplit(
+            root / split,
+            [str(n) for n, _ in i.meta["shards"]],
+            [int(b) for _, b in i.meta["shards"]],
+            a["names"],
+            a["labels"],
+            a["sizes"],
+            a["shard"],
+            a["offset"],
+        )
     raise DataError(f"{i.path}: unknown kind {i.kind!r}; {rebuild_hint(root)}")
 
 
@@ -267,12 +311,15 @@ def _check_folder_times(root: Path, split: str, i: Index) -> None:
         try:
             now = os.stat(d).st_mtime_ns
         except OSError as err:
-            raise DataError(f"{d}: {err.strerror or 'cannot stat it'}, but the index lists it; "
-                            f"{rebuild_hint(root)}") from None
+            raise DataError(
+                f"{d}: {err.strerror or 'cannot stat it'}, but the index lists it; {rebuild_hint(root)}"
+            ) from None
         if now != mtime:
             what = "class folders added or removed" if not name else "files added, removed or renamed"
-            raise DataError(f"{d}: changed since the index was written ({what}, or copied without its times); "
-                            f"{rebuild_hint(root)}, or check it with --data.index_check true")
+            raise DataError(
+                f"{d}: changed since the index was written ({what}, or copied without its times); "
+                f"{rebuild_hint(root)}, or check it with --data.index_check true"
+            )
 
 
 def _check_folder_full(root: Path, folder: Folder) -> None:
@@ -280,11 +327,14 @@ def _check_folder_full(root: Path, folder: Folder) -> None:
     listed = validate_root(root)
     problems = []
     if listed.classes != folder.classes:
-        problems.append(f"{root}: class folders {_few(listed.classes)} in the tree, {_few(folder.classes)} in the index")
+        problems.append(
+            f"{root}: class folders {_few(listed.classes)} in the tree, {_few(folder.classes)} in the index"
+        )
     for split in SPLITS:
         sp, ls = folder.splits[split], listed.splits[split]
-        have = dict(zip(sp.paths.tolist(), zip(sp.labels.tolist(), sp.sizes.tolist())))
-        seen = dict(zip(ls.paths.tolist(), ls.labels.tolist()))
+        assert sp.sizes is not None  # read from an index, which holds every file's size
+        have = dict(zip(sp.paths.tolist(), zip(sp.labels.tolist(), sp.sizes.tolist(), strict=True), strict=True))
+        seen = dict(zip(ls.paths.tolist(), ls.labels.tolist(), strict=True))
         for rel, label in seen.items():
             path = root / split / rel.decode()
             if rel not in have:
@@ -322,10 +372,14 @@ def startup_folder(root, *, rank0: bool, counts_given: bool, full: bool = False)
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="resnet-lamb index", description=(
-        "Write ROOT/train.index and ROOT/val.index for a data root (a folder ROOT/<split>/<class>/<image> "
-        "or tar shards ROOT/<split>/*.tar), so that fit reads them instead of listing the tree; "
-        "--check compares an existing index with the tree instead."))
+    p = argparse.ArgumentParser(
+        prog="resnet-lamb index",
+        description=(
+            "Write ROOT/train.index and ROOT/val.index for a data root (a folder ROOT/<split>/<class>/<image> "
+            "or tar shards ROOT/<split>/*.tar), so that fit reads them instead of listing the tree; "
+            "--check compares an existing index with the tree instead."
+        ),
+    )
     p.add_argument("root")
     p.add_argument("--check", action="store_true", help="re-list the tree (read every shard's headers) and compare")
     args = p.parse_args(argv)
@@ -334,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         if not has_index(root):
             raise DataError(f"{root}: has no index to check; write one: resnet-lamb index {root}")
         folder = load_root(root, check=True, full=True)
-        print(f"{root}: the index matches the tree ({len(folder.splits['train'])} train / "
-              f"{len(folder.splits['val'])} val images, {folder.kind})")
+        print(
+            f"{root}: the index matches the tree ({len(folder.splits['train'])} train / "
+            f"{len(folder.splits['val'])} val images, {folder.kind})"
+        )
         return 0
     written = build_index(root)
     print(f"{root}: wrote " + ", ".join(f"{i.path.name} ({i.meta['images']} images)" for i in written.values()))

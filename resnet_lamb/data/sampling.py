@@ -49,12 +49,20 @@ def stream(n: int, start: int, stop: int, seed: int = 0, shuffle: bool = True) -
     ``[p*n, (p+1)*n)`` with the permutation seeded by ``(seed, p)``."""
     first, last = start // n, max(stop - 1, start) // n
     passes = np.concatenate([_permutation(n, seed, p, shuffle) for p in range(first, last + 1)])
-    return passes[start - first * n:stop - first * n]
+    return passes[start - first * n : stop - first * n]
 
 
-def epoch_plan(n: int, global_batch: int, micro_batch: int, world_size: int, rank: int,
-               epoch: int = 0, seed: int = 0, shuffle: bool = True,
-               mode: str = "padded") -> tuple[np.ndarray, np.ndarray]:
+def epoch_plan(
+    n: int,
+    global_batch: int,
+    micro_batch: int,
+    world_size: int,
+    rank: int,
+    epoch: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+    mode: str = "padded",
+) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(index, real)`` for ``rank``: file index per position and a mask of real samples.
 
     Both have length ``steps * accumulation * micro_batch`` with ``steps = ceil(n / global_batch)``
@@ -73,6 +81,8 @@ def epoch_plan(n: int, global_batch: int, micro_batch: int, world_size: int, ran
     accum = global_batch // slots
     steps = math.ceil(n / global_batch)
     total = steps * global_batch
+    index: np.ndarray  # both 1-D here, reshaped per step and slot below
+    real: np.ndarray
     if mode == "full_batch":
         index = stream(n, epoch * total, (epoch + 1) * total, seed, shuffle)
         real = np.ones(total, dtype=bool)
@@ -90,14 +100,21 @@ def epoch_plan(n: int, global_batch: int, micro_batch: int, world_size: int, ran
     return index.reshape(-1).copy(), real.reshape(-1).copy()
 
 
-def plan_kwargs(train: bool, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int,
-                epoch_mode: str = "padded") -> dict:
+def plan_kwargs(
+    train: bool, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int, epoch_mode: str = "padded"
+) -> dict:
     """:func:`epoch_plan`'s arguments for a split: training steps the global batch over shuffled
     permutations in ``epoch_mode``; validation takes one micro-batch per rank at a time, in file
     order, padded (every image exactly once)."""
-    return dict(global_batch=global_batch if train else micro_batch * world_size, micro_batch=micro_batch,
-                world_size=world_size, rank=rank, seed=seed, shuffle=train,
-                mode=epoch_mode if train else "padded")
+    return dict(
+        global_batch=global_batch if train else micro_batch * world_size,
+        micro_batch=micro_batch,
+        world_size=world_size,
+        rank=rank,
+        seed=seed,
+        shuffle=train,
+        mode=epoch_mode if train else "padded",
+    )
 
 
 def micro_batches_per_rank(n: int, global_batch: int, micro_batch: int, world_size: int, **_) -> int:

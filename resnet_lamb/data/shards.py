@@ -43,9 +43,11 @@ import re
 import sys
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from resnet_lamb.data.folder import Folder, Split
 from resnet_lamb.errors import DataError
 
 MEMBER_SEP = "::"  # an image inside a shard is named <shard path>::<member>
@@ -151,8 +153,10 @@ class ShardSplit:
             try:
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError as err:
-                raise DataError(f"{path}: cannot open this shard ({err.strerror or err}); copy it back or make it "
-                                f"readable (chmod a+r), or {_rebuild(self.root.parent)}") from None
+                raise DataError(
+                    f"{path}: cannot open this shard ({err.strerror or err}); copy it back or make it "
+                    f"readable (chmod a+r), or {_rebuild(self.root.parent)}"
+                ) from None
             self._fds[s] = fd
             self.opened += 1
         return fd
@@ -163,11 +167,15 @@ class ShardSplit:
         fd = self._fds.get(s)
         buf = os.pread(self._fd(s) if fd is None else fd, size + HEADER, off - HEADER)
         if len(buf) < size + HEADER:
-            raise DataError(f"{self.shard_path(s)}: truncated: member {self.member(i)} (bytes {off}-{off + size}) "
-                            f"is cut off; copy the shard again, or {_rebuild(self.root.parent)}")
+            raise DataError(
+                f"{self.shard_path(s)}: truncated: member {self.member(i)} (bytes {off}-{off + size}) "
+                f"is cut off; copy the shard again, or {_rebuild(self.root.parent)}"
+            )
         if not _header_matches(buf, self.paths[i], size):
-            raise DataError(f"{self.shard_path(s)}: no member {self.member(i)} at byte {off} as the index says (the "
-                            f"index is stale or from another data set); {_rebuild(self.root.parent)}")
+            raise DataError(
+                f"{self.shard_path(s)}: no member {self.member(i)} at byte {off} as the index says (the "
+                f"index is stale or from another data set); {_rebuild(self.root.parent)}"
+            )
         return memoryview(buf)[HEADER:]
 
     # -- checks against the shards (index.load_root calls them on rank 0)
@@ -186,8 +194,10 @@ class ShardSplit:
                 actual = os.stat(path).st_size
             except OSError as err:
                 first = self.member(members[0]) if len(members) else "none"
-                raise DataError(f"{path}: missing shard ({err.strerror or err}); the index lists {len(members)} images "
-                                f"in it (the first: {first}); copy it back, or {_rebuild(self.root.parent)}") from None
+                raise DataError(
+                    f"{path}: missing shard ({err.strerror or err}); the index lists {len(members)} images "
+                    f"in it (the first: {first}); copy it back, or {_rebuild(self.root.parent)}"
+                ) from None
             if actual != expected or not self._ends_match(path, members):
                 self._locate(s, actual, members)
 
@@ -210,12 +220,18 @@ class ShardSplit:
             if found.get(self.member(i)) == (off, size):
                 continue
             if off + size > actual:
-                raise DataError(f"{path}: truncated at {actual} bytes: member {self.member(i)} (bytes {off}-"
-                                f"{off + size}) is cut off; copy the shard again, or {_rebuild(self.root.parent)}")
-            raise DataError(f"{path}: no member {self.member(i)} at byte {off} as the index says (the index is "
-                            f"stale or from another data set); {_rebuild(self.root.parent)}")
-        raise DataError(f"{path}: {actual} bytes but the index says {self.shard_sizes[s]} (the shard was rewritten "
-                        f"after the index); {_rebuild(self.root.parent)}")
+                raise DataError(
+                    f"{path}: truncated at {actual} bytes: member {self.member(i)} (bytes {off}-"
+                    f"{off + size}) is cut off; copy the shard again, or {_rebuild(self.root.parent)}"
+                )
+            raise DataError(
+                f"{path}: no member {self.member(i)} at byte {off} as the index says (the index is "
+                f"stale or from another data set); {_rebuild(self.root.parent)}"
+            )
+        raise DataError(
+            f"{path}: {actual} bytes but the index says {self.shard_sizes[s]} (the shard was rewritten "
+            f"after the index); {_rebuild(self.root.parent)}"
+        )
 
     def check_full(self) -> None:
         """Read every shard's headers and labels; compare every member with the index (after
@@ -225,21 +241,34 @@ class ShardSplit:
             s, off, size = int(self.shard[i]), int(self.offset[i]), int(self.sizes[i])
             got = found.pop(self.member(i), None)
             if got is None or got[:3] != [s, off, size]:
-                raise DataError(f"{self.shard_path(s)}: no member {self.member(i)} at byte {off} as the index says "
-                                f"(the index is stale or from another data set); {_rebuild(self.root.parent)}")
+                raise DataError(
+                    f"{self.shard_path(s)}: no member {self.member(i)} at byte {off} as the index says "
+                    f"(the index is stale or from another data set); {_rebuild(self.root.parent)}"
+                )
             if got[4] != int(self.labels[i]):
                 has = f"label {got[4]} in its .cls" if got[4] is not None else "no .cls label"
-                raise DataError(f"{self.shard_path(s)}: member {self.member(i)} has {has}, label {int(self.labels[i])} "
-                                f"in the index; {_rebuild(self.root.parent)}")
+                raise DataError(
+                    f"{self.shard_path(s)}: member {self.member(i)} has {has}, label {int(self.labels[i])} "
+                    f"in the index; {_rebuild(self.root.parent)}"
+                )
         if found:
             member, entry = next(iter(found.items()))
-            raise DataError(f"{self.shard_path(entry[0])}: member {member} is not in the index ({len(found)} such); "
-                            f"{_rebuild(self.root.parent)}")
+            raise DataError(
+                f"{self.shard_path(entry[0])}: member {member} is not in the index ({len(found)} such); "
+                f"{_rebuild(self.root.parent)}"
+            )
 
     def index_entries(self) -> dict:
         """``index.write_index`` arguments (without ``classes``) for this split."""
-        return dict(kind="shards", names=self.paths, labels=self.labels, sizes=self.sizes, shard=self.shard,
-                    offset=self.offset, shards=[[n, b] for n, b in zip(self.shard_names, self.shard_sizes)])
+        return dict(
+            kind="shards",
+            names=self.paths,
+            labels=self.labels,
+            sizes=self.sizes,
+            shard=self.shard,
+            offset=self.offset,
+            shards=[[n, b] for n, b in zip(self.shard_names, self.shard_sizes, strict=True)],
+        )
 
 
 def _header_matches(block: bytes, member: bytes, size: int) -> bool:
@@ -252,8 +281,9 @@ def _header_matches(block: bytes, member: bytes, size: int) -> bool:
     if block[124:135] == b"%011o" % size:
         return True
     try:
-        return tarfile.nti(block[124:136]) == size
-    except tarfile.InvalidHeaderError:
+        # tarfile's own number-field parser and its error: in CPython's tarfile, not in typeshed
+        return tarfile.nti(block[124:136]) == size  # type: ignore[attr-defined]
+    except tarfile.InvalidHeaderError:  # type: ignore[attr-defined]
         return False
 
 
@@ -267,8 +297,10 @@ def _ensure_open_files(needed: int, check_only: bool = False) -> None:
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
     if hard != resource.RLIM_INFINITY and hard < needed:
-        raise DataError(f"{needed - 64} shards need as many open files per reading process, but the limit is {hard} "
-                        f"(ulimit -Hn); pack with a larger --shard-size, or raise the limit")
+        raise DataError(
+            f"{needed - 64} shards need as many open files per reading process, but the limit is {hard} "
+            f"(ulimit -Hn); pack with a larger --shard-size, or raise the limit"
+        )
     if not check_only:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
@@ -302,15 +334,20 @@ def scan_shard(path: Path) -> list[tarfile.TarInfo]:
                 if m.isfile():
                     members.append(m)
     except (OSError, tarfile.TarError) as err:
-        raise DataError(f"{path}: not a readable tar shard ({err}); copy it again, or pack the data again "
-                        "(resnet-lamb pack)") from None
+        raise DataError(
+            f"{path}: not a readable tar shard ({err}); copy it again, or pack the data again (resnet-lamb pack)"
+        ) from None
     for m in members:
         if m.offset_data + m.size > actual:
-            raise DataError(f"{path}: truncated at {actual} bytes: member {m.name} (bytes {m.offset_data}-"
-                            f"{m.offset_data + m.size}) is cut off; copy the shard again")
+            raise DataError(
+                f"{path}: truncated at {actual} bytes: member {m.name} (bytes {m.offset_data}-"
+                f"{m.offset_data + m.size}) is cut off; copy the shard again"
+            )
     if cut:
-        raise DataError(f"{path}: truncated at {actual} bytes, after member {members[-1].name if members else '(none)'}; "
-                        "copy the shard again")
+        raise DataError(
+            f"{path}: truncated at {actual} bytes, after member {members[-1].name if members else '(none)'}; "
+            "copy the shard again"
+        )
     return members
 
 
@@ -334,15 +371,18 @@ def _scan_members(split_dir: Path, shard_names: list[str]) -> dict[str, list]:
                     try:
                         labels[key] = int(text.decode().strip())
                     except ValueError:
-                        raise DataError(f"{path}: member {m.name} holds {text[:20]!r}, not a class number; "
-                                        "pack the data again") from None
+                        raise DataError(
+                            f"{path}: member {m.name} holds {text[:20]!r}, not a class number; pack the data again"
+                        ) from None
                     continue
                 if ext not in IMAGE_EXTS:
                     continue
                 if key in images:
                     where, other = images[key][0], images[key][3]
-                    raise DataError(f"{path}: duplicate key {key}: members {shard_names[where]}::{other} and "
-                                    f"{name}::{m.name}; each image needs its own key: pack the data again")
+                    raise DataError(
+                        f"{path}: duplicate key {key}: members {shard_names[where]}::{other} and "
+                        f"{name}::{m.name}; each image needs its own key: pack the data again"
+                    )
                 images[key] = [s, m.offset_data, m.size, m.name, None]
     for key, entry in images.items():
         entry[4] = labels.get(key)
@@ -355,14 +395,18 @@ def _scan_entries(split_dir: Path, shard_names: list[str]) -> dict:
     images = _scan_members(split_dir, shard_names)
     for key, (s, _, _, member, label) in images.items():
         if label is None:
-            raise DataError(f"{split_dir / shard_names[s]}: member {member} has no {key}.cls label; "
-                            "pack the data again (resnet-lamb pack)")
+            raise DataError(
+                f"{split_dir / shard_names[s]}: member {member} has no {key}.cls label; "
+                "pack the data again (resnet-lamb pack)"
+            )
     keys = sorted(images, key=lambda k: (images[k][4], k))
-    return {"names": np.array([images[k][3].encode() for k in keys], dtype="S"),
-            "labels": np.array([images[k][4] for k in keys], dtype=np.int64),
-            "sizes": np.array([images[k][2] for k in keys], dtype=np.int64),
-            "shard": np.array([images[k][0] for k in keys], dtype=np.int32),
-            "offset": np.array([images[k][1] for k in keys], dtype=np.int64)}
+    return {
+        "names": np.array([images[k][3].encode() for k in keys], dtype="S"),
+        "labels": np.array([images[k][4] for k in keys], dtype=np.int64),
+        "sizes": np.array([images[k][2] for k in keys], dtype=np.int64),
+        "shard": np.array([images[k][0] for k in keys], dtype=np.int32),
+        "offset": np.array([images[k][1] for k in keys], dtype=np.int64),
+    }
 
 
 def scan_split(root: Path, split: str) -> ShardSplit:
@@ -379,21 +423,22 @@ def scan_split(root: Path, split: str) -> ShardSplit:
 
 def scan_root(root: Path):
     """A shard set without an index: read every shard's headers (what a listing is for a folder)."""
-    from resnet_lamb.data.folder import Folder
-
     for s in ("train", "val"):
         if not (root / s).is_dir():
-            raise DataError(f"{root / s}: missing; a shard set needs train/*.tar and val/*.tar "
-                            "(`resnet-lamb pack SRC --out DIR` writes them)")
-    splits = {s: scan_split(root, s) for s in ("train", "val")}
+            raise DataError(
+                f"{root / s}: missing; a shard set needs train/*.tar and val/*.tar "
+                "(`resnet-lamb pack SRC --out DIR` writes them)"
+            )
+    splits: dict[str, Split | ShardSplit] = {s: scan_split(root, s) for s in ("train", "val")}
     n = int(max(sp.labels.max() for sp in splits.values())) + 1
     classes = [str(c) for c in range(n)]
     names_file = root / CLASSES_FILE
     if names_file.is_file():
         listed = [ln for ln in names_file.read_text().splitlines() if ln]
         if len(listed) < n:
-            raise DataError(f"{names_file}: {len(listed)} class names but the shards hold labels up to {n - 1}; "
-                            "pack the data again")
+            raise DataError(
+                f"{names_file}: {len(listed)} class names but the shards hold labels up to {n - 1}; pack the data again"
+            )
         classes = listed
     return Folder(root, classes, splits)
 
@@ -406,7 +451,8 @@ class _ShardWriter:
     def __init__(self, out_dir: Path, split: str, limit: int):
         self.out_dir, self.split, self.limit = out_dir, split, limit
         self.shards: list[list] = []  # [name, bytes]
-        self._tf = self._file = None
+        self._tf: tarfile.TarFile | None = None
+        self._file: BinaryIO | None = None
         self._members = 0
 
     def _open(self):
@@ -432,6 +478,7 @@ class _ShardWriter:
     def _add(self, name: str, data: bytes) -> int:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(data), 0o444, 0
+        assert self._tf is not None  # add() opens a shard first
         self._tf.addfile(info, io.BytesIO(data))
         return self._tf.offset - -(-len(data) // HEADER) * HEADER  # where the data starts
 
@@ -464,16 +511,21 @@ def pack(src, out, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, quiet: b
     counts = {}
     for split in ("train", "val"):
         sp = folder.splits[split]
+        assert isinstance(sp, Split)  # folder.kind is "folder"
         rels = [p.decode() for p in sp.paths.tolist()]
         keys = [member_key(r) for r in rels]
         first: dict[str, int] = {}
         for i, (key, ext) in enumerate(keys):
             if ext not in IMAGE_EXTS:
-                raise DataError(f"{sp.path(i)}: extension .{ext} is not one of {', '.join(IMAGE_EXTS)}; "
-                                "move it out of the data folder")
+                raise DataError(
+                    f"{sp.path(i)}: extension .{ext} is not one of {', '.join(IMAGE_EXTS)}; "
+                    "move it out of the data folder"
+                )
             if key in first:
-                raise DataError(f"{sp.path(i)}: its key {key} is also {sp.path(first[key])}'s (keys drop the extension "
-                                "and turn dots into _); rename one of them")
+                raise DataError(
+                    f"{sp.path(i)}: its key {key} is also {sp.path(first[key])}'s (keys drop the extension "
+                    "and turn dots into _); rename one of them"
+                )
             first[key] = i
         order = sorted(range(len(sp)), key=lambda i: (int(sp.labels[i]), keys[i][0]))  # the index's order
         placed = np.random.default_rng(seed).permutation(order) if split == "train" else order
@@ -491,15 +543,25 @@ def pack(src, out, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, quiet: b
             try:
                 data = sp.read(i)
             except OSError as err:
-                raise DataError(f"{sp.path(i)}: cannot read it ({err.strerror or err}); fix it and pack again") from None
+                raise DataError(
+                    f"{sp.path(i)}: cannot read it ({err.strerror or err}); fix it and pack again"
+                ) from None
             where[i] = (*writer.add(keys[i][0], keys[i][1], data, int(sp.labels[i])), len(data))
             if not quiet and (n + 1) % 50_000 == 0:
                 print(f"{split}: {n + 1}/{len(sp)} images packed", file=sys.stderr, flush=True)
         shards = writer.close()
-        write_index(out, split, kind="shards", classes=folder.classes,
-                    names=[f"{keys[i][0]}.{keys[i][1]}".encode() for i in order], labels=sp.labels[order],
-                    sizes=[where[i][2] for i in order], shard=[where[i][0] for i in order],
-                    offset=[where[i][1] for i in order], shards=shards)
+        write_index(
+            out,
+            split,
+            kind="shards",
+            classes=folder.classes,
+            names=[f"{keys[i][0]}.{keys[i][1]}".encode() for i in order],
+            labels=sp.labels[order],
+            sizes=[where[i][2] for i in order],
+            shard=[where[i][0] for i in order],
+            offset=[where[i][1] for i in order],
+            shards=shards,
+        )
         counts[split] = len(sp)
     (out / CLASSES_FILE).write_text("".join(f"{c}\n" for c in folder.classes))
     return counts
@@ -509,9 +571,13 @@ def pack(src, out, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, quiet: b
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="resnet-lamb pack", description=(
-        "Write a folder data set (SRC/<split>/<class>/<image>) as tar shards in the webdataset layout plus "
-        "their index, for file systems where one open per image is too many (see README, Data)."))
+    p = argparse.ArgumentParser(
+        prog="resnet-lamb pack",
+        description=(
+            "Write a folder data set (SRC/<split>/<class>/<image>) as tar shards in the webdataset layout plus "
+            "their index, for file systems where one open per image is too many (see README, Data)."
+        ),
+    )
     p.add_argument("src", help="a data folder (resnet-lamb prepare writes one)")
     p.add_argument("--out", required=True, help="folder for the shards (gets train/, val/ and the index)")
     p.add_argument("--shard-size", default="512M", help="bytes per shard, K/M/G suffixes (default 512M)")

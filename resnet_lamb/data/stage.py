@@ -42,8 +42,10 @@ def _copy(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{dst}: cannot copy {src} there ({err.strerror or err}); free space on that disk or "
-                        "choose another STAGE_DIR") from None
+        raise DataError(
+            f"{dst}: cannot copy {src} there ({err.strerror or err}); free space on that disk or "
+            "choose another STAGE_DIR"
+        ) from None
 
 
 def stage(src, dest) -> dict:
@@ -55,8 +57,9 @@ def stage(src, dest) -> dict:
         raise DataError(f"{src}: no index; stage copies a shard set with its index (resnet-lamb pack writes both)")
     indexes = {s: read_index(index_path(src, s)) for s in SPLITS}
     if any(i.kind != "shards" for i in indexes.values()):
-        raise DataError(f"{src}: a folder with one file per image; pack it first (resnet-lamb pack {src} --out DIR) "
-                        "and stage DIR")
+        raise DataError(
+            f"{src}: a folder with one file per image; pack it first (resnet-lamb pack {src} --out DIR) and stage DIR"
+        )
     if src.resolve() == dest.resolve():
         raise DataError(f"{dest}: the shard set itself; stage to another folder")
     try:
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = time.perf_counter()
     r = stage(args.root, args.dest)
-    print(f"resnet-lamb stage: {args.dest}: {r['copied']} shards copied ({r['bytes'] / 2**30:.2f} GiB), "
-          f"{r['kept']} already there, {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    print(
+        f"resnet-lamb stage: {args.dest}: {r['copied']} shards copied ({r['bytes'] / 2**30:.2f} GiB), "
+        f"{r['kept']} already there, {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return 0

@@ -13,8 +13,22 @@ from resnet_lamb.data.sampling import micro_batches_per_rank, plan_kwargs
 
 
 class SyntheticLoader(EpochPosition):
-    def __init__(self, *, train, n, global_batch, micro_batch, world_size, image_size, num_classes, channels_last,
-                 dtype, seed=0, epoch_fn=None, **_):
+    def __init__(
+        self,
+        *,
+        train,
+        n,
+        global_batch,
+        micro_batch,
+        world_size,
+        image_size,
+        num_classes,
+        channels_last,
+        dtype,
+        seed=0,
+        epoch_fn=None,
+        **_,
+    ):
         self.n_batches = micro_batches_per_rank(n, **plan_kwargs(train, global_batch, micro_batch, world_size, 0, seed))
         self.shape = (micro_batch, 3, image_size, image_size)
         self.num_classes, self.channels_last, self.dtype, self.seed = num_classes, channels_last, dtype, seed

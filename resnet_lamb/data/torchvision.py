@@ -20,8 +20,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from resnet_lamb.data.common import (MEAN, STD, BadFiles, EpochPosition, mix64, placeholder_jpeg, sample_key,
-                                     val_resize, warn_corrupt)
+from resnet_lamb.data.common import (
+    MEAN,
+    STD,
+    BadFiles,
+    EpochPosition,
+    mix64,
+    placeholder_jpeg,
+    sample_key,
+    val_resize,
+    warn_corrupt,
+)
 from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
 from resnet_lamb.errors import DataError
 
@@ -120,8 +129,26 @@ class _Collate:
 class TorchvisionLoader(EpochPosition):
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
-    def __init__(self, split, *, train, n, global_batch, micro_batch, world_size, rank, seed, image_size,
-                 workers, channels_last, dtype, prefetch=2, epoch_fn=None, on_skip=None, epoch_mode="padded"):
+    def __init__(
+        self,
+        split,
+        *,
+        train,
+        n,
+        global_batch,
+        micro_batch,
+        world_size,
+        rank,
+        seed,
+        image_size,
+        workers,
+        channels_last,
+        dtype,
+        prefetch=2,
+        epoch_fn=None,
+        on_skip=None,
+        epoch_mode="padded",
+    ):
         plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed, epoch_mode)
         self._sampler = _PlanBatchSampler(n, plan_kw, micro_batch)
         self.images_per_batch = micro_batch * world_size
@@ -133,13 +160,18 @@ class TorchvisionLoader(EpochPosition):
         self._warned: set[int] = set()
         self._epochs = 0
         self.loader = DataLoader(
-            self._dataset, batch_sampler=self._sampler,
-            num_workers=workers, collate_fn=_Collate(channels_last), pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0, prefetch_factor=max(1, prefetch) if workers > 0 else None,
+            self._dataset,
+            batch_sampler=self._sampler,
+            num_workers=workers,
+            collate_fn=_Collate(channels_last),
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            prefetch_factor=max(1, prefetch) if workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # its base seed draw leaves the global generator alone
             worker_init_fn=_WorkerSeed(seed * 1000 + rank),
             # forking a process that runs DALI's thread pools can deadlock the workers: spawn them then
-            multiprocessing_context="spawn" if workers > 0 and _dali_running() else None)
+            multiprocessing_context="spawn" if workers > 0 and _dali_running() else None,
+        )
 
     def __len__(self):
         return len(self._sampler)

@@ -5,6 +5,7 @@ Imports are lazy (as in ``resnet_lamb.data``): ``resnet_lamb.optim.schedules`` h
 rules that ``resnet-lamb plan`` and ``fit``'s start-up checks use, and importing it must not pay
 for torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,4 +20,3 @@ def __getattr__(name):
     if name in _WHERE:
         return getattr(importlib.import_module(f"resnet_lamb.optim.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'resnet_lamb.optim' has no attribute {name!r}")
-

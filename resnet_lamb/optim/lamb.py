@@ -9,31 +9,40 @@ fused AdamW moves 28).  Groups with ``layer_adaptation=False`` (ratio 1) take on
 that update is exactly AdamW's (plain LAMB, bias correction on) torch's fused AdamW kernel runs on
 the whole flat buffer.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from resnet_lamb.optim.layerwise import (NORMS, FlatBucket, LayerwiseOptimizer, apply_update,
-                                         check_common, pair_partials, segment_norms, trust_ratio)
+from resnet_lamb.optim.layerwise import (
+    NORMS,
+    FlatBucket,
+    LayerwiseOptimizer,
+    apply_update,
+    check_common,
+    pair_partials,
+    segment_norms,
+    trust_ratio,
+)
 
 
-def lamb_coefficients(t: float, b1: float, b2: float, bias_correction: bool,
-                      nesterov: str | None) -> list[float]:
+def lamb_coefficients(t: float, b1: float, b2: float, bias_correction: bool, nesterov: str | None) -> list[float]:
     """Per-tensor scalars at step t (double precision): [c_m, c_g, c_v, c_vg] with
     m_hat = c_m*m + c_g*g and v_hat = c_v*v + c_vg*g^2."""
     if nesterov:
-        c_m, c_g = b1 / (1.0 - b1 ** (t + 1)), (1.0 - b1) / (1.0 - b1 ** t)
+        c_m, c_g = b1 / (1.0 - b1 ** (t + 1)), (1.0 - b1) / (1.0 - b1**t)
     elif bias_correction:
-        c_m, c_g = 1.0 / (1.0 - b1 ** t), 0.0
+        c_m, c_g = 1.0 / (1.0 - b1**t), 0.0
     else:
         c_m, c_g = 1.0, 0.0
     if nesterov == "nn":
-        c_v, c_vg = b2 / (1.0 - b2 ** (t + 1)), (1.0 - b2) / (1.0 - b2 ** t)
+        c_v, c_vg = b2 / (1.0 - b2 ** (t + 1)), (1.0 - b2) / (1.0 - b2**t)
     elif bias_correction or nesterov:
-        c_v, c_vg = 1.0 / (1.0 - b2 ** t), 0.0
+        c_v, c_vg = 1.0 / (1.0 - b2**t), 0.0
     else:
         c_v, c_vg = 1.0, 0.0
     return [c_m, c_g, c_v, c_vg]
@@ -54,8 +63,7 @@ def lamb_update(p, g, m, v, coef, c, *, nesterov: str | None, has_wd: bool) -> t
     return r + wd * p if has_wd else r
 
 
-def lamb_phase1(p, g, m, v, coef, c, *, norm: str, nesterov: str | None, has_wd: bool,
-                adapt: bool):
+def lamb_phase1(p, g, m, v, coef, c, *, norm: str, nesterov: str | None, has_wd: bool, adapt: bool):
     """m and v; then with adapt, the block partials of ||x|| and ||r||, and r written over the
     gradient (its last use: the write costs no extra read, where a fresh buffer would); without,
     ``x -= lr * r`` here (ratio 1: one pass)."""
@@ -123,14 +131,32 @@ class Lamb(LayerwiseOptimizer):
     _state_keys = ("exp_avg", "exp_avg_sq")
     _coef_cols = 5
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
-                 norm: str = "l2", trust_clip: tuple[float, float] | None = None,
-                 nesterov: str | None = None, *, layer_adaptation: bool = True,
-                 impl: str = "auto"):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, norm=norm, trust_clip=trust_clip,
-                        nesterov=nesterov, layer_adaptation=layer_adaptation)
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        norm: str = "l2",
+        trust_clip: tuple[float, float] | None = None,
+        nesterov: str | None = None,
+        *,
+        layer_adaptation: bool = True,
+        impl: str = "auto",
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            norm=norm,
+            trust_clip=trust_clip,
+            nesterov=nesterov,
+            layer_adaptation=layer_adaptation,
+        )
         super().__init__(params, defaults, impl)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -139,49 +165,72 @@ class Lamb(LayerwiseOptimizer):
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a finite number > 0 (Algorithm 2); got {eps!r}")
         betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        if not (
+            isinstance(betas, (tuple, list))
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
+        ):
             raise ValueError(f"betas must be two numbers in [0, 1); got {betas!r}")
         if group["norm"] not in NORMS:
             raise ValueError(f"norm must be one of l2, l1, inf; got {group['norm']!r}")
         if group["nesterov"] not in (None, "n", "nn"):
             raise ValueError(f"nesterov must be one of None, 'n', 'nn'; got {group['nesterov']!r}")
         if not isinstance(group["bias_correction"], bool):
-            raise ValueError(f"bias_correction must be True or False; got "
-                             f"{group['bias_correction']!r}")
+            raise ValueError(f"bias_correction must be True or False; got {group['bias_correction']!r}")
 
     def _group_constants(self, group: dict[str, Any]) -> dict[str, Any]:
         b1, b2 = group["betas"]
         lo, hi = group["trust_clip"] or (0.0, 0.0)
         lr = self._lr(group)
-        return dict(lr=lr, scalars=[lr, b1, 1.0 - b1, b2, 1.0 - b2, group["eps"],
-                                    group["weight_decay"], lo, hi],
-                    kw=dict(norm=group["norm"], nesterov=group["nesterov"],
-                            has_wd=group["weight_decay"] != 0))
+        return dict(
+            lr=lr,
+            scalars=[lr, b1, 1.0 - b1, b2, 1.0 - b2, group["eps"], group["weight_decay"], lo, hi],
+            kw=dict(norm=group["norm"], nesterov=group["nesterov"], has_wd=group["weight_decay"] != 0),
+        )
 
-    def _bucket_step(self, group: dict[str, Any], ctx: dict[str, Any], bucket: FlatBucket,
-                     active: list[bool]) -> torch.Tensor:
+    def _bucket_step(
+        self, group: dict[str, Any], ctx: dict[str, Any], bucket: FlatBucket, active: list[bool]
+    ) -> torch.Tensor:
         b1, b2 = group["betas"]
         bc, nesterov, adapt = group["bias_correction"], group["nesterov"], group["layer_adaptation"]
         uniform = self._fill_coef(bucket, active, lambda t: lamb_coefficients(t, b1, b2, bc, nesterov))
         dev = bucket.device
         m, v = bucket.bufs["exp_avg"], bucket.bufs["exp_avg_sq"]
-        if (uniform and not adapt and nesterov is None and bc and self._fast_cpu
-                and dev.type in ("cpu", "cuda")):
+        if uniform and not adapt and nesterov is None and bc and self._fast_cpu and dev.type in ("cpu", "cuda"):
             # ratio 1 everywhere: exactly AdamW; torch's fused kernel over the whole buffer
             step = torch.tensor(bucket.t, device=dev)
-            torch._fused_adamw_([bucket.p], [bucket.g], [m], [v], [], [step], lr=ctx["lr"],
-                                beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
-                                eps=group["eps"], amsgrad=False, maximize=False)
+            torch._fused_adamw_(
+                [bucket.p],
+                [bucket.g],
+                [m],
+                [v],
+                [],
+                [step],
+                lr=ctx["lr"],
+                beta1=b1,
+                beta2=b2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                amsgrad=False,
+                maximize=False,
+            )
             return bucket.ones
         c = self._group_scalars(ctx["scalars"], dev)
         kw = ctx["kw"]
         if not adapt:  # ratio 1: phase 1 applies
-            self._call(lamb_phase1, dict(kw, adapt=False), bucket.p, bucket.g, m, v, bucket.coef,
-                       c, chunked=5)
+            self._call(lamb_phase1, dict(kw, adapt=False), bucket.p, bucket.g, m, v, bucket.coef, c, chunked=5)
             return bucket.ones
         # phase 1 leaves r in the gradient buffer; the apply pass reads it from there
-        return self._adapted_step(bucket, c, (bucket.p, bucket.g, m, v), lamb_phase1,
-                                  dict(kw, adapt=True), lamb_ratios,
-                                  dict(norm=kw["norm"], clip=group["trust_clip"] is not None),
-                                  apply_update, {}, (0, 1), one_graph=False)
+        return self._adapted_step(
+            bucket,
+            c,
+            (bucket.p, bucket.g, m, v),
+            lamb_phase1,
+            dict(kw, adapt=True),
+            lamb_ratios,
+            dict(norm=kw["norm"], clip=group["trust_clip"] is not None),
+            apply_update,
+            {},
+            (0, 1),
+            one_graph=False,
+        )

@@ -2,22 +2,30 @@
 MLPerf form, on the flat buffers of :mod:`resnet_lamb.optim.layerwise` (as
 :class:`~resnet_lamb.optim.Lamb`).  State per parameter: ``step`` and ``momentum_buffer``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from resnet_lamb.optim.layerwise import (FlatBucket, LayerwiseOptimizer, apply_update,
-                                         check_common, pair_partials, phi, segment_norms,
-                                         trust_ratio)
+from resnet_lamb.optim.layerwise import (
+    FlatBucket,
+    LayerwiseOptimizer,
+    apply_update,
+    check_common,
+    pair_partials,
+    phi,
+    segment_norms,
+    trust_ratio,
+)
 
 _MODES = ("paper", "classic")
 
 
-def local_lr(w_norm: torch.Tensor, g_norm: torch.Tensor, tc, wd, eps, lo, hi,
-             clip: bool) -> torch.Tensor:
+def local_lr(w_norm: torch.Tensor, g_norm: torch.Tensor, tc, wd, eps, lo, hi, clip: bool) -> torch.Tensor:
     """Classic LARS's local lr, ``tc * phi(||x||) / (||g|| + wd*||x|| + eps)``; 1 where
     phi(||x||) = 0 or ||g|| = 0."""
     num = phi(w_norm, lo, hi, clip)
@@ -98,14 +106,32 @@ class Lars(LayerwiseOptimizer):
 
     _state_keys = ("momentum_buffer",)
 
-    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, eps: float = 1e-9, trust_coefficient: float = 0.001,
-                 mode: str = "paper", nesterov: bool = False,
-                 trust_clip: tuple[float, float] | None = None, *, layer_adaptation: bool = True,
-                 impl: str = "auto"):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps,
-                        trust_coefficient=trust_coefficient, mode=mode, nesterov=nesterov,
-                        trust_clip=trust_clip, layer_adaptation=layer_adaptation)
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eps: float = 1e-9,
+        trust_coefficient: float = 0.001,
+        mode: str = "paper",
+        nesterov: bool = False,
+        trust_clip: tuple[float, float] | None = None,
+        *,
+        layer_adaptation: bool = True,
+        impl: str = "auto",
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eps=eps,
+            trust_coefficient=trust_coefficient,
+            mode=mode,
+            nesterov=nesterov,
+            trust_clip=trust_clip,
+            layer_adaptation=layer_adaptation,
+        )
         super().__init__(params, defaults, impl)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -129,39 +155,69 @@ class Lars(LayerwiseOptimizer):
     def _group_constants(self, group: dict[str, Any]) -> dict[str, Any]:
         lo, hi = group["trust_clip"] or (0.0, 0.0)
         lr, mom = self._lr(group), group["momentum"]
-        return dict(lr=lr, scalars=[lr, mom, 1.0 - mom, group["trust_coefficient"], group["eps"],
-                                    group["weight_decay"], lo, hi])
+        return dict(
+            lr=lr, scalars=[lr, mom, 1.0 - mom, group["trust_coefficient"], group["eps"], group["weight_decay"], lo, hi]
+        )
 
-    def _bucket_step(self, group: dict[str, Any], ctx: dict[str, Any], bucket: FlatBucket,
-                     active: list[bool]) -> torch.Tensor:
+    def _bucket_step(
+        self, group: dict[str, Any], ctx: dict[str, Any], bucket: FlatBucket, active: list[bool]
+    ) -> torch.Tensor:
         uniform = self._fill_coef(bucket, active, lambda t: [])
         dev, buf = bucket.device, bucket.bufs["momentum_buffer"]
         mode, adapt = group["mode"], group["layer_adaptation"]
         if uniform and not adapt and self._fast_cpu and dev.type in ("cpu", "cuda"):
             # local lr 1 everywhere: momentum SGD; torch's fused kernel over the whole buffer
             mom = group["momentum"]
-            torch._fused_sgd_([bucket.p], [bucket.g], [buf], weight_decay=group["weight_decay"],
-                              momentum=mom, lr=ctx["lr"], dampening=mom if mode == "paper" else 0.0,
-                              nesterov=group["nesterov"], maximize=False, is_first_step=False)
+            torch._fused_sgd_(
+                [bucket.p],
+                [bucket.g],
+                [buf],
+                weight_decay=group["weight_decay"],
+                momentum=mom,
+                lr=ctx["lr"],
+                dampening=mom if mode == "paper" else 0.0,
+                nesterov=group["nesterov"],
+                maximize=False,
+                is_first_step=False,
+            )
             return bucket.ones
         c = self._group_scalars(ctx["scalars"], dev)
         has_wd, clip = group["weight_decay"] != 0, group["trust_clip"] is not None
         classic = dict(nesterov=group["nesterov"], has_wd=has_wd)
         if mode == "paper" and adapt:
-            return self._adapted_step(bucket, c, (bucket.p, bucket.g, buf), paper_phase1,
-                                      dict(has_wd=has_wd, adapt=True), paper_ratios,
-                                      dict(clip=clip), apply_update, {}, (0, 2),
-                                      one_graph=False)
+            return self._adapted_step(
+                bucket,
+                c,
+                (bucket.p, bucket.g, buf),
+                paper_phase1,
+                dict(has_wd=has_wd, adapt=True),
+                paper_ratios,
+                dict(clip=clip),
+                apply_update,
+                {},
+                (0, 2),
+                one_graph=False,
+            )
         if mode == "paper":  # ratio 1 (the fused shortcut switched off): phase 1 applies
-            self._call(paper_phase1, dict(has_wd=has_wd, adapt=False), bucket.p, bucket.g, buf,
-                       bucket.coef, c, chunked=4)
+            self._call(
+                paper_phase1, dict(has_wd=has_wd, adapt=False), bucket.p, bucket.g, buf, bucket.coef, c, chunked=4
+            )
         elif adapt:
-            return self._adapted_step(bucket, c, (bucket.p, bucket.g, buf), classic_phase1, {},
-                                      classic_ratios, dict(clip=clip), classic_phase2, classic,
-                                      (0, 1, 2), one_graph=True)
+            return self._adapted_step(
+                bucket,
+                c,
+                (bucket.p, bucket.g, buf),
+                classic_phase1,
+                {},
+                classic_ratios,
+                dict(clip=clip),
+                classic_phase2,
+                classic,
+                (0, 1, 2),
+                one_graph=True,
+            )
         else:  # local lr 1 (the fused shortcut switched off): the steps column is the ratio
             block_ratio = bucket.coef[:, 0]
             torch._dynamo.maybe_mark_dynamic(block_ratio, 0)
-            self._call(classic_phase2, classic, bucket.p, bucket.g, buf, bucket.coef, block_ratio,
-                       c, chunked=5)
+            self._call(classic_phase2, classic, bucket.p, bucket.g, buf, bucket.coef, block_ratio, c, chunked=5)
         return bucket.ones

@@ -48,6 +48,7 @@ eager if a compile fails.  lr, the step count and every float hyperparameter ent
 LR schedule never recompiles.  State dicts are identical for both (per parameter: ``step``, a 0-dim
 float32 CPU tensor, and the parameter-shaped state tensors).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -57,7 +58,8 @@ import operator
 import sys
 import types
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -95,8 +97,10 @@ def _resolve_impl(impl: str, device_type: str = "cpu") -> str:
         if compiler_available(device_type):
             return "compiled"
         if device_type not in _compiler_warned:
-            warnings.warn(f"torch.compile is not usable for {device_type} tensors here; "
-                          f"optimizers fall back to impl='eager'", stacklevel=4)
+            warnings.warn(
+                f"torch.compile is not usable for {device_type} tensors here; optimizers fall back to impl='eager'",
+                stacklevel=4,
+            )
             _compiler_warned.add(device_type)
         return "eager"
     return impl
@@ -141,9 +145,17 @@ def apply_update(p, u, coef, block_ratio, c) -> None:
     p.sub_(u * (block_ratio * c[0]).unsqueeze(1))
 
 
-def layerwise_step(*args, phase1: Callable, p1kw: tuple, ratios: Callable, rkw: tuple,
-                   apply: Callable, akw: tuple, apply_bufs: tuple[int, ...],
-                   n_buf: int) -> torch.Tensor:
+def layerwise_step(
+    *args,
+    phase1: Callable,
+    p1kw: tuple,
+    ratios: Callable,
+    rkw: tuple,
+    apply: Callable,
+    akw: tuple,
+    apply_bufs: tuple[int, ...],
+    n_buf: int,
+) -> torch.Tensor:
     """A bucket's whole adapted step as one graph (compiled path; one compiled call, so one set
     of guards and wrappers per step).  ``args`` = the bucket's buffers (``n_buf``), then coef,
     seg, lengths and c: ``phase1(*buffers, coef, c)`` gives the block partials, ``ratios`` the
@@ -158,8 +170,7 @@ def layerwise_step(*args, phase1: Callable, p1kw: tuple, ratios: Callable, rkw: 
     return ratio
 
 
-def ratio_then_apply(*args, ratios: Callable, rkw: tuple, apply: Callable, akw: tuple,
-                     n_buf: int) -> torch.Tensor:
+def ratio_then_apply(*args, ratios: Callable, rkw: tuple, apply: Callable, akw: tuple, n_buf: int) -> torch.Tensor:
     """Phase 2 as one graph, for a phase 1 that wrote a buffer the apply pass reads (compiled in
     one graph with phase 1, inductor would keep that buffer's new value in a fresh
     model-sized temporary and copy it back in the apply pass).  ``args`` = apply's buffers
@@ -199,8 +210,7 @@ def get_compiled(fn: Callable, static: dict[str, Any]) -> Callable:
         tag = "_".join(f"{k}{getattr(v, '__name__', v)}" for k, v in sorted(static.items()))
         tag = "".join(ch if ch.isalnum() else "_" for ch in tag) + f"_t{key[2]}"
         code = fn.__code__.replace(co_name=f"{fn.__name__}__{tag}")
-        clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
-                                   fn.__closure__)
+        clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
         clone.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **static}
         _COMPILED[key] = torch.compile(clone, fullgraph=True)
     return _COMPILED[key]
@@ -256,7 +266,7 @@ def _new_flat(nb: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
 def _dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense (any dimension order, e.g. channels_last)."""
     expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda x: x[1]):
         if size == 1:
             continue
         if stride != expected:
@@ -282,15 +292,16 @@ def _owns_storage(t: torch.Tensor) -> bool:
     st = t.untyped_storage()
     if _ours(st):
         return True
-    return t.storage_offset() == 0 and st.nbytes() == t.numel() * t.element_size() and _dense(t)
+    return bool(t.storage_offset() == 0 and st.nbytes() == t.numel() * t.element_size() and _dense(t))
 
 
 class FlatBucket:
     """The tensors of one param group on one device and dtype, with their gradients and state, in
     flat ``[blocks, BLOCK]`` buffers (see the module docstring)."""
 
-    def __init__(self, idx: list[int], params: list[torch.Tensor], state_keys: tuple[str, ...],
-                 state: dict, coef_cols: int):
+    def __init__(
+        self, idx: list[int], params: list[torch.Tensor], state_keys: tuple[str, ...], state: dict, coef_cols: int
+    ):
         self.idx, self.params = idx, params
         p0 = params[0]
         dev, dt = p0.device, p0.dtype
@@ -304,8 +315,9 @@ class FlatBucket:
             off += b
         self.nb = off
         self.lengths = torch.tensor(blocks, device=dev)
-        self.seg = torch.repeat_interleave(torch.arange(self.n, device=dev), self.lengths,
-                                           output_size=self.nb)  # no device sync
+        self.seg = torch.repeat_interleave(
+            torch.arange(self.n, device=dev), self.lengths, output_size=self.nb
+        )  # no device sync
         self.coef = torch.zeros(self.nb, coef_cols, device=dev)  # per block, see _fill_coef
         self.ones = torch.ones(self.n, device=dev)  # the ratios of a step without adaptation
         for t in (self.lengths, self.seg, self.coef):
@@ -320,8 +332,9 @@ class FlatBucket:
         self.g_ptrs = [v.data_ptr() for v in self.g_views]
         # parameters: copy in, re-point where allowed (tied storage among the params: never)
         storages = [p.untyped_storage().data_ptr() for p in params]
-        shared = {s for s, p in zip(storages, params)
-                  if storages.count(s) > 1 and not _ours(p.untyped_storage())}
+        shared = {
+            s for s, p in zip(storages, params, strict=True) if storages.count(s) > 1 and not _ours(p.untyped_storage())
+        }
         torch._foreach_copy_(self.p_views, params)
         self.p_ptrs: list[int] = []
         self.foreign: list[int] = []
@@ -342,7 +355,7 @@ class FlatBucket:
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         flat1 = flat.view(-1)
-        return [flat1.as_strided(s, st, o) for s, st, o in zip(self.shapes, self.strides, self.offsets)]
+        return [flat1.as_strided(s, st, o) for s, st, o in zip(self.shapes, self.strides, self.offsets, strict=True)]
 
     def _adopt(self, i: int, p: torch.Tensor, allowed: bool = True) -> None:
         """``p``'s values are in its region already: make p a view of it if p may be re-pointed."""
@@ -367,16 +380,17 @@ class FlatBucket:
         """State entries (views, zero) for tensors stepped for the first time."""
         if self.initialised:
             return
-        for i, (p, a) in enumerate(zip(self.params, active)):
+        for i, (p, a) in enumerate(zip(self.params, active, strict=True)):
             if a and not state[p]:
                 self._point_state(i, state[p])
         self.initialised = all(state[p] for p in self.params)
 
     def fits(self, params: list[torch.Tensor]) -> bool:
         """Same shapes, dtype, device and (dense tensors) strides as the buffers' views."""
-        return all(p.shape == s and p.dtype == self.dtype and p.device == self.device
-                   and (p.stride() == st or not _dense(p))
-                   for p, s, st in zip(params, self.shapes, self.strides))
+        return all(
+            p.shape == s and p.dtype == self.dtype and p.device == self.device and (p.stride() == st or not _dense(p))
+            for p, s, st in zip(params, self.shapes, self.strides, strict=True)
+        )
 
     def sync_params_in(self) -> bool:
         """Check every parameter is still the expected tensor; re-adopt the ones whose data was
@@ -385,19 +399,17 @@ class FlatBucket:
         if ptrs != self.p_ptrs:
             if not self.fits(self.params):
                 return False
-            for i, (p, ptr) in enumerate(zip(self.params, ptrs)):
+            for i, (p, ptr) in enumerate(zip(self.params, ptrs, strict=True)):
                 if ptr != self.p_ptrs[i]:
                     self.p_views[i].copy_(p)
                     self._adopt(i, p)
         if self.foreign:
-            torch._foreach_copy_([self.p_views[i] for i in self.foreign],
-                                 [self.params[i] for i in self.foreign])
+            torch._foreach_copy_([self.p_views[i] for i in self.foreign], [self.params[i] for i in self.foreign])
         return True
 
     def sync_params_out(self) -> None:
         if self.foreign:
-            torch._foreach_copy_([self.params[i] for i in self.foreign],
-                                 [self.p_views[i] for i in self.foreign])
+            torch._foreach_copy_([self.params[i] for i in self.foreign], [self.p_views[i] for i in self.foreign])
 
     def sync_grads(self) -> list[bool]:
         """Which tensors have a gradient; gradients that are not the buffer's views are copied
@@ -430,7 +442,9 @@ class FlatBucket:
         return active
 
     def grads_are_views(self) -> list[bool]:
-        return [p.grad is not None and p.grad.data_ptr() == ptr for p, ptr in zip(self.params, self.g_ptrs)]
+        return [
+            p.grad is not None and p.grad.data_ptr() == ptr for p, ptr in zip(self.params, self.g_ptrs, strict=True)
+        ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,14 +459,16 @@ def check_common(group: dict[str, Any]) -> None:
         raise ValueError(f"weight_decay must be a finite number >= 0; got {wd!r}")
     clip = group.get("trust_clip")
     if clip is not None:
-        ok = (isinstance(clip, (tuple, list)) and len(clip) == 2
-              and all(isinstance(c, (int, float)) and c >= 0 for c in clip) and clip[0] <= clip[1])
+        ok = (
+            isinstance(clip, (tuple, list))
+            and len(clip) == 2
+            and all(isinstance(c, (int, float)) and c >= 0 for c in clip)
+            and clip[0] <= clip[1]
+        )
         if not ok:
-            raise ValueError(f"trust_clip must be None or (lower, upper) with 0 <= lower <= upper; "
-                             f"got {clip!r}")
+            raise ValueError(f"trust_clip must be None or (lower, upper) with 0 <= lower <= upper; got {clip!r}")
     if not isinstance(group.get("layer_adaptation", True), bool):
-        raise ValueError(f"layer_adaptation must be True or False; got "
-                         f"{group.get('layer_adaptation')!r}")
+        raise ValueError(f"layer_adaptation must be True or False; got {group.get('layer_adaptation')!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,7 +544,7 @@ class LayerwiseOptimizer(Optimizer):
         for i, p in enumerate(group["params"]):
             by_kind.setdefault((p.device, p.dtype), []).append(i)
         buckets = []
-        for (dev, _dt), idx in by_kind.items():
+        for (_dev, _dt), idx in by_kind.items():
             ps = [group["params"][i] for i in idx]
             if not ps[0].is_floating_point():
                 raise RuntimeError(f"{type(self).__name__} needs floating-point parameters; got {ps[0].dtype}")
@@ -542,13 +558,13 @@ class LayerwiseOptimizer(Optimizer):
         """What a group's buckets share; reads the lr once (a tensor lr costs a device sync)."""
         raise NotImplementedError
 
-    def _bucket_step(self, group: dict[str, Any], ctx: dict[str, Any], bucket: FlatBucket,
-                     active: list[bool]) -> torch.Tensor:  # pragma: no cover - overridden
+    def _bucket_step(
+        self, group: dict[str, Any], ctx: dict[str, Any], bucket: FlatBucket, active: list[bool]
+    ) -> torch.Tensor:  # pragma: no cover - overridden
         """Update the bucket's active tensors (step counts already advanced); returns the ratios."""
         raise NotImplementedError
 
-    def _fill_coef(self, bucket: FlatBucket, active: list[bool],
-                   row: Callable[[float], list[float]]) -> bool:
+    def _fill_coef(self, bucket: FlatBucket, active: list[bool], row: Callable[[float], list[float]]) -> bool:
         """Fill ``bucket.coef`` ([blocks, 1 + k]) with each block's tensor's row: 1 if the
         tensor steps (else 0), then ``row(t)`` for its step count t.  Returns True when every
         tensor steps at one t."""
@@ -564,7 +580,7 @@ class LayerwiseOptimizer(Optimizer):
                 bucket.coef_row = values
             return True
         # rows of idle tensors only need to be finite: they are multiplied by 0
-        table = torch.tensor([[float(a), *row(max(t, 1.0))] for a, t in zip(active, steps)])
+        table = torch.tensor([[float(a), *row(max(t, 1.0))] for a, t in zip(active, steps, strict=True)])
         bucket.coef.copy_(table.to(bucket.device)[bucket.seg], non_blocking=True)
         bucket.coef_row = None
         return False
@@ -583,25 +599,37 @@ class LayerwiseOptimizer(Optimizer):
             except Exception as e:  # noqa: BLE001
                 if not self._auto:
                     raise
-                warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(e).__name__}: "
-                              f"{e}); falling back to impl='eager'", stacklevel=4)
+                warnings.warn(
+                    f"{type(self).__name__}: torch.compile failed ({type(e).__name__}: "
+                    f"{e}); falling back to impl='eager'",
+                    stacklevel=4,
+                )
                 self.impl = "eager"
         if not chunked:
             return fn(*args, **static)
         nb = args[0].shape[0]
         outs = []
         for a in range(0, nb, EAGER_CHUNK_BLOCKS):
-            part = [x[a:a + EAGER_CHUNK_BLOCKS] if i < chunked and x is not None else x
-                    for i, x in enumerate(args)]
+            part = [x[a : a + EAGER_CHUNK_BLOCKS] if i < chunked and x is not None else x for i, x in enumerate(args)]
             outs.append(fn(*part, **static))
         if outs[0] is None:
             return None
         return torch.cat(outs)
 
-    def _adapted_step(self, bucket: FlatBucket, c: torch.Tensor, bufs: tuple,
-                      phase1: Callable, p1kw: dict[str, Any], ratios: Callable,
-                      rkw: dict[str, Any], apply: Callable, akw: dict[str, Any],
-                      apply_bufs: tuple[int, ...], one_graph: bool) -> torch.Tensor:
+    def _adapted_step(
+        self,
+        bucket: FlatBucket,
+        c: torch.Tensor,
+        bufs: tuple,
+        phase1: Callable,
+        p1kw: dict[str, Any],
+        ratios: Callable,
+        rkw: dict[str, Any],
+        apply: Callable,
+        akw: dict[str, Any],
+        apply_bufs: tuple[int, ...],
+        one_graph: bool,
+    ) -> torch.Tensor:
         """A bucket's step with layer adaptation: ``phase1(*bufs, coef, c)`` -> block partials;
         per-tensor ratios; ``apply(*bufs[apply_bufs], coef, block_ratio, c)``.  Compiled with
         ``one_graph`` (phase 1 only reads what the apply pass reads): one graph for all of it
@@ -613,27 +641,45 @@ class LayerwiseOptimizer(Optimizer):
             parts = self._call(phase1, p1kw, *bufs, bucket.coef, c)
             if self.impl == "compiled":
                 torch._dynamo.maybe_mark_dynamic(parts, 0)
-                static = dict(ratios=ratios, rkw=tuple(sorted(rkw.items())), apply=apply,
-                              akw=tuple(sorted(akw.items())), n_buf=len(apply_bufs))
-                return self._call(ratio_then_apply, static, *(bufs[i] for i in apply_bufs),
-                                  bucket.coef, bucket.seg, bucket.lengths, c, parts)
+                static = dict(
+                    ratios=ratios,
+                    rkw=tuple(sorted(rkw.items())),
+                    apply=apply,
+                    akw=tuple(sorted(akw.items())),
+                    n_buf=len(apply_bufs),
+                )
+                return self._call(
+                    ratio_then_apply,
+                    static,
+                    *(bufs[i] for i in apply_bufs),
+                    bucket.coef,
+                    bucket.seg,
+                    bucket.lengths,
+                    c,
+                    parts,
+                )
             # phase 1 fell back to eager (and ran): the ratios and the apply pass, eagerly
             ratio = ratios(parts, bucket.lengths, c, **rkw)
             block_ratio = ratio[bucket.seg] * bucket.coef[:, 0]
             apply(*(bufs[i] for i in apply_bufs), bucket.coef, block_ratio, c, **akw)
             return ratio
         if self.impl == "compiled":
-            static = dict(phase1=phase1, p1kw=tuple(sorted(p1kw.items())), ratios=ratios,
-                          rkw=tuple(sorted(rkw.items())), apply=apply,
-                          akw=tuple(sorted(akw.items())), apply_bufs=apply_bufs, n_buf=n)
+            static = dict(
+                phase1=phase1,
+                p1kw=tuple(sorted(p1kw.items())),
+                ratios=ratios,
+                rkw=tuple(sorted(rkw.items())),
+                apply=apply,
+                akw=tuple(sorted(akw.items())),
+                apply_bufs=apply_bufs,
+                n_buf=n,
+            )
             # (should the compile fail under "auto", _call runs layerwise_step eagerly)
-            return self._call(layerwise_step, static, *bufs, bucket.coef, bucket.seg,
-                              bucket.lengths, c)
+            return self._call(layerwise_step, static, *bufs, bucket.coef, bucket.seg, bucket.lengths, c)
         parts = self._call(phase1, p1kw, *bufs, bucket.coef, c, chunked=n + 1)
         ratio = ratios(parts, bucket.lengths, c, **rkw)
         block_ratio = ratio[bucket.seg] * bucket.coef[:, 0]
-        self._call(apply, akw, *(bufs[i] for i in apply_bufs), bucket.coef, block_ratio, c,
-                   chunked=len(apply_bufs) + 2)
+        self._call(apply, akw, *(bufs[i] for i in apply_bufs), bucket.coef, block_ratio, c, chunked=len(apply_bufs) + 2)
         return ratio
 
     def _group_scalars(self, values: list[float], device: torch.device) -> torch.Tensor:
@@ -668,7 +714,7 @@ class LayerwiseOptimizer(Optimizer):
                 views = b.grads_are_views()
                 if any(views):
                     b.g.zero_()
-                    kept.update(id(p) for p, v in zip(b.params, views) if v)
+                    kept.update(id(p) for p, v in zip(b.params, views, strict=True) if v)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or id(p) in kept:
@@ -718,7 +764,7 @@ class LayerwiseOptimizer(Optimizer):
         out: dict[str, torch.Tensor] = {}
         for gi, done in sorted(self._last_ratios.items()):
             for idx, ratios, active in done:
-                for j, (i, a) in enumerate(zip(idx, active)):
+                for j, (i, a) in enumerate(zip(idx, active, strict=True)):
                     if a:
                         out[names[gi][i]] = ratios[j]
         return out

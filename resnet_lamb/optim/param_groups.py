@@ -21,14 +21,16 @@ Rules:
 
 Parameters with ``requires_grad=False`` are left out; empty groups are dropped.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
 RULES = ("author", "timm", "none")
-_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def _norm_param_ids(model: nn.Module) -> set[int]:
@@ -51,13 +53,16 @@ def param_groups(model: nn.Module | Iterable, weight_decay: float, rule: str = "
     if isinstance(model, nn.Module):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     elif rule == "author":
-        raise ValueError("param_rule 'author' needs an nn.Module (BatchNorm is found by "
-                         "module type); pass the model or use param_rule 'timm' / 'none'")
+        raise ValueError(
+            "param_rule 'author' needs an nn.Module (BatchNorm is found by "
+            "module type); pass the model or use param_rule 'timm' / 'none'"
+        )
     else:
         named = [p if isinstance(p, tuple) else (f"p{i}", p) for i, p in enumerate(model)]
     if rule == "none":
         skip: set[int] = set()
     elif rule == "author":
+        assert isinstance(model, nn.Module)  # other models were refused above
         skip = _norm_param_ids(model)
     else:  # timm
         skip = {id(p) for _, p in named if p.ndim <= 1}
@@ -65,9 +70,9 @@ def param_groups(model: nn.Module | Iterable, weight_decay: float, rule: str = "
     plain = [(n, p) for n, p in named if id(p) in skip]
     groups = []
     if decay:
-        groups.append({"params": decay, "weight_decay": float(weight_decay),
-                       "layer_adaptation": True, "apply_decay": True})
+        groups.append(
+            {"params": decay, "weight_decay": float(weight_decay), "layer_adaptation": True, "apply_decay": True}
+        )
     if plain:
-        groups.append({"params": plain, "weight_decay": 0.0,
-                       "layer_adaptation": False, "apply_decay": False})
+        groups.append({"params": plain, "weight_decay": 0.0, "layer_adaptation": False, "apply_decay": False})
     return groups

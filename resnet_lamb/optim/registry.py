@@ -20,15 +20,16 @@ nadam       torch.optim.NAdam (Dozat's Nadam)
 
 torch's optimizers run fused (CPU/CUDA, floating params) or foreach where torch allows.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-_NAMES = ("lamb", "nlamb", "nnlamb", "lars", "lars_classic",
-          "adam", "adamw", "adagrad", "sgd", "nadam")
+_NAMES = ("lamb", "nlamb", "nnlamb", "lars", "lars_classic", "adam", "adamw", "adagrad", "sgd", "nadam")
 
 
 def list_optimizers() -> list[str]:
@@ -79,10 +80,11 @@ def _fast(params: list[dict[str, Any]], fused_devices: tuple[str, ...]) -> dict[
 def _lamb(nesterov: str | None, betas=(0.9, 0.999), eps=1e-6):
     def build(groups, lr, **kw):
         from resnet_lamb.optim.lamb import Lamb
+
         kw.setdefault("nesterov", nesterov)
         return Lamb(groups, lr=lr, **kw)
-    opts = {"betas": betas, "eps": eps, "bias_correction": True, "norm": "l2",
-            "trust_clip": None, "impl": "auto"}
+
+    opts = {"betas": betas, "eps": eps, "bias_correction": True, "norm": "l2", "trust_clip": None, "impl": "auto"}
     if nesterov is None:  # plain "lamb" may still pick a variant; nlamb/nnlamb fix theirs
         opts["nesterov"] = None
     return build, opts
@@ -91,9 +93,10 @@ def _lamb(nesterov: str | None, betas=(0.9, 0.999), eps=1e-6):
 def _lars(mode: str):
     def build(groups, lr, **kw):
         from resnet_lamb.optim.lars import Lars
+
         return Lars(groups, lr=lr, mode=mode, **kw)
-    opts = {"momentum": 0.9, "eps": 1e-9, "trust_coefficient": 0.001, "trust_clip": None,
-            "impl": "auto"}
+
+    opts = {"momentum": 0.9, "eps": 1e-9, "trust_coefficient": 0.001, "trust_clip": None, "impl": "auto"}
     if mode == "classic":
         opts["nesterov"] = False
     return build, opts
@@ -106,8 +109,8 @@ def _torch(cls: type, fused_devices: tuple[str, ...], **defaults: Any):
             kw.pop("foreach", None)
             kw.update(_fast(groups, fused_devices))
         return cls(groups, lr=lr, **kw)
-    return build, dict(defaults, foreach=None, fused=None) if fused_devices else \
-        dict(defaults, foreach=None)
+
+    return build, dict(defaults, foreach=None, fused=None) if fused_devices else dict(defaults, foreach=None)
 
 
 _REGISTRY: dict[str, tuple[Callable, dict[str, Any]]] = {
@@ -118,11 +121,11 @@ _REGISTRY: dict[str, tuple[Callable, dict[str, Any]]] = {
     "lars_classic": _lars("classic"),
     "adam": _torch(torch.optim.Adam, ("cpu", "cuda"), betas=(0.9, 0.999), eps=1e-8, amsgrad=False),
     "adamw": _torch(AdamWL2, ("cpu", "cuda"), betas=(0.9, 0.999), eps=1e-8, amsgrad=False, l2=0.0),
-    "adagrad": _torch(torch.optim.Adagrad, ("cpu",), lr_decay=0.0, eps=1e-10,
-                      initial_accumulator_value=0.0),
+    "adagrad": _torch(torch.optim.Adagrad, ("cpu",), lr_decay=0.0, eps=1e-10, initial_accumulator_value=0.0),
     "sgd": _torch(torch.optim.SGD, ("cpu", "cuda"), momentum=0.9, nesterov=False, dampening=0.0),
-    "nadam": _torch(torch.optim.NAdam, (), betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3,
-                    decoupled_weight_decay=False),
+    "nadam": _torch(
+        torch.optim.NAdam, (), betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3, decoupled_weight_decay=False
+    ),
 }
 assert tuple(_REGISTRY) == _NAMES
 
@@ -138,8 +141,9 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(_NAMES)}")
 
 
-def build_optimizer(name: str, model: nn.Module | Iterable, lr: float, weight_decay: float,
-                    param_rule: str = "author", **kwargs: Any) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, model: nn.Module | Iterable, lr: float, weight_decay: float, param_rule: str = "author", **kwargs: Any
+) -> torch.optim.Optimizer:
     """Build optimizer ``name`` over ``model``'s parameters grouped by ``param_rule``.
 
     ``model``: an ``nn.Module`` (named parameters are passed, so state and ``trust_ratios()`` are
@@ -154,8 +158,9 @@ def build_optimizer(name: str, model: nn.Module | Iterable, lr: float, weight_de
     build, accepted = _REGISTRY[name]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for optimizer {name!r}; accepted: "
-                         f"{', '.join(sorted(accepted))}")
+        raise ValueError(
+            f"unknown option {unknown[0]!r} for optimizer {name!r}; accepted: {', '.join(sorted(accepted))}"
+        )
     groups = param_groups(model, weight_decay, param_rule)
     opts = {k: v for k, v in kwargs.items()}
     if name == "lamb" or name.endswith("lamb"):

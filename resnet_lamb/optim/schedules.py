@@ -17,7 +17,8 @@ This module imports no torch at import time (``resnet-lamb plan`` must stay fast
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -101,8 +102,7 @@ def warmup_poly(step: int, warmup_steps: int, total_steps: int, power: float = 1
     return (1.0 - end) * (1.0 - t / total_steps) ** power + end
 
 
-def poly_after_warmup(step: int, warmup_steps: int, total_steps: int, power: float = 1.0,
-                      end: float = 0.0) -> float:
+def poly_after_warmup(step: int, warmup_steps: int, total_steps: int, power: float = 1.0, end: float = 0.0) -> float:
     """``poly_after_warmup``: linear warmup to the peak, then polynomial decay measured from the
     end of the warmup (the LAMB author's ResNet-50 form).
 
@@ -179,7 +179,7 @@ def multiplier_fn(spec: Any, plan: Any) -> Callable[[int], float]:
     raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
-def build_scheduler(optimizer: "torch.optim.Optimizer", spec: Any, plan: Any) -> "torch.optim.lr_scheduler.LambdaLR":
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: Any, plan: Any) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` over ``optimizer`` following ``spec`` (``ScheduleSpec``) and ``plan`` (``Plan``).
 
     Build the optimizer with ``lr=plan.lr`` (the peak); LambdaLR multiplies each param group's

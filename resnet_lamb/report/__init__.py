@@ -23,38 +23,68 @@ Table 5 and Table 3 beside the paper's numbers for ResNet-50 runs on ImageNet-1k
 (:attr:`Run.imagenet`), the other runs grouped per setting, the incomplete runs with their reason.
 ``DIR/*.png`` (:mod:`resnet_lamb.report.figures`): accuracy curves and trust-ratio heatmaps.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
 
 from resnet_lamb.errors import UserError
 from resnet_lamb.report.figures import write_figures
 from resnet_lamb.report.reading import find_run_dirs, load_run, paper_tables, read_metrics
 from resnet_lamb.report.runs import Run
-from resnet_lamb.report.tables import (grid_table, mean_text, other_sections, render_report, spread, status_text,
-                                       table3_key, table3_rows, table5_rows)
+from resnet_lamb.report.tables import (
+    grid_table,
+    mean_text,
+    other_sections,
+    render_report,
+    spread,
+    status_text,
+    table3_key,
+    table3_rows,
+    table5_rows,
+)
 from resnet_lamb.report.wandb_runs import read_wandb_api
 
-__all__ = ["Run", "find_run_dirs", "grid_table", "load_run", "main", "mean_text", "other_sections", "paper_tables",
-           "read_metrics", "read_wandb_api", "render_report", "spread", "status_text", "table3_key", "table3_rows",
-           "table5_rows", "write_figures"]
+__all__ = [
+    "Run",
+    "find_run_dirs",
+    "grid_table",
+    "load_run",
+    "main",
+    "mean_text",
+    "other_sections",
+    "paper_tables",
+    "read_metrics",
+    "read_wandb_api",
+    "render_report",
+    "spread",
+    "status_text",
+    "table3_key",
+    "table3_rows",
+    "table5_rows",
+    "write_figures",
+]
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="resnet-lamb report",
         description="Write DIR/report.md (the paper's Tables 5 and 3, other runs) and DIR/*.png "
-                    "(accuracy curves, trust-ratio heatmaps) from run folders' config.yaml, plan.json, "
-                    "csv/metrics.csv and summary.json and, with --wandb, a W&B project's runs.")
-    parser.add_argument("runs", nargs="*", metavar="RUN_DIR_OR_GLOB",
-                        help="run folders, globs, or a folder of run folders")
+        "(accuracy curves, trust-ratio heatmaps) from run folders' config.yaml, plan.json, "
+        "csv/metrics.csv and summary.json and, with --wandb, a W&B project's runs.",
+    )
+    parser.add_argument(
+        "runs", nargs="*", metavar="RUN_DIR_OR_GLOB", help="run folders, globs, or a folder of run folders"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None,
-                        help="also report this W&B project's runs, read through the W&B API (needs a key and "
-                             "the network)")
+    parser.add_argument(
+        "--wandb",
+        metavar="ENTITY/PROJECT",
+        default=None,
+        help="also report this W&B project's runs, read through the W&B API (needs a key and the network)",
+    )
     args = parser.parse_args(sys.argv[2:] if argv is None else argv)
     if not args.runs and not args.wandb:
         parser.error("give run folders (RUN_DIR_OR_GLOB), --wandb ENTITY/PROJECT, or both")

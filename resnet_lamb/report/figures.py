@@ -1,12 +1,14 @@
 """``DIR/*.png`` (matplotlib, Agg): top-1 and top-5 against epoch, one figure per global batch and
 one per optimizer (a line per run), and for each run that logged ``optim/trust_ratio/<param>`` a
 heatmap of the trust ratios, layers x optimizer steps (the paper's Figures 9-14)."""
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 from resnet_lamb.report.runs import Run
+
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "run"
@@ -19,8 +21,13 @@ def plot_accuracy(runs: list, title: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for ax, idx, metric in ((axes[0], 1, "top-1"), (axes[1], 2, "top-5")):
         for run in runs:
-            ax.plot([v[0] for v in run.val], [v[idx] for v in run.val], marker="o", markersize=3,
-                    label=run.name + (" (in progress)" if run.status == "in progress" else ""))
+            ax.plot(
+                [v[0] for v in run.val],
+                [v[idx] for v in run.val],
+                marker="o",
+                markersize=3,
+                label=run.name + (" (in progress)" if run.status == "in progress" else ""),
+            )
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"val {metric}")
         ax.set_title(f"{title}: {metric}")
@@ -60,8 +67,10 @@ def write_figures(runs: list, out: Path) -> list:
     matplotlib.use("Agg")
     figures = []
     plotted = [r for r in runs if r.status != "incomplete" and r.val]
-    for key, prefix, what in ((lambda r: r.global_batch, "accuracy_batch", "global batch"),
-                              (lambda r: r.optimizer, "accuracy_optimizer", "optimizer")):
+    for key, prefix, what in (
+        (lambda r: r.global_batch, "accuracy_batch", "global batch"),
+        (lambda r: r.optimizer, "accuracy_optimizer", "optimizer"),
+    ):
         groups: dict = {}
         for run in plotted:
             groups.setdefault(key(run), []).append(run)
@@ -75,5 +84,3 @@ def write_figures(runs: list, out: Path) -> list:
             plot_trust_ratios(run, out / name)
             figures.append((name, f"trust ratios, {run.name}"))
     return figures
-
-

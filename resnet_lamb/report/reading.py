@@ -5,6 +5,7 @@ steps), ``csv/metrics.csv`` (the metrics) and ``summary.json`` (how the last fit
 :class:`resnet_lamb.telemetry.RunStatus`); ``failed.txt`` / ``interrupted.txt`` for runs from before
 ``summary.json``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -44,8 +44,10 @@ def find_run_dirs(patterns: list) -> list:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if os.path.isdir(m)]
         if not matches:
-            raise UserError(f"{pattern}: no such run folder; give run folders (runs/NAME), a glob "
-                            f"(\"runs/lamb-*\") or a folder of run folders (runs)")
+            raise UserError(
+                f"{pattern}: no such run folder; give run folders (runs/NAME), a glob "
+                f'("runs/lamb-*") or a folder of run folders (runs)'
+            )
         for m in matches:
             p = Path(m)
             if not _is_run_dir(p):
@@ -78,7 +80,7 @@ def read_config(run: Run, path: Path) -> None:
     run.expected = cfg.get("expected") or {}
 
 
-def _json_object(path: Path) -> Optional[dict]:
+def _json_object(path: Path) -> dict | None:
     """A JSON file holding an object; None when there is no such file; ValueError naming what is wrong."""
     if not path.is_file():
         return None
@@ -113,9 +115,9 @@ class History:
     absent = not logged in that row), from csv/metrics.csv or the W&B API alike."""
 
     def __init__(self) -> None:
-        self.by_epoch: dict = {}   # epoch (1-based) -> (step, top1, top5)
-        self.trust: list = []      # (step, {layer: value})
-        self.last_step: Optional[int] = None
+        self.by_epoch: dict = {}  # epoch (1-based) -> (step, top1, top5)
+        self.trust: list = []  # (step, {layer: value})
+        self.last_step: int | None = None
 
     def add(self, row: dict, where: str) -> None:
         step = int(_number(row["step"], where, "step")) if row.get("step") is not None else None
@@ -123,14 +125,20 @@ class History:
             self.last_step = step
         if row.get("val/top1") is not None or row.get("val/top5") is not None:
             epoch = int(_number(row.get("epoch"), where, "epoch"))
-            self.by_epoch[epoch + 1] = (step, _number(row.get("val/top1"), where, "val/top1"),
-                                        _number(row.get("val/top5"), where, "val/top5"))
-        trust = {k[len(TRUST_PREFIX):]: _number(v, where, k) for k, v in row.items()
-                 if k.startswith(TRUST_PREFIX) and v is not None}
+            self.by_epoch[epoch + 1] = (
+                step,
+                _number(row.get("val/top1"), where, "val/top1"),
+                _number(row.get("val/top5"), where, "val/top5"),
+            )
+        trust = {
+            k[len(TRUST_PREFIX) :]: _number(v, where, k)
+            for k, v in row.items()
+            if k.startswith(TRUST_PREFIX) and v is not None
+        }
         if trust:
             self.trust.append((int(_number(row.get("step"), where, "step")), trust))
 
-    def finish(self, run: Run, layers: Optional[list] = None) -> Optional[int]:
+    def finish(self, run: Run, layers: list | None = None) -> int | None:
         """Fill ``run``'s val / trust fields (layers: the CSV's column order, else sorted); the last step."""
         run.val = [(e, *self.by_epoch[e][1:]) for e in sorted(self.by_epoch)]
         run.trust_layers = list(layers) if layers is not None else sorted({k for _, d in self.trust for k in d})
@@ -139,7 +147,7 @@ class History:
         return self.last_step
 
 
-def read_metrics(run: Run) -> Optional[int]:
+def read_metrics(run: Run) -> int | None:
     """Validation accuracies and trust ratios from csv/metrics.csv, streamed (a 90-epoch run has
     225K rows); returns the last logged step. ValueError names what is wrong with the file."""
     path = run.path / "csv" / "metrics.csv"
@@ -163,16 +171,19 @@ def read_metrics(run: Run) -> Optional[int]:
             line = reader.line_num
             if len(row) != len(header):
                 raise ValueError(f"csv/metrics.csv line {line} has {len(row)} fields, the header {len(header)}")
-            history.add({name: value for name, value in zip(header, row) if value}, f"csv/metrics.csv line {line}")
-    return history.finish(run, [name[len(TRUST_PREFIX):] for name in header if name.startswith(TRUST_PREFIX)])
+            history.add(
+                {name: value for name, value in zip(header, row, strict=True) if value}, f"csv/metrics.csv line {line}"
+            )
+    return history.finish(run, [name[len(TRUST_PREFIX) :] for name in header if name.startswith(TRUST_PREFIX)])
 
 
-def _ended_status(path: Path, summary: Optional[dict]) -> Optional[tuple]:
+def _ended_status(path: Path, summary: dict | None) -> tuple | None:
     """(status, message) of a last fit that failed or was interrupted, from summary.json; for a run
     from before summary.json, from failed.txt / interrupted.txt. None otherwise."""
     if summary is not None or (path / "summary.json").exists():
-        status = (summary or {}).get("status")
-        return (status, str(summary.get("message") or status)) if status in ("failed", "interrupted") else None
+        fields = summary or {}
+        status = fields.get("status")
+        return (status, str(fields.get("message") or status)) if status in ("failed", "interrupted") else None
     for status in ("failed", "interrupted"):
         marker = path / f"{status}.txt"
         if marker.is_file():

@@ -1,9 +1,9 @@
 """One run as the report sees it (:class:`Run`), from a run folder or the W&B API alike."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 TRUST_PREFIX = "optim/trust_ratio/"
 STOPPED = ("failed", "interrupted", "in progress")  # not a result: counted in a grid cell, not averaged
@@ -15,34 +15,34 @@ class Run:
 
     name: str
     path: Path
-    status: str = "complete"               # complete | in progress | interrupted | failed | incomplete
-    reason: str = ""                       # why incomplete / in progress / interrupted / failed
+    status: str = "complete"  # complete | in progress | interrupted | failed | incomplete
+    reason: str = ""  # why incomplete / in progress / interrupted / failed
     optimizer: str = "?"
     arch: str = "?"
-    num_classes: Optional[int] = None
-    backend: str = "?"                     # data.backend: synthetic data is no data set
-    data_root: str = ""                    # data.root
-    train_images: Optional[int] = None     # the counts fit recorded (data.train_images, data.val_images)
-    val_images: Optional[int] = None
+    num_classes: int | None = None
+    backend: str = "?"  # data.backend: synthetic data is no data set
+    data_root: str = ""  # data.root
+    train_images: int | None = None  # the counts fit recorded (data.train_images, data.val_images)
+    val_images: int | None = None
     schedule: str = "?"
-    global_batch: Optional[int] = None
-    max_epochs: Optional[int] = None
-    max_steps: Optional[int] = None
-    plan: Optional[dict] = None            # the run's plan.json as fit wrote it; None: the run has none
+    global_batch: int | None = None
+    max_epochs: int | None = None
+    max_steps: int | None = None
+    plan: dict | None = None  # the run's plan.json as fit wrote it; None: the run has none
     expected: dict = field(default_factory=dict)
-    val: list = field(default_factory=list)          # [(epoch 1-based, top1, top5)]
+    val: list = field(default_factory=list)  # [(epoch 1-based, top1, top5)]
     trust_layers: list = field(default_factory=list)  # layer names
-    trust_steps: list = field(default_factory=list)   # optimizer steps
+    trust_steps: list = field(default_factory=list)  # optimizer steps
     trust_values: list = field(default_factory=list)  # one list per step, a value per layer (nan = missing)
-    source: str = ""                       # "" = the run folder; else where it was read from (W&B API)
+    source: str = ""  # "" = the run folder; else where it was read from (W&B API)
 
     @property
-    def lr(self) -> Optional[float]:
+    def lr(self) -> float | None:
         """The plan's peak LR (``plan.json``'s ``lr``); None without a plan."""
         return None if self.plan is None else self.plan.get("lr")
 
     @property
-    def warmup_epochs(self) -> Optional[float]:
+    def warmup_epochs(self) -> float | None:
         """The plan's warmup in epochs (``plan.json``'s ``warmup_epochs``); None without a plan."""
         return None if self.plan is None else self.plan.get("warmup_epochs")
 
@@ -52,9 +52,12 @@ class Run:
         a run the paper's ImageNet tables can be set beside."""
         from resnet_lamb.data.folder import IMAGENET
 
-        return (self.arch == "resnet50" and self.backend not in ("synthetic", "?")
-                and (self.train_images, self.val_images, self.num_classes)
-                == (IMAGENET["train_images"], IMAGENET["val_images"], IMAGENET["num_classes"]))
+        return (
+            self.arch == "resnet50"
+            and self.backend not in ("synthetic", "?")
+            and (self.train_images, self.val_images, self.num_classes)
+            == (IMAGENET["train_images"], IMAGENET["val_images"], IMAGENET["num_classes"])
+        )
 
     @property
     def data(self) -> str:
@@ -95,8 +98,8 @@ def read_model_and_data(run: Run, model: dict, data: dict) -> None:
     run.global_batch = data.get("global_batch")
 
 
-def set_progress(run: Run, last_step: Optional[int], unfinished: Optional[str] = None) -> None:
-    """"in progress" when fewer epochs than max_epochs were validated and max_steps was not reached,
+def set_progress(run: Run, last_step: int | None, unfinished: str | None = None) -> None:
+    """ "in progress" when fewer epochs than max_epochs were validated and max_steps was not reached,
     or when ``unfinished`` (a W&B run not finished) says so."""
     max_steps = run.max_steps
     stopped = isinstance(max_steps, int) and max_steps > 0 and last_step is not None and last_step >= max_steps - 1

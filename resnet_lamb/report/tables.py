@@ -4,6 +4,7 @@ table per setting for the other runs, and the runs that cannot be read.
 LR and warmup epochs are the run's own plan (``plan.json``, as ``resnet-lamb plan`` prints them),
 "-" for a run without one; they are never derived again here.
 """
+
 from __future__ import annotations
 
 from resnet_lamb.report.runs import STOPPED, Run
@@ -61,9 +62,24 @@ def table5_rows(runs: list, paper: dict) -> tuple:
             continue
         (f1, f5), (b1, b5) = run.final, run.best
         done = run.status == "complete"  # an unfinished run's last epoch is not set against the paper's
-        rows.append([run.name, status_text(run), run.global_batch, _lr_cell(run), _warmup_cell(run), _epochs(run),
-                     _f(f1), _f(f5), _f(b1), _f(b5), _f(ref["top1"]), _f(ref["top5"]),
-                     _diff(f1 if done else None, ref["top1"]), _diff(f5 if done else None, ref["top5"])])
+        rows.append(
+            [
+                run.name,
+                status_text(run),
+                run.global_batch,
+                _lr_cell(run),
+                _warmup_cell(run),
+                _epochs(run),
+                _f(f1),
+                _f(f5),
+                _f(b1),
+                _f(b5),
+                _f(ref["top1"]),
+                _f(ref["top5"]),
+                _diff(f1 if done else None, ref["top1"]),
+                _diff(f5 if done else None, ref["top5"]),
+            ]
+        )
         used.append(run)
     return rows, used
 
@@ -77,8 +93,20 @@ def table3_rows(runs: list, paper: dict) -> tuple:
             continue
         label = key.replace("_goyal", "+")
         (f1, _), (b1, _) = run.final, run.best
-        rows.append([run.name, status_text(run), label, _lr_cell(run), _warmup_cell(run), _epochs(run), _f(f1), _f(b1),
-                     _f(table3[key]), _diff(f1 if run.status == "complete" else None, table3[key])])
+        rows.append(
+            [
+                run.name,
+                status_text(run),
+                label,
+                _lr_cell(run),
+                _warmup_cell(run),
+                _epochs(run),
+                _f(f1),
+                _f(b1),
+                _f(table3[key]),
+                _diff(f1 if run.status == "complete" else None, table3[key]),
+            ]
+        )
         used.append(run)
     return rows, used
 
@@ -95,12 +123,43 @@ def other_sections(runs: list) -> list:
         for run in group:
             (f1, f5), (b1, b5) = run.final, run.best
             ex = run.expected
-            rows.append([run.name, status_text(run), run.schedule, _lr_cell(run), _warmup_cell(run), _epochs(run),
-                         _f(f1), _f(f5), _f(b1), _f(b5), _f(ex.get("top1")), _f(ex.get("top5")),
-                         _diff(f1, ex.get("top1")), ex.get("source") or "-"])
-        lines += _table(["run", "status", "schedule", "LR", "warmup epochs", "epochs", "final top-1", "final top-5",
-                         "best top-1", "best top-5", "expected top-1", "expected top-5", "diff top-1",
-                         "expected source"], rows)
+            rows.append(
+                [
+                    run.name,
+                    status_text(run),
+                    run.schedule,
+                    _lr_cell(run),
+                    _warmup_cell(run),
+                    _epochs(run),
+                    _f(f1),
+                    _f(f5),
+                    _f(b1),
+                    _f(b5),
+                    _f(ex.get("top1")),
+                    _f(ex.get("top5")),
+                    _diff(f1, ex.get("top1")),
+                    ex.get("source") or "-",
+                ]
+            )
+        lines += _table(
+            [
+                "run",
+                "status",
+                "schedule",
+                "LR",
+                "warmup epochs",
+                "epochs",
+                "final top-1",
+                "final top-5",
+                "best top-1",
+                "best top-5",
+                "expected top-1",
+                "expected top-5",
+                "diff top-1",
+                "expected source",
+            ],
+            rows,
+        )
     return lines
 
 
@@ -135,8 +194,11 @@ def grid_table(runs: list) -> list:
         row = [opt]
         for b in batches:
             values, states = cells.get((opt, b)), stopped.get((opt, b), [])
-            notes = [status if len(states) == 1 and not values else f"{states.count(status)} {status}"
-                     for status in STOPPED if status in states]
+            notes = [
+                status if len(states) == 1 and not values else f"{states.count(status)} {status}"
+                for status in STOPPED
+                if status in states
+            ]
             row.append(", ".join(([mean_text(values)] if values else []) + notes) or "-")
         rows.append(row)
     return _table(["optimizer, batch →", *map(str, batches)], rows)
@@ -148,8 +210,9 @@ def _sources(runs: list) -> str:
     counts = [(text, sum(r.source.startswith(key) if key else not r.source for r in runs)) for key, text in kinds]
     text = "; ".join(f"{text}: {n} runs" for i, (text, n) in enumerate(counts) if n or not i)
     unplanned = sum(r.plan is None and r.status != "incomplete" for r in runs)
-    return f"Read from {text}." + (f" {unplanned} runs have no plan.json (older runs): their LR and warmup show as -."
-                                   if unplanned else "")
+    return f"Read from {text}." + (
+        f" {unplanned} runs have no plan.json (older runs): their LR and warmup show as -." if unplanned else ""
+    )
 
 
 def render_report(runs: list, paper: dict, figures: list) -> str:
@@ -157,28 +220,69 @@ def render_report(runs: list, paper: dict, figures: list) -> str:
     t5, used5 = table5_rows(readable, paper)
     t3, used3 = table3_rows(readable, paper)
     others = [r for r in readable if not any(r is u for u in used5 + used3)]
-    lines = ["# resnet-lamb report", "",
-             f"{len(runs)} run folders: {sum(r.status == 'complete' for r in runs)} complete, "
-             f"{sum(r.status == 'in progress' for r in runs)} in progress, "
-             f"{sum(r.status == 'interrupted' for r in runs)} interrupted, "
-             f"{sum(r.status == 'failed' for r in runs)} failed, "
-             f"{sum(r.status == 'incomplete' for r in runs)} incomplete. Accuracies are fractions; "
-             f"diff = final - paper. {_sources(runs)}", "",
-             "Only ResNet-50 runs on ImageNet-1k itself (real images, 1,281,167 train / 50,000 val, 1000 "
-             "classes, as fit recorded them) sit beside the paper's numbers; diff only for complete runs.", "",
-             "## Table 5: LAMB, untuned, sqrt LR scaling, linear-epoch warmup", ""]
-    lines += _table(["run", "status", "batch", "LR", "warmup epochs", "epochs", "final top-1", "final top-5",
-                     "best top-1", "best top-5", "paper top-1", "paper top-5", "diff top-1", "diff top-5"], t5)
+    lines = [
+        "# resnet-lamb report",
+        "",
+        f"{len(runs)} run folders: {sum(r.status == 'complete' for r in runs)} complete, "
+        f"{sum(r.status == 'in progress' for r in runs)} in progress, "
+        f"{sum(r.status == 'interrupted' for r in runs)} interrupted, "
+        f"{sum(r.status == 'failed' for r in runs)} failed, "
+        f"{sum(r.status == 'incomplete' for r in runs)} incomplete. Accuracies are fractions; "
+        f"diff = final - paper. {_sources(runs)}",
+        "",
+        "Only ResNet-50 runs on ImageNet-1k itself (real images, 1,281,167 train / 50,000 val, 1000 "
+        "classes, as fit recorded them) sit beside the paper's numbers; diff only for complete runs.",
+        "",
+        "## Table 5: LAMB, untuned, sqrt LR scaling, linear-epoch warmup",
+        "",
+    ]
+    lines += _table(
+        [
+            "run",
+            "status",
+            "batch",
+            "LR",
+            "warmup epochs",
+            "epochs",
+            "final top-1",
+            "final top-5",
+            "best top-1",
+            "best top-5",
+            "paper top-1",
+            "paper top-5",
+            "diff top-1",
+            "diff top-5",
+        ],
+        t5,
+    )
     lines += ["", "## Table 3: optimizers at batch 16K (+ = Goyal et al.'s recipe)", ""]
-    lines += _table(["run", "status", "optimizer", "LR", "warmup epochs", "epochs", "final top-1", "best top-1",
-                     "paper top-1", "diff top-1"], t3)
+    lines += _table(
+        [
+            "run",
+            "status",
+            "optimizer",
+            "LR",
+            "warmup epochs",
+            "epochs",
+            "final top-1",
+            "best top-1",
+            "paper top-1",
+            "diff top-1",
+        ],
+        t3,
+    )
     lines += ["", "## Other runs (optimizer x global batch, one grid per data set, architecture, classes and epochs)"]
     settings: dict = {}
     for run in others:
         settings.setdefault(run.setting, []).append(run)
     for setting, group in sorted(settings.items()):
-        lines += ["", f"### {setting}", "",
-                  "Final top-1 (mean over complete runs sharing a cell, ± half their range):", ""]
+        lines += [
+            "",
+            f"### {setting}",
+            "",
+            "Final top-1 (mean over complete runs sharing a cell, ± half their range):",
+            "",
+        ]
         lines += grid_table(group)
         lines += other_sections(group)
     if not others:
@@ -191,5 +295,3 @@ def render_report(runs: list, paper: dict, figures: list) -> str:
         lines += ["", "## Figures", ""]
         lines += [f"![{title}]({name})" for name, title in figures]
     return "\n".join(lines) + "\n"
-
-

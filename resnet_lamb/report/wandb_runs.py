@@ -8,6 +8,7 @@ such a run has no epoch count and no expected accuracy. A run whose W&B state is
 ``finished`` is "in progress". No API key or no network is one error line (a UserError) within
 about :data:`API_TIMEOUT_S` seconds.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,8 @@ from resnet_lamb.errors import UserError
 from resnet_lamb.report.reading import History
 from resnet_lamb.report.runs import TRUST_PREFIX, Run, read_model_and_data, set_progress
 
-WANDB_STEP = "trainer/global_step"        # Lightning's step key in W&B history (the CSV's "step")
-API_TIMEOUT_S = 10                        # seconds per W&B API request
+WANDB_STEP = "trainer/global_step"  # Lightning's step key in W&B history (the CSV's "step")
+API_TIMEOUT_S = 10  # seconds per W&B API request
 
 
 def _wandb_row(item: dict) -> dict:
@@ -41,8 +42,9 @@ def config_from_wandb(run: Run, cfg: dict) -> None:
         raise ValueError("the W&B config has no optimizer or global_batch (not a resnet-lamb run?)")
     read_model_and_data(run, model, data)
     run.max_epochs, run.max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
-    run.expected = cfg.get("expected") if isinstance(cfg.get("expected"), dict) else {}
-    run.plan = cfg.get("plan") if isinstance(cfg.get("plan"), dict) else None
+    expected, plan = cfg.get("expected"), cfg.get("plan")
+    run.expected = expected if isinstance(expected, dict) else {}
+    run.plan = plan if isinstance(plan, dict) else None
 
 
 def _short_error_text(err: BaseException) -> str:
@@ -57,27 +59,33 @@ def wandb_api(project: str):
     try:
         import wandb
     except ImportError as err:
-        raise UserError(f"--wandb {project}: the wandb package cannot be imported ({_short_error_text(err)}); "
-                        f"`pip install wandb`, or report local folders only (drop --wandb)") from None
+        raise UserError(
+            f"--wandb {project}: the wandb package cannot be imported ({_short_error_text(err)}); "
+            f"`pip install wandb`, or report local folders only (drop --wandb)"
+        ) from None
     base = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
     try:  # wandb 0.31's own lookup (env, netrc, settings) without its interactive prompt
         from wandb.sdk.lib import wbauth
     except ImportError:  # another wandb layout: wandb.Api() decides (and may prompt on a terminal)
-        wbauth = None
-    if wbauth is not None:
+        pass
+    else:
         try:
-            auth = wbauth.authenticate_session(host=base, source="resnet-lamb report", no_offline=True,
-                                               prompt=False, update_session=False)
+            auth = wbauth.authenticate_session(
+                host=base, source="resnet-lamb report", no_offline=True, prompt=False, update_session=False
+            )
         except Exception as err:  # noqa: BLE001 - a malformed key or netrc
-            raise UserError(f"--wandb {project}: cannot use the W&B credentials for {base} "
-                            f"({_short_error_text(err)}); {fix}") from None
+            raise UserError(
+                f"--wandb {project}: cannot use the W&B credentials for {base} ({_short_error_text(err)}); {fix}"
+            ) from None
         if auth is None:
             raise UserError(f"--wandb {project}: no W&B API key configured for {base}; {fix}")
     try:
         return wandb.Api(timeout=API_TIMEOUT_S)
     except Exception as err:  # noqa: BLE001 - wandb's CommError, AuthenticationError, ...
-        raise UserError(f"--wandb {project}: the W&B API at {base} did not answer ({_short_error_text(err)}); "
-                        f"check the network and the key, {fix}") from None
+        raise UserError(
+            f"--wandb {project}: the W&B API at {base} did not answer ({_short_error_text(err)}); "
+            f"check the network and the key, {fix}"
+        ) from None
 
 
 def read_wandb_api(project: str, api=None) -> list:
@@ -101,9 +109,11 @@ def read_wandb_api(project: str, api=None) -> list:
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - wandb's CommError, requests', ...
-        raise UserError(f"--wandb {project}: reading the runs failed ({_short_error_text(err)}); check the "
-                        "project name, the network and `wandb login` / WANDB_API_KEY, or report local folders "
-                        "only (drop --wandb)") from None
+        raise UserError(
+            f"--wandb {project}: reading the runs failed ({_short_error_text(err)}); check the "
+            "project name, the network and `wandb login` / WANDB_API_KEY, or report local folders "
+            "only (drop --wandb)"
+        ) from None
     runs = []
     for name, run_id, state, cfg, last, rows in fetched:
         run = Run(name=name, path=Path(f"wandb:{project}/{run_id}"), source=f"W&B API {project}")
@@ -116,7 +126,10 @@ def read_wandb_api(project: str, api=None) -> list:
         except ValueError as err:
             run.status, run.reason = "incomplete", str(err)
         else:
-            set_progress(run, int(last) if isinstance(last, (int, float)) else last_step,
-                         None if state == "finished" else f"W&B state {state}")
+            set_progress(
+                run,
+                int(last) if isinstance(last, (int, float)) else last_step,
+                None if state == "finished" else f"W&B state {state}",
+            )
         runs.append(run)
     return runs
