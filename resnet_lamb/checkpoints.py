@@ -12,13 +12,14 @@
 Imported by the CLI after the start-up checks (:mod:`resnet_lamb.startup`): it imports torch and
 Lightning.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -65,7 +66,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise CheckpointWriteError(
                     f"{path}: cannot write checkpoint ({oserr.strerror or oserr}); run stopped, the "
                     f"checkpoints already in {folder} are intact; free space there and resume with "
-                    "--ckpt_path last") from None
+                    "--ckpt_path last"
+                ) from None
             raise
         try:
             dfd = os.open(folder, os.O_RDONLY)
@@ -90,15 +92,24 @@ class Checkpoints(ModelCheckpoint):
     same step (a run killed after an epoch that did not improve would resume from an older one)."""
 
     def __init__(self, dirpath: str, every_n_epochs: int = 1):
-        super().__init__(dirpath=dirpath, monitor="val/top1", mode="max", save_last=True, save_top_k=1,
-                         filename="best-epoch{epoch:03d}-top1{val/top1:.4f}", auto_insert_metric_name=False,
-                         every_n_epochs=every_n_epochs, save_on_train_epoch_end=False,
-                         enable_version_counter=False)
+        super().__init__(
+            dirpath=dirpath,
+            monitor="val/top1",
+            mode="max",
+            save_last=True,
+            save_top_k=1,
+            filename="best-epoch{epoch:03d}-top1{val/top1:.4f}",
+            auto_insert_metric_name=False,
+            every_n_epochs=every_n_epochs,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+        )
         self._last_written_step = -1
         self._step_seen = -1
 
     @property
     def last_path(self) -> str:
+        assert self.dirpath is not None  # set in __init__ (Lightning fills it in only when None)
         return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
     def _due(self, trainer) -> bool:
@@ -121,8 +132,11 @@ class Checkpoints(ModelCheckpoint):
             return
         self._step_seen = trainer.global_step
         last_batch = is_last_batch(trainer)
-        validates = last_batch and trainer.enable_validation and \
-            (trainer.current_epoch + 1) % (trainer.check_val_every_n_epoch or 1) == 0
+        validates = (
+            last_batch
+            and trainer.enable_validation
+            and (trainer.current_epoch + 1) % (trainer.check_val_every_n_epoch or 1) == 0
+        )
         stop = 0 < (trainer.max_steps or 0) <= trainer.global_step
         if validates or not ((last_batch and self._due(trainer)) or stop):
             return
@@ -170,7 +184,7 @@ def remove_partial_checkpoints(ck_dir: Path) -> None:
             pass
 
 
-def resume_path(ckpt_path: Any, run_dir: Path) -> Optional[Path]:
+def resume_path(ckpt_path: Any, run_dir: Path) -> Path | None:
     """The file ``fit --ckpt_path`` will load (``last``: the run folder's last.ckpt), None if none."""
     if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return None
@@ -187,13 +201,17 @@ def check_resume(ckpt: Path, recipe: Any, force: bool = False) -> None:
         ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
         saved = (ckpt_dict.get("resnet_lamb") or {}).get("recipe")
     except Exception as err:  # noqa: BLE001 - truncated or not a checkpoint: say which file
-        raise UserError(f"ckpt_path: {ckpt} does not load as a checkpoint ({type(err).__name__}: "
-                        f"{str(err)[:120]}); pass an intact one with --ckpt_path PATH") from None
+        raise UserError(
+            f"ckpt_path: {ckpt} does not load as a checkpoint ({type(err).__name__}: "
+            f"{str(err)[:120]}); pass an intact one with --ckpt_path PATH"
+        ) from None
     if not saved:
         return  # written before checkpoints recorded their recipe
     now = recipe_identity(recipe.optimizer, recipe.schedule, recipe.global_batch, recipe.epochs, recipe.epoch_mode)
     diff = recipe_changes(saved, now)
     if diff and not force:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
-        raise RecipeError(f"ckpt_path: {ckpt} was trained with another recipe ({shown}); resume with the "
-                          "checkpoint's values, or pass --run.force_resume true to continue with the new ones")
+        raise RecipeError(
+            f"ckpt_path: {ckpt} was trained with another recipe ({shown}); resume with the "
+            "checkpoint's values, or pass --run.force_resume true to continue with the new ones"
+        )

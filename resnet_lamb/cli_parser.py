@@ -7,6 +7,7 @@
   :data:`UNLISTED_OPTIONS` (still accepted) and with short texts for Lightning's page-long ones.
 * :func:`print_config`: the resolved config as the run will use it.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,12 @@ def _qualify(key: str, value: Any = None) -> str:
     if len(owners) > 1:  # `name`: the section the command line mentions, else the recipe's section
         # holding the rejected value, else the optimizer
         flagged = [sec for sec in owners if any(a.startswith(f"--{sec}.{key}") for a in ARGV)]
-        in_recipe = [sec for sec in owners if value is not None and any(
-            str(stated(cfg, f"{sec}.{key}")) == str(value) for cfg in RECIPE.get("stated", []))]
+        in_recipe = [
+            sec
+            for sec in owners
+            if value is not None
+            and any(str(stated(cfg, f"{sec}.{key}")) == str(value) for cfg in RECIPE.get("stated", []))
+        ]
         owners = flagged or in_recipe or owners
     return f"{owners[0]}.{key}" if owners else key
 
@@ -44,15 +49,19 @@ def _qualify(key: str, value: Any = None) -> str:
 def one_line_parse_error(message: str) -> str:
     """jsonargparse's multi-line messages -> one line ``<key>: <problem>; <fix>``."""
     msg = " ".join(str(message).split())
-    unknown = (re.search(r"does not accept option '([^']+)'", msg)
-               or re.search(r"Option '([^']+)' is not accepted", msg)
-               or re.search(r"No action for key \"([^\"]+)\"", msg)
-               or re.search(r"unrecognized arguments: --?([^\s=]+)", msg, re.I))
+    unknown = (
+        re.search(r"does not accept option '([^']+)'", msg)
+        or re.search(r"Option '([^']+)' is not accepted", msg)
+        or re.search(r"No action for key \"([^\"]+)\"", msg)
+        or re.search(r"unrecognized arguments: --?([^\s=]+)", msg, re.I)
+    )
     if unknown:
         key = _qualify(unknown.group(1))
         section = key.rsplit(".", 1)[0] if "." in key else "the recipe's top level"
-        return f"{key}: unknown key (not an option of {section}); check its spelling " \
-               f"(`resnet-lamb fit --help` lists the options)"
+        return (
+            f"{key}: unknown key (not an option of {section}); check its spelling "
+            f"(`resnet-lamb fit --help` lists the options)"
+        )
     bad = re.search(r'(?:Parser key|Key) "([^"]+)":?\s*(.*)', msg)
     if bad:
         rest = bad.group(2)
@@ -96,20 +105,24 @@ class OneLineParser(LightningArgumentParser):
 
 
 # schedule keys the named schedule does not read (resnet_lamb.optim.schedules); --print_config leaves them out
-_UNUSED_SCHEDULE_KEYS = {"poly": ("milestones", "gamma"), "goyal": ("power",),
-                         "constant": ("power", "milestones", "gamma")}
+_UNUSED_SCHEDULE_KEYS = {
+    "poly": ("milestones", "gamma"),
+    "goyal": ("power",),
+    "constant": ("power", "milestones", "gamma"),
+}
 
 
 def print_config(parser: Any, cfg: Any, flags: str) -> None:
     """The resolved config as the run will use it: the plan's max_steps and accumulation, the chosen
     precision, and only the schedule keys its schedule reads."""
     flags_ = flags.split(",")
-    text = parser.dump(cfg, skip_unset="skip_unset" in flags_, skip_default="skip_default" in flags_,
-                       skip_validation=True)
+    text = parser.dump(
+        cfg, skip_unset="skip_unset" in flags_, skip_default="skip_default" in flags_, skip_validation=True
+    )
     data = yaml.safe_load(text) or {}
     schedule = (data.get("model") or {}).get("schedule")
     if isinstance(schedule, dict):
-        for key in _UNUSED_SCHEDULE_KEYS.get(schedule.get("name"), ()):
+        for key in _UNUSED_SCHEDULE_KEYS.get(schedule.get("name") or "", ()):
             schedule.pop(key, None)
     print(yaml.safe_dump(data, sort_keys=False), end="", flush=True)
 
@@ -118,17 +131,29 @@ def print_config(parser: Any, cfg: Any, flags: str) -> None:
 # accumulation, the run folder, its loggers), or for features this harness does not use (test and
 # predict loops, debugging shortcuts, Lightning's model registry)
 UNLISTED_OPTIONS = (
-    "trainer.accumulate_grad_batches", "trainer.default_root_dir", "trainer.logger", "trainer.fast_dev_run",
-    "trainer.limit_test_batches", "trainer.limit_predict_batches", "trainer.overfit_batches",
-    "trainer.inference_mode", "trainer.use_distributed_sampler", "trainer.barebones", "trainer.model_registry",
-    "trainer.enable_autolog_hparams", "trainer.reload_dataloaders_every_n_epochs", "trainer.min_epochs",
-    "trainer.min_steps", "trainer.detect_anomaly", "weights_only",
+    "trainer.accumulate_grad_batches",
+    "trainer.default_root_dir",
+    "trainer.logger",
+    "trainer.fast_dev_run",
+    "trainer.limit_test_batches",
+    "trainer.limit_predict_batches",
+    "trainer.overfit_batches",
+    "trainer.inference_mode",
+    "trainer.use_distributed_sampler",
+    "trainer.barebones",
+    "trainer.model_registry",
+    "trainer.enable_autolog_hparams",
+    "trainer.reload_dataloaders_every_n_epochs",
+    "trainer.min_epochs",
+    "trainer.min_steps",
+    "trainer.detect_anomaly",
+    "weights_only",
 )
 _SHORT_HELP = {
     "ckpt_path": "fit: resume from `last` (the run folder's checkpoints/last.ckpt) or a checkpoint's path; "
-                 "validate: the checkpoint to validate",
+    "validate: the checkpoint to validate",
     "trainer.callbacks": "more Lightning callbacks (class_path, init_args); the CLI adds its progress, "
-                         "throughput, trust-ratio, first-row and checkpoint callbacks itself",
+    "throughput, trust-ratio, first-row and checkpoint callbacks itself",
     "trainer.plugins": "Lightning plugins (class_path, init_args); the CLI adds its atomic checkpoint writer",
 }
 

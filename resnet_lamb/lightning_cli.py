@@ -2,6 +2,7 @@
 after the start-up checks (:mod:`resnet_lamb.startup`): the recipe's options, the plan's trainer
 numbers, the device's precision, the run folder and the callbacks, plugins and loggers of a run.
 """
+
 from __future__ import annotations
 
 import json
@@ -9,17 +10,23 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch import seed_everything
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
 
 from resnet_lamb import telemetry  # its callbacks looked up when a trainer is built (tests replace them)
-from resnet_lamb.checkpoints import (AtomicCheckpointIO, Checkpoints, check_resume, remove_partial_checkpoints,
-                                     resume_path)
+from resnet_lamb.checkpoints import (
+    AtomicCheckpointIO,
+    Checkpoints,
+    check_resume,
+    remove_partial_checkpoints,
+    resume_path,
+)
 from resnet_lamb.cli_parser import OneLineParser, print_config, shrink_help
 from resnet_lamb.data import ImageDataModule
 from resnet_lamb.data.folder import IMAGENET
@@ -27,8 +34,17 @@ from resnet_lamb.model import LambModule
 from resnet_lamb.preemption import Preemption
 from resnet_lamb.recipe import plan_rows
 from resnet_lamb.run_logging import AppendingCSVLogger, wandb_logger
-from resnet_lamb.startup import (PRINT_CONFIG, RECIPE, RUN_DEFAULTS, check_cadence, check_config, check_writable,
-                                 format_plan, warn_small_data, world_size)
+from resnet_lamb.startup import (
+    PRINT_CONFIG,
+    RECIPE,
+    RUN_DEFAULTS,
+    check_cadence,
+    check_config,
+    check_writable,
+    format_plan,
+    warn_small_data,
+    world_size,
+)
 
 
 def device_defaults(gpu: bool, bf16: bool, deterministic: bool) -> dict[str, Any]:
@@ -102,38 +118,73 @@ class RecipeCLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         shrink_help(parser)
-        parser.usage = (f"resnet-lamb {subcommand} --config RECIPE [--config OVERRIDE.yaml] "
-                        "[--section.key value ...]")  # argparse's lists all ~80 options
+        parser.usage = (
+            f"resnet-lamb {subcommand} --config RECIPE [--config OVERRIDE.yaml] "
+            "[--section.key value ...]"
+        )  # argparse's lists all ~80 options
         return parser
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--expected", type=Optional[dict], default=None,
-                            help="the paper's numbers for this recipe (read by `report`)")
-        parser.add_argument("--sources", type=Optional[dict], default=None,
-                            help="where each recipe setting comes from (dotted key -> text; shown by `plan`)")
-        parser.add_argument("--run.name", type=Optional[str], default=None,
-                            help="run folder name under run.root (default: the recipe's file stem)")
-        parser.add_argument("--run.project", type=str, default=RUN_DEFAULTS["project"],
-                            help="the W&B project the run logs to")
+        parser.add_argument(
+            "--expected",
+            type=dict | None,
+            default=None,
+            help="the paper's numbers for this recipe (read by `report`)",
+        )
+        parser.add_argument(
+            "--sources",
+            type=dict | None,
+            default=None,
+            help="where each recipe setting comes from (dotted key -> text; shown by `plan`)",
+        )
+        parser.add_argument(
+            "--run.name",
+            type=str | None,
+            default=None,
+            help="run folder name under run.root (default: the recipe's file stem)",
+        )
+        parser.add_argument(
+            "--run.project", type=str, default=RUN_DEFAULTS["project"], help="the W&B project the run logs to"
+        )
         parser.add_argument("--run.tags", type=list[str], default=[], help="tags of the W&B run")
         parser.add_argument("--run.root", type=str, default=RUN_DEFAULTS["root"], help="folder of run folders")
         parser.add_argument("--run.wandb", type=bool, default=True, help="log to W&B as well as CSV")
-        parser.add_argument("--run.checkpoint_every_n_epochs", type=int, default=1,
-                            help="write last.ckpt at the end of every N-th epoch (and of the last one; a new "
-                                 "best by val/top1 is always kept); validation: trainer.check_val_every_n_epoch")
-        parser.add_argument("--run.ddp_bucket_mb", type=float, default=25.0,
-                            help="DDP gradient bucket size in MB (torch's default 25); with --trainer.strategy "
-                                 "ddp or several devices the CLI builds DDPStrategy(gradient_as_bucket_view=True, "
-                                 "bucket_cap_mb=this)")
-        parser.add_argument("--run.force_resume", type=bool, default=False,
-                            help="resume --ckpt_path with another optimizer, schedule, global batch or "
-                                 "epoch count than the checkpoint's (refused otherwise)")
-        parser.add_argument("--run.progress_seconds", type=float, default=30.0,
-                            help="when the output is not a terminal, a progress line at least this often, "
-                                 "inside a long accumulated step too (micro-batches done, img/s, ETA)")
-        parser.add_argument("--run.fresh_if_missing", type=bool, default=False,
-                            help="with --ckpt_path last: start the run from scratch when its folder has no "
-                                 "last.ckpt yet (refused otherwise: a mistyped --run.name would restart a run)")
+        parser.add_argument(
+            "--run.checkpoint_every_n_epochs",
+            type=int,
+            default=1,
+            help="write last.ckpt at the end of every N-th epoch (and of the last one; a new "
+            "best by val/top1 is always kept); validation: trainer.check_val_every_n_epoch",
+        )
+        parser.add_argument(
+            "--run.ddp_bucket_mb",
+            type=float,
+            default=25.0,
+            help="DDP gradient bucket size in MB (torch's default 25); with --trainer.strategy "
+            "ddp or several devices the CLI builds DDPStrategy(gradient_as_bucket_view=True, "
+            "bucket_cap_mb=this)",
+        )
+        parser.add_argument(
+            "--run.force_resume",
+            type=bool,
+            default=False,
+            help="resume --ckpt_path with another optimizer, schedule, global batch or "
+            "epoch count than the checkpoint's (refused otherwise)",
+        )
+        parser.add_argument(
+            "--run.progress_seconds",
+            type=float,
+            default=30.0,
+            help="when the output is not a terminal, a progress line at least this often, "
+            "inside a long accumulated step too (micro-batches done, img/s, ETA)",
+        )
+        parser.add_argument(
+            "--run.fresh_if_missing",
+            type=bool,
+            default=False,
+            help="with --ckpt_path last: start the run from scratch when its folder has no "
+            "last.ckpt yet (refused otherwise: a mistyped --run.name would restart a run)",
+        )
         # one class count: the model's output layer follows the data's (counted from data.root when null)
         parser.link_arguments("data.num_classes", "model.num_classes")
 
@@ -149,8 +200,11 @@ class RecipeCLI(LightningCLI):
         steps = int(plan.optimizer_steps)
         user_max = cfg.trainer.get("max_steps")
         if user_max is not None and 0 < user_max < steps:
-            print(f"resnet-lamb: trainer.max_steps {user_max} stops the run before the plan's {steps} "
-                  "steps (the schedule still follows the plan)", file=sys.stderr)
+            print(
+                f"resnet-lamb: trainer.max_steps {user_max} stops the run before the plan's {steps} "
+                "steps (the schedule still follows the plan)",
+                file=sys.stderr,
+            )
         else:
             cfg.trainer.max_steps = steps
         if sub == "fit" and int(os.environ.get("RANK", "0")) == 0:
@@ -187,8 +241,11 @@ class RecipeCLI(LightningCLI):
             if cfg.get("ckpt_path") == "last" and not (self.run_dir / "checkpoints" / "last.ckpt").is_file():
                 cfg.ckpt_path = None  # --run.fresh_if_missing (check_ckpt_path refused it otherwise)
                 if rank0:
-                    print(f"resnet-lamb: {self.run_dir} has no checkpoint yet; starting it from scratch "
-                          "(--run.fresh_if_missing)", file=sys.stderr)
+                    print(
+                        f"resnet-lamb: {self.run_dir} has no checkpoint yet; starting it from scratch "
+                        "(--run.fresh_if_missing)",
+                        file=sys.stderr,
+                    )
             resume = resume_path(cfg.get("ckpt_path"), self.run_dir)
             if resume is not None:
                 check_resume(resume, recipe, force=bool(cfg.run.get("force_resume")))
@@ -215,17 +272,30 @@ class RecipeCLI(LightningCLI):
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar", True) is not False:
-            callbacks.append(telemetry.progress_bar(every=max(int(config.get("log_every_n_steps") or 50), 1),
-                                                    every_s=float(cfg.run.get("progress_seconds", 30.0))))
+            callbacks.append(
+                telemetry.progress_bar(
+                    every=max(int(config.get("log_every_n_steps") or 50), 1),
+                    every_s=float(cfg.run.get("progress_seconds", 30.0)),
+                )
+            )
         if self.subcommand == "fit":
-            callbacks += [telemetry.Throughput(), telemetry.TrustRatios(self.model.trust_ratio_every),
-                          telemetry.RunStatus(str(self.run_dir)), telemetry.FirstStepRow(), Preemption()]
+            callbacks += [
+                telemetry.Throughput(),
+                telemetry.TrustRatios(self.model.trust_ratio_every),
+                telemetry.RunStatus(str(self.run_dir)),
+                telemetry.FirstStepRow(),
+                Preemption(),
+            ]
             if config.get("enable_checkpointing", True) is not False:
-                callbacks.append(Checkpoints(
-                    dirpath=str(self.run_dir / "checkpoints"), every_n_epochs=int(cfg.run.checkpoint_every_n_epochs)))
+                callbacks.append(
+                    Checkpoints(
+                        dirpath=str(self.run_dir / "checkpoints"), every_n_epochs=int(cfg.run.checkpoint_every_n_epochs)
+                    )
+                )
         config["callbacks"] = callbacks
-        config["strategy"] = ddp_strategy(config.get("strategy", "auto"), world_size(cfg.trainer),
-                                          float(cfg.run.ddp_bucket_mb))
+        config["strategy"] = ddp_strategy(
+            config.get("strategy", "auto"), world_size(cfg.trainer), float(cfg.run.ddp_bucket_mb)
+        )
         if config.get("logger", None) is not False:
             config["logger"] = self._loggers(cfg)
         return self._instantiate_trainer(config, extra)
@@ -234,8 +304,9 @@ class RecipeCLI(LightningCLI):
         csv_name = "csv" if self.subcommand == "fit" else f"csv_{self.subcommand}"
         # every logged row written at once (Lightning's default: every 100 rows), so a short or
         # killed run keeps what it logged
-        loggers = [AppendingCSVLogger(save_dir=str(self.run_dir), name=csv_name, version="",
-                                      flush_logs_every_n_steps=1)]
+        loggers: list[Logger] = [
+            AppendingCSVLogger(save_dir=str(self.run_dir), name=csv_name, version="", flush_logs_every_n_steps=1)
+        ]
         if cfg.run.wandb and self.subcommand == "fit":
             loggers.append(wandb_logger(self.run_dir, cfg, resume=bool(cfg.get("ckpt_path"))))
         return loggers
@@ -246,7 +317,8 @@ def run(args: list[str]) -> None:
     saved_argv, sys.argv = sys.argv, sys.argv[:1]  # args are given explicitly (no "both" warning)
     try:
         RecipeCLI(
-            LambModule, ImageDataModule,
+            LambModule,
+            ImageDataModule,
             args=args,
             parser_class=OneLineParser,
             save_config_callback=SaveConfig,

@@ -4,9 +4,10 @@ moves).  Everything else goes through Lightning's public hooks; the private meth
 project's subclasses override (ModelCheckpoint, LightningCLI, CSV and W&B loggers) are listed with
 these in docs/CONTRACTS.md ("Private APIs").
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 CHECKED_WITH = "2.6.6"  # lightning.__version__ these were read against
 
@@ -30,7 +31,7 @@ def skip_sigterm_broadcast(trainer: Any) -> None:
         loop._broadcast_sigterm_tensor = lambda: None
 
 
-def saved_epoch_progress(checkpoint: dict[str, Any]) -> Optional[tuple[dict[str, Any], list]]:
+def saved_epoch_progress(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], list] | None:
     """Edit (of the checkpoint, before Lightning restores it): the fit loop's saved batch progress
     (its ``current`` counters are changed in place by ``LambModule._epoch_boundary``) and the saved
     loader states; None when the checkpoint has no fit loop state."""

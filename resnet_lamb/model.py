@@ -51,11 +51,12 @@ optimizer + per-step schedule.
   step count and the data position; it starts a fresh optimizer state when the optimizer's name
   or param_rule changed, and the LR follows the new recipe from the restored step on.
 """
+
 from __future__ import annotations
 
 import math
 import random
-from typing import Any, Optional
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -87,8 +88,9 @@ NONFINITE = ("stop", "skip")
 IDENTITY_DEFAULTS = {"model.schedule.end_lr": 0.0, "data.epoch_mode": "padded"}
 
 
-def recipe_identity(optimizer: OptimizerSpec, schedule: ScheduleSpec, global_batch: int,
-                    epochs: int, epoch_mode: str = "padded") -> dict[str, Any]:
+def recipe_identity(
+    optimizer: OptimizerSpec, schedule: ScheduleSpec, global_batch: int, epochs: int, epoch_mode: str = "padded"
+) -> dict[str, Any]:
     """The recipe keys a resumed run must share with its checkpoint, flat (``section.key``), as
     plain JSON-like values.  ``kwargs.impl`` (eager / compiled: the same state dicts) is left out;
     micro batch, world size and ``model.bn_batch`` are not part of it (they change only how the
@@ -112,8 +114,11 @@ def recipe_identity(optimizer: OptimizerSpec, schedule: ScheduleSpec, global_bat
 def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The keys of two :func:`recipe_identity` dicts whose values differ, sorted (a key one of them
     lacks counts as its :data:`IDENTITY_DEFAULTS` value)."""
-    return sorted(k for k in set(saved) | set(now)
-                  if saved.get(k, IDENTITY_DEFAULTS.get(k)) != now.get(k, IDENTITY_DEFAULTS.get(k)))
+    return sorted(
+        k
+        for k in set(saved) | set(now)
+        if saved.get(k, IDENTITY_DEFAULTS.get(k)) != now.get(k, IDENTITY_DEFAULTS.get(k))
+    )
 
 
 class MLP(nn.Sequential):
@@ -122,7 +127,7 @@ class MLP(nn.Sequential):
     def __init__(self, input_size: int, hidden: tuple[int, ...], num_classes: int):
         sizes = [input_size * input_size, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
-        for a, b in zip(sizes, sizes[1:]):
+        for a, b in zip(sizes, sizes[1:], strict=False):
             layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
         super().__init__(*layers, nn.Linear(sizes[-1], num_classes))
 
@@ -130,9 +135,15 @@ class MLP(nn.Sequential):
         return super().forward(images.mean(dim=1))
 
 
-def build_resnet(arch: str = "resnet50", num_classes: int = 1000, small_input: bool = False,
-                 zero_init_residual: bool = False, input_size: Optional[int] = None,
-                 mlp_hidden: tuple[int, ...] = (512, 512), bn_batch: Optional[int] = None) -> nn.Module:
+def build_resnet(
+    arch: str = "resnet50",
+    num_classes: int = 1000,
+    small_input: bool = False,
+    zero_init_residual: bool = False,
+    input_size: int | None = None,
+    mlp_hidden: tuple[int, ...] = (512, 512),
+    bn_batch: int | None = None,
+) -> nn.Module:
     """A torchvision ResNet with random weights; ``small_input``: 3x3 stride-1 stem, no max-pool;
     ``bn_batch``: ghost BatchNorm over groups of that many samples (the same initial weights).
     ``arch="mlp"``: :class:`MLP` over ``input_size`` x ``input_size`` images (no BatchNorm)."""
@@ -141,8 +152,10 @@ def build_resnet(arch: str = "resnet50", num_classes: int = 1000, small_input: b
         raise RecipeError(f"model.num_classes: must be a positive integer, got {num_classes!r}")
     if arch == "mlp":
         if not isinstance(input_size, int) or input_size < 1:
-            raise RecipeError("model.input_size: the mlp needs the image size; set data.image_size (the CLI "
-                              "copies it) or model.input_size")
+            raise RecipeError(
+                "model.input_size: the mlp needs the image size; set data.image_size (the CLI "
+                "copies it) or model.input_size"
+            )
         return MLP(input_size, tuple(mlp_hidden), num_classes)
     kw = {}
     if bn_batch is not None:
@@ -151,8 +164,9 @@ def build_resnet(arch: str = "resnet50", num_classes: int = 1000, small_input: b
         from resnet_lamb.ghost_batchnorm import GhostBatchNorm2d
 
         kw["norm_layer"] = partial(GhostBatchNorm2d, ghost_batch=bn_batch)
-    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
-                                            zero_init_residual=zero_init_residual, **kw)
+    net = getattr(torchvision.models, arch)(
+        weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual, **kw
+    )
     if small_input:
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -163,10 +177,17 @@ def build_resnet(arch: str = "resnet50", num_classes: int = 1000, small_input: b
 def _rng_state() -> dict[str, Any]:
     """torch / numpy / python RNG states, as types ``torch.load(weights_only=True)`` accepts."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -197,14 +218,14 @@ class LambModule(pl.LightningModule):
         small_input: bool = False,
         label_smoothing: float = 0.0,
         zero_init_residual: bool = False,
-        grad_clip_norm: Optional[float] = None,
+        grad_clip_norm: float | None = None,
         trust_ratio_every: int = 100,
-        optimizer: Optional[OptimizerSpec] = None,
-        schedule: Optional[ScheduleSpec] = None,
-        input_size: Optional[int] = None,
+        optimizer: OptimizerSpec | None = None,
+        schedule: ScheduleSpec | None = None,
+        input_size: int | None = None,
         mlp_hidden: tuple[int, ...] = (512, 512),
         nonfinite: str = "stop",
-        bn_batch: Optional[int] = None,
+        bn_batch: int | None = None,
     ) -> None:
         """
         Args:
@@ -227,14 +248,18 @@ class LambModule(pl.LightningModule):
         """
         super().__init__()
         if nonfinite not in NONFINITE:
-            raise RecipeError(f"model.nonfinite: expected one of {', '.join(NONFINITE)}, got {nonfinite!r}; "
-                              "stop (default) ends the run at a NaN/Inf loss or gradient, skip skips such steps")
+            raise RecipeError(
+                f"model.nonfinite: expected one of {', '.join(NONFINITE)}, got {nonfinite!r}; "
+                "stop (default) ends the run at a NaN/Inf loss or gradient, skip skips such steps"
+            )
         if not 0.0 <= label_smoothing < 1.0:
             raise RecipeError(f"model.label_smoothing: must be in [0, 1), got {label_smoothing}")
         if grad_clip_norm is not None and not grad_clip_norm > 0:
             raise RecipeError(f"model.grad_clip_norm: must be > 0 or null (off), got {grad_clip_norm}")
         if bn_batch is not None and (isinstance(bn_batch, bool) or not isinstance(bn_batch, int) or bn_batch < 1):
-            raise RecipeError(f"model.bn_batch: expected a positive integer or null (plain BatchNorm), got {bn_batch!r}")
+            raise RecipeError(
+                f"model.bn_batch: expected a positive integer or null (plain BatchNorm), got {bn_batch!r}"
+            )
         if not isinstance(trust_ratio_every, int) or trust_ratio_every < 0:
             raise RecipeError(f"model.trust_ratio_every: must be an integer >= 0 (0 = off), got {trust_ratio_every}")
         self.save_hyperparameters()
@@ -245,8 +270,7 @@ class LambModule(pl.LightningModule):
         self.trust_ratio_every = trust_ratio_every
         self.num_classes = num_classes
         self.bn_batch = bn_batch
-        self.model = build_resnet(arch, num_classes, small_input, zero_init_residual, input_size, mlp_hidden,
-                                  bn_batch)
+        self.model = build_resnet(arch, num_classes, small_input, zero_init_residual, input_size, mlp_hidden, bn_batch)
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=-1)
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro", ignore_index=-1)
@@ -254,14 +278,14 @@ class LambModule(pl.LightningModule):
         self.val_count = SumMetric()
         self.plan = None  # the resnet_lamb.recipe.Plan this run follows, set in configure_optimizers
         self._channels_last = False
-        self._step_share: Optional[torch.Tensor] = None  # [loss sum, real samples] of this step's micro-batches
+        self._step_share: torch.Tensor | None = None  # [loss sum, real samples] of this step's micro-batches
         self.stop_requested = False  # set at an optimizer step when any rank was asked to stop (preemption)
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite: skip)
-        self._grad_norm: Optional[torch.Tensor] = None  # this step's gradient norm, for the clipping
+        self._grad_norm: torch.Tensor | None = None  # this step's gradient norm, for the clipping
         self._skip_step = False
-        self._pending_rng: Optional[dict[str, Any]] = None  # restored at on_train_start
-        self._forced: Optional[dict[str, Any]] = None  # a forced resume's saved state (on_load_checkpoint)
+        self._pending_rng: dict[str, Any] | None = None  # restored at on_train_start
+        self._forced: dict[str, Any] | None = None  # a forced resume's saved state (on_load_checkpoint)
 
     # ---------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -279,7 +303,8 @@ class LambModule(pl.LightningModule):
         if isinstance(dm_classes, int) and dm_classes > self.num_classes:
             raise RecipeError(
                 f"model.num_classes: {self.num_classes} but the data has {dm_classes} classes; "
-                f"set model.num_classes: {dm_classes}")
+                f"set model.num_classes: {dm_classes}"
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self._channels_last:
@@ -287,8 +312,9 @@ class LambModule(pl.LightningModule):
         return self.model(images)
 
     def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="sum",
-                               label_smoothing=self.label_smoothing)
+        return F.cross_entropy(
+            logits.float(), labels, ignore_index=-1, reduction="sum", label_smoothing=self.label_smoothing
+        )
 
     # ---------------------------------------------------------------------------- train
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -297,7 +323,8 @@ class LambModule(pl.LightningModule):
             # a micro-batch of padding only, emptied by the data module (skip_padding): no forward; a
             # zero loss that reaches every parameter, so that backward (and under DDP its gradient
             # all-reduce, the same on every rank) runs as for any micro-batch, adding exact zeros
-            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return cast(torch.Tensor, zero)  # a sum of tensors: the module has parameters
         labels = labels.reshape(-1).long()
         logits = self(images)
         loss_sum = self._loss_sum(logits, labels)
@@ -308,7 +335,7 @@ class LambModule(pl.LightningModule):
         self._step_share = share if self._step_share is None else self._step_share + share
         return loss_sum / max(labels.numel(), 1)
 
-    def _exchange(self, grad_bad: Optional[torch.Tensor]) -> tuple[float, float, bool, bool]:
+    def _exchange(self, grad_bad: torch.Tensor | None) -> tuple[float, float, bool, bool]:
         """The step's one collective and one host sync: every rank's loss share, whether its gradient
         norm is finite and whether it was asked to stop (SIGUSR1/SIGTERM), summed over the ranks.
         Returns (global loss sum, global real samples, non-finite anywhere, stop requested anywhere):
@@ -354,22 +381,29 @@ class LambModule(pl.LightningModule):
             return
         total = self.plan.optimizer_steps if self.plan is not None else self.trainer.max_steps
         where = f"at optimizer step {self.global_step + 1} of {total} (epoch {self.current_epoch})"
+        error: type[UserError]
         if not math.isfinite(loss):
             what, error = f"train/loss is {loss} {where}", NonFiniteLossError
         else:
             what, error = f"non-finite gradient {where}: {self._first_nonfinite(params)}", NonFiniteGradientError
         if self.nonfinite == "stop":
             ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
-            raise error(f"{what}; run stopped before the step, last good checkpoint: {ckpt}; lower "
-                        "model.optimizer.base_lr or set model.grad_clip_norm (model.nonfinite: skip skips such steps)")
+            raise error(
+                f"{what}; run stopped before the step, last good checkpoint: {ckpt}; lower "
+                "model.optimizer.base_lr or set model.grad_clip_norm (model.nonfinite: skip skips such steps)"
+            )
         self.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every tensor and its state alone
         self._skip_step = True
         self.skipped_steps += 1
         if self.trainer.is_global_zero:
             import sys
 
-            print(f"resnet-lamb: warning: {what}; step skipped (model.nonfinite: skip), "
-                  f"{self.skipped_steps} skipped so far", file=sys.stderr, flush=True)
+            print(
+                f"resnet-lamb: warning: {what}; step skipped (model.nonfinite: skip), "
+                f"{self.skipped_steps} skipped so far",
+                file=sys.stderr,
+                flush=True,
+            )
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def _first_nonfinite(self, params: list) -> str:
@@ -381,8 +415,7 @@ class LambModule(pl.LightningModule):
             return "every gradient tensor is finite, their global norm overflowed"
         first = max(bad, key=lambda p: order.get(id(p), -1))
         kind = "nan" if bool(torch.isnan(first.grad).any()) else "inf"
-        return (f"{kind} first in {names.get(id(first), '?')} ({len(bad)} of {len(params)} gradient "
-                "tensors non-finite)")
+        return f"{kind} first in {names.get(id(first), '?')} ({len(bad)} of {len(params)} gradient tensors non-finite)"
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self._skip_step:
@@ -412,11 +445,14 @@ class LambModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         count = self.val_count.compute()
-        self.log_dict({
-            "val/top1": self.val_top1.compute(),
-            "val/top5": self.val_top5.compute(),
-            "val/loss": self.val_loss_sum.compute() / count.clamp(min=1),
-        }, prog_bar=True)
+        self.log_dict(
+            {
+                "val/top1": self.val_top1.compute(),
+                "val/top5": self.val_top5.compute(),
+                "val/loss": self.val_loss_sum.compute() / count.clamp(min=1),
+            },
+            prog_bar=True,
+        )
         for m in (self.val_top1, self.val_top5, self.val_loss_sum, self.val_count):
             m.reset()
 
@@ -448,25 +484,37 @@ class LambModule(pl.LightningModule):
         self.plan = self.derive_plan()
         spec = self.optimizer_spec
         try:
-            optimizer = build_optimizer(spec.name, self.model, lr=self.plan.lr, weight_decay=spec.weight_decay,
-                                        param_rule=spec.param_rule, **dict(spec.kwargs or {}))
+            optimizer = build_optimizer(
+                spec.name,
+                self.model,
+                lr=self.plan.lr,
+                weight_decay=spec.weight_decay,
+                param_rule=spec.param_rule,
+                **dict(spec.kwargs or {}),
+            )
         except ValueError as err:  # unknown optimizer option etc.: the user's recipe
             raise RecipeError(f"model.optimizer: {err}") from None
         scheduler = build_scheduler(optimizer, self.schedule_spec, self.plan)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # ---------------------------------------------------------------------------- resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = _rng_state()
         checkpoint["resnet_lamb"] = {"recipe": self._recipe_identity(), "skipped_steps": self.skipped_steps}
 
-    def _recipe_identity(self) -> Optional[dict[str, Any]]:
+    def _recipe_identity(self) -> dict[str, Any] | None:
         dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
-        if getattr(dm, "global_batch", None) is None:
+        if dm is None or getattr(dm, "global_batch", None) is None:
             return None
-        return recipe_identity(self.optimizer_spec, self.schedule_spec, dm.global_batch, self.trainer.max_epochs,
-                               getattr(dm, "epoch_mode", "padded"))
+        epochs = self.trainer.max_epochs
+        assert epochs is not None  # recipes require trainer.max_epochs (resnet_lamb.recipe.validate_recipe)
+        return recipe_identity(
+            self.optimizer_spec,
+            self.schedule_spec,
+            dm.global_batch,
+            epochs,
+            getattr(dm, "epoch_mode", "padded"),
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng = checkpoint.get("rng_states")
@@ -476,24 +524,35 @@ class LambModule(pl.LightningModule):
         saved, now = ours.get("recipe"), self._recipe_identity()
         self._forced = None
         fitting = str(getattr(getattr(self._trainer, "state", None), "fn", "fit")) in ("fit", "TrainerFn.FITTING")
-        if not fitting or saved is None or now is None or not recipe_changes(saved, now) \
-                or not checkpoint.get("optimizer_states"):
+        if (
+            not fitting
+            or saved is None
+            or now is None
+            or not recipe_changes(saved, now)
+            or not checkpoint.get("optimizer_states")
+        ):
             return
         # a forced resume (``--run.force_resume``; the CLI refuses otherwise): the new recipe's
         # hyperparameters and LRs at the restored step; the saved optimizer state only for the same
         # optimizer and parameter groups (another optimizer's state would not load)
         same = all(saved.get(k) == now.get(k) for k in ("model.optimizer.name", "model.optimizer.param_rule"))
         scheds = checkpoint.get("lr_schedulers") or []
-        self._forced = {"optimizer_states": checkpoint["optimizer_states"] if same else None,
-                        "last_epoch": [s.get("last_epoch") for s in scheds]}
+        self._forced = {
+            "optimizer_states": checkpoint["optimizer_states"] if same else None,
+            "last_epoch": [s.get("last_epoch") for s in scheds],
+        }
         checkpoint["optimizer_states"], checkpoint["lr_schedulers"] = [], []
         changed = recipe_changes(saved, now)
         if getattr(self._trainer, "is_global_zero", True):
             import sys
 
-            print(f"resnet-lamb: resuming with another recipe ({', '.join(changed)}): "
-                  f"{'optimizer state kept' if same else 'fresh optimizer state'}, the new LR schedule from the "
-                  "restored step", file=sys.stderr, flush=True)
+            print(
+                f"resnet-lamb: resuming with another recipe ({', '.join(changed)}): "
+                f"{'optimizer state kept' if same else 'fresh optimizer state'}, the new LR schedule from the "
+                "restored step",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _apply_forced_resume(self) -> None:
         forced, self._forced = self._forced, None
@@ -503,14 +562,14 @@ class LambModule(pl.LightningModule):
             if forced["optimizer_states"] and i < len(forced["optimizer_states"]):
                 new = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
                 opt.load_state_dict(forced["optimizer_states"][i])
-                for g, hyper in zip(opt.param_groups, new):
+                for g, hyper in zip(opt.param_groups, new, strict=True):
                     g.update(hyper)  # the new recipe's weight decay, betas, ...
-        for cfg, last in zip(self.trainer.lr_scheduler_configs, forced["last_epoch"]):
+        for cfg, last in zip(self.trainer.lr_scheduler_configs, forced["last_epoch"], strict=False):
             s = cfg.scheduler
             if last is None or not hasattr(s, "lr_lambdas"):
                 continue
             s.last_epoch = last
-            for g, base, fn in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+            for g, base, fn in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas, strict=True):
                 lr = base * fn(last)
                 if torch.is_tensor(g["lr"]):
                     g["lr"].fill_(lr)
@@ -528,6 +587,8 @@ class LambModule(pl.LightningModule):
         trainer = getattr(self, "_trainer", None)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         saved = saved_epoch_progress(checkpoint)
+        if dm is None:
+            return
         try:
             per_epoch = int(dm.steps_per_epoch) * int(dm.accumulation)
         except (TypeError, AttributeError):

@@ -18,10 +18,14 @@ without a checkpoint, after broadcasting rank 0's flag with a host sync on every
 training, the handler here replaces it (the per-batch broadcast is switched off: the per-step
 exchange carries the flag instead).
 """
+
 from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
@@ -45,7 +49,8 @@ class Preemption(Callback):
     ``last.ckpt`` and stops the fit (no validation)."""
 
     def __init__(self) -> None:
-        self._previous: dict[int, object] = {}
+        # what signal.getsignal returns and signal.signal takes back
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
         self.stopped_at: tuple[int, int, str] | None = None  # (step, epoch, signal name)
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -68,8 +73,12 @@ class Preemption(Callback):
         trainer.should_stop = True
         if trainer.is_global_zero:
             where = f"checkpoint {path}; resume with --ckpt_path last" if path else "no checkpoint (checkpointing off)"
-            print(f"resnet-lamb: {name}: stopped after optimizer step {trainer.global_step} (epoch "
-                  f"{trainer.current_epoch}), {where}", file=sys.stderr, flush=True)
+            print(
+                f"resnet-lamb: {name}: stopped after optimizer step {trainer.global_step} (epoch "
+                f"{trainer.current_epoch}), {where}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # the handlers before on_train_start come back when training ends (Lightning then restores the
     # ones from before the fit in its teardown)

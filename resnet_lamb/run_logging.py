@@ -9,6 +9,7 @@
 
 Imported by the CLI after the start-up checks: it imports Lightning.
 """
+
 from __future__ import annotations
 
 import csv
@@ -65,7 +66,8 @@ def _wandb_route(url: str) -> tuple[str, int]:
     target = (u.hostname or "", u.port or (80 if u.scheme == "http" else 443))
     proxies = urllib.request.getproxies_environment()
     proxy = proxies.get(u.scheme)
-    if proxy and not urllib.request.proxy_bypass_environment(target[0], proxies):
+    # in CPython's urllib.request (undocumented), absent from typeshed's stub
+    if proxy and not urllib.request.proxy_bypass_environment(target[0], proxies):  # type: ignore[attr-defined]
         p = _wandb_host(proxy)
         return p.hostname or "", p.port or (443 if p.scheme == "https" else 80)
     return target
@@ -155,9 +157,15 @@ def wandb_logger(run_dir: Path, cfg: Any, resume: bool) -> WandbLogger:
     if int(os.environ.get("RANK", "0")) == 0:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")
-    logger = WandbLogger(project=cfg.run.project, name=cfg.run.name, save_dir=str(run_dir),
-                         tags=list(cfg.run.tags or []), id=run_id, resume="allow",
-                         offline=(mode == "offline"))
+    logger = WandbLogger(
+        project=cfg.run.project,
+        name=cfg.run.name,
+        save_dir=str(run_dir),
+        tags=list(cfg.run.tags or []),
+        id=run_id,
+        resume="allow",
+        offline=(mode == "offline"),
+    )
     # Lightning 2.6 always passes anonymous=None to wandb.init, which wandb 0.31 answers with "The
     # anonymous setting has no effect and will be removed"; leaving the key out changes nothing else
     logger._wandb_init.pop("anonymous", None)

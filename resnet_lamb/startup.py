@@ -12,21 +12,22 @@ run), and the state of one CLI invocation they share with the Lightning side.
 * :func:`quiet_libraries`: library messages that do not concern a user of this CLI, filtered before
   the libraries are imported.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import sys
-import warnings
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, overload
 
 import yaml
 
 from resnet_lamb.errors import RecipeError, UserError
 
-RUN_DEFAULTS = {"name": None, "project": "resnet-lamb", "tags": [], "root": "runs", "wandb": True}
+RUN_DEFAULTS: dict[str, Any] = {"name": None, "project": "resnet-lamb", "tags": [], "root": "runs", "wandb": True}
 
 # One CLI invocation's state, reset by resnet_lamb.train.main:
 ARGV: list[str] = []  # the subcommand and its arguments (``--print_config`` taken off)
@@ -36,7 +37,7 @@ RECIPE: dict[str, Any] = {"path": None, "stated": [], "origins": {}}
 FOLDERS: dict[str, Any] = {}  # data root -> its start-up read (index or listing), once per `main` call
 # ``--print_config[=flags]``: taken off the command line and answered after the plan has filled in the
 # derived trainer numbers (jsonargparse's own prints the config as parsed: accumulate_grad_batches 1)
-PRINT_CONFIG: dict[str, Optional[str]] = {"flags": None}
+PRINT_CONFIG: dict[str, str | None] = {"flags": None}
 
 
 def take_print_config(args: list[str]) -> list[str]:
@@ -104,7 +105,7 @@ def _check_spec_keys(cfg: dict, path: str) -> None:
         raise RecipeError(f"{path}: {err}") from None
 
 
-def check_config(cfg: dict, sub: str, world: Optional[int]) -> tuple:
+def check_config(cfg: dict, sub: str | None, world: int | None) -> tuple:
     """Every check ``fit``/``validate`` make before anything is built, on a config as a dict: run by
     :func:`main` on the recipe with the command line applied, before torch or Lightning is imported,
     and again on LightningCLI's parsed config.
@@ -128,7 +129,7 @@ def check_config(cfg: dict, sub: str, world: Optional[int]) -> tuple:
         raise RecipeError(blame(str(err), path, RECIPE["origins"])) from None
 
 
-def _check_config(cfg: dict, sub: str, world: Optional[int], path: str) -> tuple:
+def _check_config(cfg: dict, sub: str | None, world: int | None, path: str) -> tuple:
     from resnet_lamb import recipe as R
     from resnet_lamb.data.folder import BACKENDS, IMAGENET, check_counts, require_root
 
@@ -136,12 +137,16 @@ def _check_config(cfg: dict, sub: str, world: Optional[int], path: str) -> tuple
     model, data = part.get("model"), part.get("data")
     opt = model.get("optimizer") if isinstance(model, dict) else None
     light = part
-    if isinstance(opt, dict) and opt.get("kwargs"):  # checked last: the optimizer registry imports torch
+    if (
+        isinstance(model, dict) and isinstance(opt, dict) and opt.get("kwargs")
+    ):  # checked last: the optimizer registry imports torch
         light = {**part, "model": {**model, "optimizer": {**opt, "kwargs": {}}}}
         if isinstance(part.get("sources"), dict):  # their sources are checked with them
-            light["sources"] = {k: v for k, v in part["sources"].items()
-                                if not str(k).startswith("model.optimizer.kwargs.")}
+            light["sources"] = {
+                k: v for k, v in part["sources"].items() if not str(k).startswith("model.optimizer.kwargs.")
+            }
     recipe = R.validate_recipe(light, path)
+    assert isinstance(model, dict) and isinstance(data, dict)  # validate_recipe required both sections
     if model.get("arch") is not None:
         R.check_arch(model["arch"])
     backend = data.get("backend", "auto")
@@ -153,10 +158,13 @@ def _check_config(cfg: dict, sub: str, world: Optional[int], path: str) -> tuple
         classes = data.get("num_classes") or IMAGENET["num_classes"]
     else:
         require_root(backend, data.get("root"))
-        given = {k: data.get(k) for k in ("train_images", "val_images", "num_classes")}
+        given: dict[str, Any] = {k: data.get(k) for k in ("train_images", "val_images", "num_classes")}
         # every layout error as one line, from the index or listings only (no image opened)
-        folder = _folder(data["root"], full=bool(data.get("index_check")),
-                         counts_given=given["train_images"] is not None and given["num_classes"] is not None)
+        folder = _folder(
+            data["root"],
+            full=bool(data.get("index_check")),
+            counts_given=given["train_images"] is not None and given["num_classes"] is not None,
+        )
         if folder is None:  # a rank > 0, no index, the counts given: it takes rank 0's listing in setup
             images, classes = given["train_images"], given["num_classes"]
         else:
@@ -167,8 +175,12 @@ def _check_config(cfg: dict, sub: str, world: Optional[int], path: str) -> tuple
     if sub == "fit":
         run = cfg.get("run") or {}
         name = run.get("name") or (Path(path).stem if RECIPE["path"] else "run")
-        check_ckpt_path(cfg.get("ckpt_path"), Path(run.get("root") or RUN_DEFAULTS["root"]), str(name),
-                        bool(run.get("fresh_if_missing")))
+        check_ckpt_path(
+            cfg.get("ckpt_path"),
+            Path(run.get("root") or RUN_DEFAULTS["root"]),
+            str(name),
+            bool(run.get("fresh_if_missing")),
+        )
     if light is not part:
         recipe = R.validate_recipe(part, path)
     return recipe, folder, plan, classes, images
@@ -179,8 +191,10 @@ def _check_classes(model_classes: Any, classes: int, data_classes: Any, syntheti
     states it must agree, and the command line sets the data's."""
     where = RECIPE["origins"].get("model.num_classes", "")
     if where.startswith("--"):
-        raise RecipeError(f"model.num_classes: follows data.num_classes (one class count for the data and the "
-                          f"model); pass --data.num_classes {model_classes} instead")
+        raise RecipeError(
+            f"model.num_classes: follows data.num_classes (one class count for the data and the "
+            f"model); pass --data.num_classes {model_classes} instead"
+        )
     if model_classes is not None and model_classes != classes:
         if data_classes is not None:
             data, fix = f"data.num_classes is {classes}", "remove model.num_classes from the recipe"
@@ -190,8 +204,9 @@ def _check_classes(model_classes: Any, classes: int, data_classes: Any, syntheti
         else:
             data = f"data.root holds {classes} class folders (data.num_classes: null counts them)"
             fix = "remove model.num_classes from the recipe"
-        raise RecipeError(f"model.num_classes: {model_classes}, but {data}; the model's class count follows "
-                          f"data.num_classes: {fix}")
+        raise RecipeError(
+            f"model.num_classes: {model_classes}, but {data}; the model's class count follows data.num_classes: {fix}"
+        )
 
 
 def check_ckpt_path(ckpt_path: Any, root: Path, name: str, fresh_if_missing: bool) -> None:
@@ -204,22 +219,31 @@ def check_ckpt_path(ckpt_path: Any, root: Path, name: str, fresh_if_missing: boo
     if ckpt_path == "last":
         if (ck_dir / "last.ckpt").is_file() or fresh_if_missing:
             return
-        resumable = sorted(d.name for d in root.iterdir() if (d / "checkpoints" / "last.ckpt").is_file()) \
-            if root.is_dir() else []
+        resumable = (
+            sorted(d.name for d in root.iterdir() if (d / "checkpoints" / "last.ckpt").is_file())
+            if root.is_dir()
+            else []
+        )
         import difflib
 
-        near = difflib.get_close_matches(name, resumable, n=1)
+        close = difflib.get_close_matches(name, resumable, n=1)
         shown = ", ".join(resumable[:10]) + (f" and {len(resumable) - 10} more" if len(resumable) > 10 else "")
         runs = f"the runs under {root} that can resume: {shown}" if resumable else f"no run under {root} has one"
-        near = f"; did you mean --run.name {near[0]}?" if near else ""
-        raise UserError(f"ckpt_path: last, but {run_dir} has no checkpoints/last.ckpt ({runs}{near}); pass --run.name "
-                        f"of the run to resume, or --run.fresh_if_missing true to start {run_dir} from scratch")
+        near = f"; did you mean --run.name {close[0]}?" if close else ""
+        raise UserError(
+            f"ckpt_path: last, but {run_dir} has no checkpoints/last.ckpt ({runs}{near}); pass --run.name "
+            f"of the run to resume, or --run.fresh_if_missing true to start {run_dir} from scratch"
+        )
     if ckpt_path and ckpt_path not in ("best", "hpc", "registry") and not Path(str(ckpt_path)).is_file():
-        raise UserError(f"ckpt_path: {ckpt_path}: no such checkpoint file; pass an existing .ckpt, or "
-                        "--ckpt_path last to resume the run named by --run.name")
+        raise UserError(
+            f"ckpt_path: {ckpt_path}: no such checkpoint file; pass an existing .ckpt, or "
+            "--ckpt_path last to resume the run named by --run.name"
+        )
     if not ckpt_path and ck_dir.is_dir() and any(not p.name.startswith(".") for p in ck_dir.glob("*.ckpt")):
-        raise RecipeError(f"run.name: {run_dir} already holds checkpoints; resume it with --ckpt_path last, "
-                          f"start a new run with --run.name NEW, or delete the folder")
+        raise RecipeError(
+            f"run.name: {run_dir} already holds checkpoints; resume it with --ckpt_path last, "
+            f"start a new run with --run.name NEW, or delete the folder"
+        )
 
 
 def _folder(root: Any, full: bool, counts_given: bool) -> Any:
@@ -242,10 +266,13 @@ def check_writable(run_dir: Path) -> None:
         with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as err:
-        raise UserError(f"run.root: cannot write the run folder {run_dir} ({err.strerror or err}); pass a "
-                        f"writable --run.root or fix the folder's permissions") from None
+        raise UserError(
+            f"run.root: cannot write the run folder {run_dir} ({err.strerror or err}); pass a "
+            f"writable --run.root or fix the folder's permissions"
+        ) from None
 
-def world_size(trainer_cfg: Any, configured: Optional[int] = None) -> int:
+
+def world_size(trainer_cfg: Any, configured: int | None = None) -> int:
     """devices x num_nodes as Lightning will resolve them; under torchrun they must equal its
     WORLD_SIZE (Lightning raises otherwise, once per rank, after the plan was printed)."""
     configured = _configured_world_size(trainer_cfg) if configured is None else configured
@@ -255,11 +282,16 @@ def world_size(trainer_cfg: Any, configured: Optional[int] = None) -> int:
         raise RecipeError(
             f"trainer.devices x trainer.num_nodes = {configured} but torchrun started WORLD_SIZE={env} "
             f"processes; pass --trainer.devices {local} --trainer.num_nodes {int(env) // max(local, 1)} "
-            "(launch/torchrun.sh does)")
+            "(launch/torchrun.sh does)"
+        )
     return configured
 
 
-def _configured_world_size(trainer_cfg: Any, light: bool = False) -> Optional[int]:
+@overload
+def _configured_world_size(trainer_cfg: Any, light: Literal[False] = False) -> int: ...
+@overload
+def _configured_world_size(trainer_cfg: Any, light: bool) -> int | None: ...
+def _configured_world_size(trainer_cfg: Any, light: bool = False) -> int | None:
     """devices x num_nodes; ``light``: without importing torch, None when that needs it (devices
     ``auto`` on a machine that may have a GPU)."""
     get = trainer_cfg.get if hasattr(trainer_cfg, "get") else lambda k, d=None: getattr(trainer_cfg, k, d)
@@ -293,7 +325,7 @@ def _may_have_gpu() -> bool:
     return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
 
 
-def known_world_size(trainer_cfg: Any) -> Optional[int]:
+def known_world_size(trainer_cfg: Any) -> int | None:
     """:func:`world_size` before torch is imported, None where only torch can tell."""
     if trainer_cfg is not None and not isinstance(trainer_cfg, dict):
         return None  # not a mapping: validate_recipe says so
@@ -306,8 +338,10 @@ def check_cadence(cfg: Any) -> None:
     validated (report reads its top-1): the validation cadence divides the epochs."""
     every, epochs = cfg.trainer.get("check_val_every_n_epoch"), cfg.trainer.get("max_epochs")
     if every is not None and epochs and (every < 1 or epochs % every):
-        raise RecipeError(f"trainer.check_val_every_n_epoch: {every} does not divide trainer.max_epochs {epochs}; "
-                          "choose a divisor so that the last epoch is validated")
+        raise RecipeError(
+            f"trainer.check_val_every_n_epoch: {every} does not divide trainer.max_epochs {epochs}; "
+            "choose a divisor so that the last epoch is validated"
+        )
     ckpt = cfg.run.get("checkpoint_every_n_epochs")
     if ckpt is not None and ckpt < 1:
         raise RecipeError(f"run.checkpoint_every_n_epochs: {ckpt}; must be an integer >= 1")
@@ -322,21 +356,26 @@ def warn_small_data(plan: Any) -> None:
     if n >= batch:
         return
     computed = min(n, plan.accumulation * plan.world_size) * plan.micro_batch  # slots holding a real image
-    print(f"resnet-lamb: warning: data.global_batch {batch} is larger than the {n} training images: each step "
-          f"pads them with {batch - n} repeats labelled -1 (no gradient) and computes {computed} of the {batch} "
-          "(micro-batches of padding only are skipped); a smaller data.micro_batch computes fewer", file=sys.stderr)
+    print(
+        f"resnet-lamb: warning: data.global_batch {batch} is larger than the {n} training images: each step "
+        f"pads them with {batch - n} repeats labelled -1 (no gradient) and computes {computed} of the {batch} "
+        "(micro-batches of padding only are skipped); a smaller data.micro_batch computes fewer",
+        file=sys.stderr,
+    )
 
 
 def format_plan(plan: Any) -> str:
     warm = f"{plan.warmup_steps} warmup steps ({plan.warmup_epochs:g} epochs)"
-    return (f"resnet-lamb plan: {plan.optimizer} lr {plan.lr:.6g} ({plan.base_lr:g} x ({plan.global_batch}/"
-            f"{plan.base_batch}) {plan.scaling}), {plan.schedule} schedule, {warm}, {plan.total_steps} total steps "
-            f"(optimizer steps {plan.optimizer_steps} = " + (f"{plan.epochs} epochs x {plan.steps_per_epoch}" if
-                                                             plan.epoch_mode == "padded" else "all full batches") +
-            f"), accumulation "
-            f"{plan.accumulation} (global batch {plan.global_batch} = micro {plan.micro_batch} x {plan.world_size} devices x "
-            f"{plan.accumulation}), {plan.train_images} train images, {plan.epoch_mode} epochs, BatchNorm over "
-            f"{plan.bn_images} images")
+    return (
+        f"resnet-lamb plan: {plan.optimizer} lr {plan.lr:.6g} ({plan.base_lr:g} x ({plan.global_batch}/"
+        f"{plan.base_batch}) {plan.scaling}), {plan.schedule} schedule, {warm}, {plan.total_steps} total steps "
+        f"(optimizer steps {plan.optimizer_steps} = "
+        + (f"{plan.epochs} epochs x {plan.steps_per_epoch}" if plan.epoch_mode == "padded" else "all full batches")
+        + f"), accumulation "
+        f"{plan.accumulation} (global batch {plan.global_batch} = micro {plan.micro_batch} x {plan.world_size} "
+        f"devices x {plan.accumulation}), {plan.train_images} train images, {plan.epoch_mode} epochs, BatchNorm over "
+        f"{plan.bn_images} images"
+    )
 
 
 def quiet_libraries(subcommand: str) -> None:

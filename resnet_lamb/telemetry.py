@@ -22,6 +22,7 @@
   optimizer steps and, inside a long accumulated step, a line at least every ``every_s`` seconds
   (rich draws nothing useful into a non-terminal until each bar finishes).
 """
+
 from __future__ import annotations
 
 import math
@@ -101,7 +102,7 @@ class TrustRatios(Callback):
             return
         names = list(ratios)
         values = torch.stack([torch.as_tensor(ratios[n]).float().reshape(()) for n in names]).cpu().tolist()
-        self.last = {f"optim/trust_ratio/{n}": v for n, v in zip(names, values)}
+        self.last = {f"optim/trust_ratio/{n}": v for n, v in zip(names, values, strict=True)}
         for logger in trainer.loggers:
             logger.log_metrics(self.last, step=step - 1)
 
@@ -121,9 +122,14 @@ class RunStatus(Callback):
         import datetime
         import json
 
-        summary = {"status": status, "message": message, "global_step": trainer.global_step,
-                   "epoch": trainer.current_epoch, "fit_seconds": round(time.monotonic() - self._start, 3),
-                   "ended": None if status == "running" else datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        summary = {
+            "status": status,
+            "message": message,
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "fit_seconds": round(time.monotonic() - self._start, 3),
+            "ended": None if status == "running" else datetime.datetime.now(datetime.UTC).isoformat(),
+        }
         try:  # replaced whole: `report` may read it while the run goes on
             tmp = self.folder / ".summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=1) + "\n")
@@ -246,8 +252,16 @@ class LineProgress(ProgressBar):
         done = f"[{step}/{total}]" if total else f"[{step}]"
         if in_step:
             if due:
-                self._print("  ".join([f"epoch {trainer.current_epoch}", f"step {step} {done}",
-                                       f"micro-batch {in_step}/{accum}", *self._rate_eta(now, total, accum)]))
+                self._print(
+                    "  ".join(
+                        [
+                            f"epoch {trainer.current_epoch}",
+                            f"step {step} {done}",
+                            f"micro-batch {in_step}/{accum}",
+                            *self._rate_eta(now, total, accum),
+                        ]
+                    )
+                )
             return
         if step % self.every and step != total and step != self._step0 + 1 and not due:
             return

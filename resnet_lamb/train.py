@@ -59,8 +59,16 @@ import sys
 import tempfile
 
 from resnet_lamb.errors import UserError
-from resnet_lamb.startup import (ARGV, FOLDERS, RECIPE, check_config, expand_recipe, known_world_size,
-                                 quiet_libraries, take_print_config)
+from resnet_lamb.startup import (
+    ARGV,
+    FOLDERS,
+    RECIPE,
+    check_config,
+    expand_recipe,
+    known_world_size,
+    quiet_libraries,
+    take_print_config,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
