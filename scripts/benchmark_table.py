@@ -39,6 +39,8 @@ def _span(values: list, unit: str = "x", digits: int = 2) -> str:
     if not values:
         return "-"
     lo, hi = min(values), max(values)
+    if unit == "x" and hi >= 10:  # large ratios: the leading digits carry the meaning
+        digits = 0 if hi >= 100 else 1
     text = f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else f"{lo:.{digits}f}-{hi:.{digits}f}"
     return text + unit
 
