@@ -42,6 +42,7 @@ import os
 import re
 import sys
 import tarfile
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -105,6 +106,7 @@ class ShardSplit:
         self.shard = np.asarray(shard, dtype=np.int32)
         self.offset = np.asarray(offset, dtype=np.int64)
         self._fds: dict[int, int] = {}
+        self._opening = threading.Lock()  # the DALI loader reads from a thread pool: one open per shard
         self._find: dict[str, int] | None = None
         self.opened = 0  # shard files this object opened (in this process)
 
@@ -114,7 +116,11 @@ class ShardSplit:
     def __getstate__(self):  # file descriptors stay in their process; a worker opens its own
         state = dict(self.__dict__)
         state.update(_fds={}, _find=None, opened=0)
+        del state["_opening"]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _opening=threading.Lock())
 
     def __del__(self):
         self.close()
@@ -146,7 +152,12 @@ class ShardSplit:
 
     def _fd(self, s: int) -> int:
         fd = self._fds.get(s)
-        if fd is None:
+        if fd is not None:
+            return fd
+        with self._opening:
+            fd = self._fds.get(s)
+            if fd is not None:  # another thread opened it meanwhile
+                return fd
             if not self._fds:
                 _ensure_open_files(len(self.shard_names) + 64)
             path = self.shard_path(s)
@@ -159,7 +170,7 @@ class ShardSplit:
                 ) from None
             self._fds[s] = fd
             self.opened += 1
-        return fd
+            return fd
 
     def read(self, i: int) -> memoryview:
         """Image ``i``'s bytes: one ``pread`` of its header and data from the open shard."""
