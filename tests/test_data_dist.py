@@ -47,8 +47,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("layout, mode", [("folder", "padded"), ("shards", "padded"), ("shards", "full_batch")])
-@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+# each backend reads both layouts and both epoch modes (the sampler is one function for every layout)
+@pytest.mark.parametrize("backend, layout, mode", [("dali", "folder", "padded"), ("dali", "shards", "full_batch"),
+                                                   ("torchvision", "shards", "padded"),
+                                                   ("torchvision", "folder", "full_batch")])
 def test_two_ranks_count_every_image_once(tmp_path, backend, layout, mode):
     if backend == "dali" and not dali_backend.available():
         pytest.skip("nvidia-dali not installed")
