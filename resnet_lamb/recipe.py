@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar, cast, get_args
 import yaml
 
 from resnet_lamb.errors import RecipeError
+from resnet_lamb.optim.names import check_optimizer_name
 
 # What LightningCLI accepts at the top level of a config, plus the recipe's own `base` and
 # `expected`. `optimizer`/`lr_scheduler` are deliberately absent: they belong in model.optimizer
@@ -331,8 +332,6 @@ WARMUP_SCALING = Literal["linear", "none"]
 EPOCH_MODE = Literal["padded", "full_batch"]
 # the optimizers of resnet_lamb.optim.registry (tests/test_recipe.py checks they agree): named here
 # so that an unknown name is reported without importing torch
-OPTIMIZER = Literal["lamb", "nlamb", "nnlamb", "lars", "lars_classic", "adam", "adamw", "adagrad", "sgd", "nadam"]
-OPTIMIZERS = get_args(OPTIMIZER)
 LR_SCALINGS = get_args(LR_SCALING)
 PARAM_RULES = get_args(PARAM_RULE)
 SCHEDULES = get_args(SCHEDULE)
@@ -371,7 +370,10 @@ class OptimizerSpec:
             self.kwargs = {}
         if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
             raise RecipeError(f"{p}kwargs: expected a mapping of optimizer keyword arguments, got {self.kwargs!r}")
-        self.name = _choice(self.name, p + "name", OPTIMIZERS, "optimizer")
+        try:
+            self.name = check_optimizer_name(self.name, p + "name")
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
         for key, owner in (
             ("lr", "base_lr, base_batch and scaling"),
             ("weight_decay", "model.optimizer.weight_decay"),

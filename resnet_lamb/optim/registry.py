@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-_NAMES = ("lamb", "nlamb", "nnlamb", "lars", "lars_classic", "adam", "adamw", "adagrad", "sgd", "nadam")
+from resnet_lamb.optim.names import OPTIMIZER_NAMES as _NAMES
+from resnet_lamb.optim.names import check_optimizer_name
 
 
 def list_optimizers() -> list[str]:
@@ -127,18 +128,12 @@ _REGISTRY: dict[str, tuple[Callable, dict[str, Any]]] = {
         torch.optim.NAdam, (), betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3, decoupled_weight_decay=False
     ),
 }
-assert tuple(_REGISTRY) == _NAMES
 
 
 def optimizer_options(name: str) -> dict[str, Any]:
     """The extra keyword arguments ``name`` accepts, with their defaults."""
-    _check_name(name)
+    check_optimizer_name(name, None)
     return dict(_REGISTRY[name][1])
-
-
-def _check_name(name: str) -> None:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(_NAMES)}")
 
 
 def build_optimizer(
@@ -154,7 +149,7 @@ def build_optimizer(
     """
     from resnet_lamb.optim.param_groups import param_groups
 
-    _check_name(name)
+    check_optimizer_name(name, None)
     build, accepted = _REGISTRY[name]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
