@@ -30,9 +30,10 @@ from resnet_lamb.checkpoints import (
 from resnet_lamb.cli_parser import OneLineParser, print_config, shrink_help
 from resnet_lamb.data import ImageDataModule
 from resnet_lamb.data.folder import IMAGENET
+from resnet_lamb.errors import RecipeError
 from resnet_lamb.model import LambModule
 from resnet_lamb.preemption import Preemption
-from resnet_lamb.recipe import plan_rows
+from resnet_lamb.recipe import blame, check_keys, key_tree, plan_rows, recipe_part
 from resnet_lamb.run_logging import AppendingCSVLogger, wandb_logger
 from resnet_lamb.startup import (
     PRINT_CONFIG,
@@ -100,6 +101,19 @@ class RecipeCLI(LightningCLI):
     def init_parser(self, **kwargs):
         kwargs.setdefault("dump_header", [f"resnet-lamb; lightning.pytorch=={pl.__version__}"])
         return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        """The recipe's keys against every option of the subcommand (LightningCLI's and the recipe's:
+        :func:`resnet_lamb.recipe.check_keys`, the one check for unknown keys) before jsonargparse
+        parses, so that an unknown key reads as it does in ``plan``."""
+        cfg, sub = RECIPE.get("config"), args[0] if args else None
+        if cfg is not None and sub in self.subcommands():
+            path = RECIPE["path"] or "<command line>"
+            try:
+                check_keys(recipe_part(cfg), key_tree(list(self._parser(sub).get_defaults().keys())))
+            except RecipeError as err:
+                raise RecipeError(blame(f"{os.path.normpath(path)}: {err}", path, RECIPE["origins"])) from None
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's replaces the model config by the checkpoint's hyperparameters when

@@ -79,15 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries(argv[0])
     argv = [argv[0], *take_print_config(argv[1:])]
     ARGV[:] = argv
-    RECIPE.update(path=None, stated=[], origins={})
+    RECIPE.update(path=None, stated=[], config=None, origins={})
     FOLDERS.clear()
     with tempfile.TemporaryDirectory(prefix="resnet-lamb-") as tmp:
         expanded, merged, overrides = expand_recipe(argv[1:], tmp)
-        if RECIPE["path"] and not {"-h", "--help", "--print_config"} & {a.split("=", 1)[0] for a in argv}:
-            # recipe, data and run-folder errors before torch and Lightning are imported
+        if RECIPE["path"] and not {"-h", "--help"} & {a.split("=", 1)[0] for a in argv}:
             from resnet_lamb.recipe import apply_overrides
 
             cfg, RECIPE["origins"] = apply_overrides(merged, overrides)
+            RECIPE["config"] = cfg  # its keys checked against LightningCLI's before it parses
+            # recipe, data and run-folder errors before torch and Lightning are imported
             check_config(cfg, argv[0], known_world_size(cfg.get("trainer")))
         from resnet_lamb.lightning_cli import run  # torch, Lightning, the model and the data
 
