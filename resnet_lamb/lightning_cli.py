@@ -94,6 +94,10 @@ class SaveConfig(SaveConfigCallback):
         self.already_saved = True
 
 
+# options set from another by link_arguments (not in the parser's defaults; a recipe may state them)
+LINKED_OPTIONS = ("model.num_classes",)
+
+
 class RecipeCLI(LightningCLI):
     """LightningCLI over the recipe: the ``run.*`` options, the start-up checks again on the parsed
     config, the plan's trainer numbers, and the run folder's callbacks, plugins and loggers."""
@@ -110,7 +114,8 @@ class RecipeCLI(LightningCLI):
         if cfg is not None and sub in self.subcommands():
             path = RECIPE["path"] or "<command line>"
             try:
-                check_keys(recipe_part(cfg), key_tree(list(self._parser(sub).get_defaults().keys())))
+                options = [*self._parser(sub).get_defaults().keys(), *LINKED_OPTIONS]
+                check_keys(recipe_part(cfg), key_tree(options))
             except RecipeError as err:
                 raise RecipeError(blame(f"{os.path.normpath(path)}: {err}", path, RECIPE["origins"])) from None
         super().parse_arguments(parser, args)
@@ -200,7 +205,7 @@ class RecipeCLI(LightningCLI):
             "last.ckpt yet (refused otherwise: a mistyped --run.name would restart a run)",
         )
         # one class count: the model's output layer follows the data's (counted from data.root when null)
-        parser.link_arguments("data.num_classes", "model.num_classes")
+        parser.link_arguments("data.num_classes", "model.num_classes")  # LINKED_OPTIONS
 
     # -- before anything is built: validate, plan, trainer numbers
     def before_instantiate_classes(self) -> None:

@@ -305,7 +305,7 @@ def edited(**changes):
     (edited(expected={"top5": -0.1}), r"expected\.top5: expected a fraction"),
     (edited(expected={"top_1": 0.7}), r"expected\.top_1: unknown key \(did you mean top1\?\)"),
     (edited(optimizer={"class_path": "torch.optim.SGD"}), r"optimizer: not a recipe key; .* model\.optimizer"),
-    (edited(datta={}), r"datta: unknown key \(did you mean data\?\); allowed: base, expected, sources, seed_everything, trainer, model, data, ckpt_path, run$"),
+    (edited(datta={}), r"datta: unknown key \(did you mean data\?\); allowed: base, expected, sources, seed_everything, trainer, model, data, ckpt_path, weights_only, run$"),
     (edited(model=KeyError), r"model: missing section"),
     (edited(seed_everything="zero"), r"seed_everything: expected an integer"),
 ])

@@ -41,6 +41,7 @@ RECIPE_KEYS: dict[str, Any] = {
     "model": {"optimizer": dict.fromkeys(OPTIMIZER_KEYS), "schedule": dict.fromkeys(SCHEDULE_KEYS), ANY_KEY: None},
     "data": {ANY_KEY: None},
     "ckpt_path": None,
+    "weights_only": None,  # LightningCLI's, for torch.load of ckpt_path
     "run": {ANY_KEY: None},
 }
 TOP_LEVEL_KEYS = tuple(RECIPE_KEYS)

@@ -46,14 +46,18 @@ def _edit(**changes) -> dict:
 # fit's to check; for rows with flags there is no `plan` equivalent.
 ROWS = {
     # unknown keys
+    # one wording, from one check (resnet_lamb.recipe.check_keys), in `fit` and `plan` alike
     "unknown-top-level-key": (_edit(bogus=1), [],
-                              "bogus: unknown key (not an option of the recipe's top level)",
-                              "bogus: unknown top-level key; allowed: base, expected, sources, seed_everything"),
-    "unknown-model-key-flag": (_edit(), ["--model.foo", "1"], "model.foo: unknown key (not an option of model)", None),
-    "unknown-data-key": (_edit(data__bogus=1), [], "data.bogus: unknown key (not an option of data)", None),
+                              "r.yaml: bogus: unknown key; allowed: base, expected, sources, seed_everything",
+                              "r.yaml: bogus: unknown key; allowed: base, expected, sources, seed_everything"),
+    "unknown-model-key-flag": (_edit(), ["--model.foo", "1"],
+                               "--model.foo 1: unknown key; allowed: arch, small_input, label_smoothing", None),
+    "unknown-data-key": (_edit(data__bogus=1), [], "r.yaml: data.bogus: unknown key; allowed: backend, root, ", None),
+    "mistyped-data-key-flag": (_edit(), ["--data.micro_bach", "8"],
+                               "--data.micro_bach 8: unknown key (did you mean micro_batch?); allowed: backend", None),
     "unknown-optimizer-key": (_edit(model__optimizer__nme="lamb"), [],
                               "model.optimizer.nme: unknown key (did you mean name?); allowed: name, base_lr",
-                              "model.optimizer.nme: unknown key (did you mean name?)"),
+                              "model.optimizer.nme: unknown key (did you mean name?); allowed: name, base_lr"),
     "mistyped-key": (_edit(model__optimizer__base_lrr=0.1), [],
                      "model.optimizer.base_lrr: unknown key (did you mean base_lr?); allowed: name, base_lr, base_batch",
                      "model.optimizer.base_lrr: unknown key (did you mean base_lr?); allowed: name, base_lr, base_batch"),
