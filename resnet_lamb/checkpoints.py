@@ -192,11 +192,12 @@ def resume_path(ckpt_path: Any, run_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def check_resume(ckpt: Path, recipe: Any, force: bool = False) -> None:
+def check_resume(ckpt: Path, recipe: Any, plan: Any, force: bool = False) -> None:
     """Resuming continues the checkpoint's run: the optimizer (name, LR rule, weight decay, param
     rule, kwargs but ``impl``), the schedule, the global batch, the epoch count and mode must be the
-    checkpoint's (``resnet_lamb.model.recipe_identity``); a different world size or micro batch
-    only changes the accumulation.  Otherwise one line naming the keys, unless ``force``."""
+    checkpoint's (``resnet_lamb.model.recipe_identity`` of the recipe's specs and the run's ``plan``:
+    its global batch, epochs and epoch mode); a different world size or micro batch only changes the
+    accumulation.  Otherwise one line naming the keys, unless ``force``."""
     try:
         ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
         saved = (ckpt_dict.get("resnet_lamb") or {}).get("recipe")
@@ -207,7 +208,7 @@ def check_resume(ckpt: Path, recipe: Any, force: bool = False) -> None:
         ) from None
     if not saved:
         return  # written before checkpoints recorded their recipe
-    now = recipe_identity(recipe.optimizer, recipe.schedule, recipe.global_batch, recipe.epochs, recipe.epoch_mode)
+    now = recipe_identity(recipe.optimizer, recipe.schedule, plan.global_batch, plan.epochs, plan.epoch_mode)
     diff = recipe_changes(saved, now)
     if diff and not force:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)

@@ -267,15 +267,17 @@ class RecipeCLI(LightningCLI):
                     )
             resume = resume_path(cfg.get("ckpt_path"), self.run_dir)
             if resume is not None:
-                check_resume(resume, recipe, force=bool(cfg.run.get("force_resume")))
+                check_resume(resume, recipe, plan, force=bool(cfg.run.get("force_resume")))
         if rank0 and not os.environ.get("RESNET_LAMB_PLAN_SHOWN"):  # launch/torchrun.sh printed it already
             print(format_plan(plan), flush=True)
+        self.plan = plan  # the one plan of the run: the module and the data module follow it
         if rank0 and sub == "fit":  # the run's own record of its numbers and their sources (report reads it)
             sources = {k: src for k, _, _, src in plan_rows(plan, recipe) if src}
             (self.run_dir / "plan.json").write_text(json.dumps({**plan.to_dict(), "sources": sources}, indent=1))
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        self.model.run_plan = self.datamodule.plan = self.plan
         if self.folder is not None:  # read once, in before_instantiate_classes
             self.datamodule.validate(self.folder)
 

@@ -277,6 +277,7 @@ class LambModule(pl.LightningModule):
         self.val_loss_sum = SumMetric()
         self.val_count = SumMetric()
         self.plan = None  # the resnet_lamb.recipe.Plan this run follows, set in configure_optimizers
+        self.run_plan = None  # the CLI's plan (the run's plan.json): followed instead of deriving one
         self._channels_last = False
         self._step_share: torch.Tensor | None = None  # [loss sum, real samples] of this step's micro-batches
         self.stop_requested = False  # set at an optimizer step when any rank was asked to stop (preemption)
@@ -481,7 +482,7 @@ class LambModule(pl.LightningModule):
         from resnet_lamb.optim import build_optimizer
         from resnet_lamb.optim.schedules import build_scheduler
 
-        self.plan = self.derive_plan()
+        self.plan = self.run_plan if self.run_plan is not None else self.derive_plan()
         spec = self.optimizer_spec
         try:
             optimizer = build_optimizer(
@@ -500,9 +501,19 @@ class LambModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = _rng_state()
-        checkpoint["resnet_lamb"] = {"recipe": self._recipe_identity(), "skipped_steps": self.skipped_steps}
+        plan = self.run_plan or self.plan
+        checkpoint["resnet_lamb"] = {
+            "recipe": self._recipe_identity(),
+            "plan": None if plan is None else plan.to_dict(),
+            "skipped_steps": self.skipped_steps,
+        }
 
     def _recipe_identity(self) -> dict[str, Any] | None:
+        plan = self.run_plan or self.plan
+        if plan is not None:
+            return recipe_identity(
+                self.optimizer_spec, self.schedule_spec, plan.global_batch, plan.epochs, plan.epoch_mode
+            )
         dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
         if dm is None or getattr(dm, "global_batch", None) is None:
             return None

@@ -270,6 +270,11 @@ def test_report_takes_lr_and_warmup_from_plan_json(runs, tmp_path):
     plan = json.loads((tiny / "plan.json").read_text())
     assert (plan["lr"], plan["warmup_epochs"], plan["optimizer_steps"]) == (0.01, 0.5, 6)
     assert isinstance(plan["sources"], dict)  # as `plan --json` prints it
+    # one plan per run: the checkpoint holds the plan the module followed, the one plan.json records
+    import torch
+
+    ckpt = torch.load(tiny / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["resnet_lamb"]["plan"] == {k: v for k, v in plan.items() if k != "sources"}
     _, rows = _report_rows(tiny, out=tmp_path / "out")
     assert rows["tiny"][4:6] == ["0.01", "0.5"]  # LR, warmup epochs
     edited = tmp_path / "runs" / "edited"

@@ -238,6 +238,8 @@ class ImageDataModule(L.LightningDataModule):
         return len(folder.splits["train" if key == "train_images" else "val"])
 
     # ---- derived numbers -------------------------------------------------------------------------
+    plan = None  # the run's resnet_lamb.recipe.Plan, set by the CLI: its accumulation and steps are used
+
     @property
     def num_classes(self) -> int:
         return self._count("num_classes")
@@ -258,6 +260,9 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def accumulation(self) -> int:
+        plan = self.plan
+        if plan is not None and (plan.micro_batch, plan.world_size) == (self.micro_batch, self.world_size):
+            return int(plan.accumulation)
         slots = self.micro_batch * self.world_size
         if self.global_batch % slots:
             raise RecipeError(
@@ -268,6 +273,8 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.plan is not None:
+            return int(self.plan.steps_per_epoch)
         return math.ceil(self.train_images / self.global_batch)
 
     # ---- Lightning hooks -------------------------------------------------------------------------
