@@ -12,7 +12,9 @@ model.optimizer.base_lr=...` sweeps the recipe's base LR, scaled by its rule). E
 own name (`<recipe>-<key>=<value>...`), its own run folder under `--root`, and the W&B tags
 `sweep:<id>` and `key=value`. `--emit` prints the commands instead of running them (one line each, to feed
 `xargs`, a job array or `sbatch --wrap`); `--launcher` prefixes each command (for example
-`launch/torchrun.sh` to run every grid point on all local GPUs).
+`launch/torchrun.sh` to run every grid point on all local GPUs). Every grid point's recipe is
+checked first (the validator `plan` and `fit` use): a bad one is one line
+`resnet-lamb: error: run <name>: ...`, exit 2, before any run starts or any command is printed.
 """
 
 from __future__ import annotations
@@ -73,6 +75,28 @@ def runs(recipe: str, grid: list[tuple[str, list[str]]], sweep_id: str, root: st
     return out
 
 
+def check_runs(recipe: str, planned: list[tuple[str, list[str]]]) -> str | None:
+    """Every grid point's recipe (the recipe with the point's overrides and the extra ones) through
+    the recipe's validator (:func:`resnet_lamb.recipe.validate_recipe`, as `plan` and `fit` check
+    it), before any run starts: the first error as one line naming the run and the flag, else None."""
+    from resnet_lamb.errors import RecipeError
+    from resnet_lamb.recipe import apply_overrides, blame, load_recipe, recipe_part, validate_recipe
+
+    try:
+        base = load_recipe(recipe)
+    except RecipeError as err:
+        return str(err)
+    for name, cmd in planned:
+        args = cmd[len(cmd) - cmd[::-1].index(recipe):]  # the overrides after the recipe's path
+        origins: dict[str, str] = {}
+        try:
+            cfg, origins = apply_overrides(base, args)
+            validate_recipe(recipe_part(cfg), recipe)
+        except RecipeError as err:
+            return f"run {name}: {blame(str(err), recipe, origins)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -98,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     launcher = shlex.split(args.launcher)
     plan = runs(args.recipe, grid, args.id or Path(args.recipe).stem, args.root, launcher, extra)
+    error = check_runs(args.recipe, plan)
+    if error is not None:
+        print(f"resnet-lamb: error: {error}", file=sys.stderr)
+        return 2
     if args.emit:
         for _, cmd in plan:
             print(shlex.join(cmd))

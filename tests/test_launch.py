@@ -410,6 +410,21 @@ def test_sweep_emit_paper_lr_grid(tmp_path, data_odd):
                                      for ln in p.stdout.splitlines())
 
 
+def test_sweep_checks_every_grid_point_with_the_recipe_validator(tmp_path):
+    """A grid point the recipe's validator refuses (as `plan` and `fit` would) is one line naming the
+    run and the flag, exit 2, and nothing is printed or run."""
+    recipe = write_recipe(tmp_path / "s.yaml", tiny_recipe(None))
+    for grid, says in (
+        ("model.optimizer.base_lrr=0.1", "--model.optimizer.base_lrr 0.1: unknown key (did you mean base_lr?)"),
+        ("lr=0.01,-1", "run s-lr=-1: --model.optimizer.base_lr -1: expected a positive finite number, got -1"),
+    ):
+        p = subprocess.run([sys.executable, SWEEP, str(recipe), "--grid", grid, "--emit"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("resnet-lamb: error: run s-") and says in lines[0], lines
+
+
 def test_sweep_paper_lr_grid_trains_at_the_lr_in_its_name(tmp_path):
     """Issue 11 item 8: the paper's LR grid is over the LR used at the batch; on the 32K recipe the run
     named `lr=0.001` derives exactly 0.001 (it trained at 0.008 when the grid set base_lr)."""
