@@ -196,7 +196,30 @@ def _origin(key: str, origins: "dict[str, str]") -> str | None:
     return None
 
 
-_KEY = re.compile(r"(?<![\w./-])((?:model|data|trainer)(?:\.[A-Za-z_]\w*)+|seed_everything|ckpt_path)\b")
+# the keys a command line or a later --config sets that an error is blamed on (run.* name themselves)
+_BLAMED = ("model", "data", "trainer", "seed_everything", "ckpt_path")
+
+
+def _is_key(text: str) -> bool:
+    """``text`` is a dotted recipe key (``data.micro_batch``, ``model.schedule.milestones[1]``)."""
+    parts = re.sub(r"\[\d+\]", "", text).split(".")
+    return (
+        parts[0] in _BLAMED
+        and (len(parts) > 1 or parts[0] in ("seed_everything", "ckpt_path"))
+        and all(p.isidentifier() for p in parts)
+    )
+
+
+def _first_mention(text: str, key: str) -> int:
+    """Where ``text`` first names ``key`` (or a key below it) as a whole key; -1 when it does not."""
+    at = text.find(key)
+    while at >= 0:
+        before = text[at - 1] if at else " "
+        after = text[at + len(key)] if at + len(key) < len(text) else " "
+        if not (before.isalnum() or before in "_./-") and not (after.isalnum() or after == "_"):
+            return at
+        at = text.find(key, at + 1)
+    return -1
 
 
 def blame(message: str, path: "str | os.PathLike[str]", origins: "dict[str, str]") -> str:
@@ -205,20 +228,21 @@ def blame(message: str, path: "str | os.PathLike[str]", origins: "dict[str, str]
     expected a positive integer, got -8"``, ``"extra.yaml: data.micro_batch: ..."``.  When the key
     the error is about comes from the recipe but another key it names was overridden (a global batch
     that the micro batch does not divide), the override is named beside the recipe:
-    ``"recipe.yaml with --data.micro_batch 7: data.global_batch: ..."``."""
+    ``"recipe.yaml with --data.micro_batch 7: data.global_batch: ..."``.  The keys looked for are
+    those ``origins`` holds (:func:`apply_overrides`), never guessed from the message."""
     shown = os.path.normpath(str(path))
     rest = message[len(shown) + 2 :] if message.startswith(shown + ": ") else message
     lead, sep, problem = rest.partition(": ")
-    lead_origin = _origin(lead, origins) if sep and _KEY.fullmatch(re.sub(r"\[\d+\]", "", lead)) else None
+    lead_origin = _origin(lead, origins) if sep and _is_key(lead) else None
     if lead_origin is not None:
         if lead_origin.startswith("--") and lead_origin.split(" ", 1)[0] == f"--{lead}":
             return f"{lead_origin}: {problem}"
         return f"{lead_origin}: {rest}"
-    others = []
-    for key in _KEY.findall(rest):
-        where = _origin(key, origins)
-        if where is not None and where not in others:
-            others.append(where)
+    named = sorted((_first_mention(rest, key), key) for key in origins if _is_key(key))
+    others: list[str] = []
+    for at, key in named:
+        if at >= 0 and origins[key] not in others:
+            others.append(origins[key])
     if others:
         return f"{shown} with {', '.join(others)}: {rest}"
     return message
