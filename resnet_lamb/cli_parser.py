@@ -19,32 +19,6 @@ import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser
 
-from resnet_lamb.recipe import SPEC_KEYS
-from resnet_lamb.startup import ARGV, RECIPE, stated
-
-
-def _qualify(key: str, value: Any = None) -> str:
-    """jsonargparse names a bad field of a nested dataclass without its section; add it back
-    (``value``, the rejected value, tells ``model.schedule.name`` from ``model.optimizer.name``)."""
-    if "." in key:
-        return key
-    for a in ARGV:
-        flag = a.split("=", 1)[0]
-        if flag.startswith("--") and flag.endswith(f".{key}"):
-            return flag[2:]
-    owners = [sec for sec, fields in SPEC_KEYS.items() if key in fields]
-    if len(owners) > 1:  # `name`: the section the command line mentions, else the recipe's section
-        # holding the rejected value, else the optimizer
-        flagged = [sec for sec in owners if any(a.startswith(f"--{sec}.{key}") for a in ARGV)]
-        in_recipe = [
-            sec
-            for sec in owners
-            if value is not None
-            and any(str(stated(cfg, f"{sec}.{key}")) == str(value) for cfg in RECIPE.get("stated", []))
-        ]
-        owners = flagged or in_recipe or owners
-    return f"{owners[0]}.{key}" if owners else key
-
 
 def one_line_parse_error(message: str) -> str:
     """jsonargparse's multi-line messages about a value of LightningCLI's own options (a recipe
@@ -55,7 +29,7 @@ def one_line_parse_error(message: str) -> str:
     if bad:
         rest = bad.group(2)
         got = re.search(r"(?:Given|Got) value:\s*(.*?)(?:\s+Given value type:.*)?$", rest)
-        key = _qualify(bad.group(1), got.group(1) if got else None)
+        key = bad.group(1)
         types = []
         found = re.findall(r"Expected an? (<class '[^']+'>|typing\.Literal\[[^\]]*\]|\S+?)\.?(?=\s|$)", rest)
         for t in found:

@@ -33,7 +33,7 @@ from resnet_lamb.data.folder import IMAGENET
 from resnet_lamb.errors import RecipeError
 from resnet_lamb.model import LambModule
 from resnet_lamb.preemption import Preemption
-from resnet_lamb.recipe import blame, check_keys, key_tree, plan_rows, recipe_part
+from resnet_lamb.recipe import TOP_LEVEL_KEYS, blame, check_keys, key_tree, plan_rows, recipe_part
 from resnet_lamb.run_logging import AppendingCSVLogger, wandb_logger
 from resnet_lamb.startup import (
     PRINT_CONFIG,
@@ -214,7 +214,10 @@ class RecipeCLI(LightningCLI):
         path = RECIPE["path"] or "<command line>"
         # main() ran these checks on the recipe and command line before Lightning was imported;
         # again on what LightningCLI parsed (its defaults filled in), with the world size it will use
-        recipe, self.folder, plan, classes, images = check_config(_to_dict(cfg), sub, world_size(cfg.trainer))
+        # (the keys were checked against every option in parse_arguments; the subcommand's own, such as
+        # validate's `verbose`, are not the recipe's)
+        parsed = {k: v for k, v in _to_dict(cfg).items() if k in TOP_LEVEL_KEYS}
+        recipe, self.folder, plan, classes, images = check_config(parsed, sub, world_size(cfg.trainer))
         rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; the trainer does not exist yet
         steps = int(plan.optimizer_steps)
         user_max = cfg.trainer.get("max_steps")

@@ -31,9 +31,9 @@ RUN_DEFAULTS: dict[str, Any] = {"name": None, "project": "resnet-lamb", "tags": 
 
 # One CLI invocation's state, reset by resnet_lamb.train.main:
 ARGV: list[str] = []  # the subcommand and its arguments (``--print_config`` taken off)
-# path: the recipe; stated: the --config files as written (merged); config: the recipe with the command
-# line applied and origins: where the command line set keys (resnet_lamb.recipe.apply_overrides)
-RECIPE: dict[str, Any] = {"path": None, "stated": [], "config": None, "origins": {}}
+# path: the recipe; config: the recipe with the command line applied and origins: where the command
+# line set keys (resnet_lamb.recipe.apply_overrides)
+RECIPE: dict[str, Any] = {"path": None, "config": None, "origins": {}}
 FOLDERS: dict[str, Any] = {}  # data root -> its start-up read (index or listing), once per `main` call
 # ``--print_config[=flags]``: taken off the command line and answered after the plan has filled in the
 # derived trainer numbers (jsonargparse's own prints the config as parsed: accumulate_grad_batches 1)
@@ -50,13 +50,6 @@ def take_print_config(args: list[str]) -> list[str]:
         else:
             out.append(a)
     return out
-
-
-def stated(cfg: Any, dotted: str) -> Any:
-    """``cfg[a][b]...`` for ``"a.b..."``, None where absent."""
-    for part in dotted.split("."):
-        cfg = cfg.get(part) if isinstance(cfg, dict) else None
-    return cfg
 
 
 def expand_recipe(args: list[str], tmpdir: str) -> tuple[list[str], dict, list[str]]:
@@ -77,13 +70,10 @@ def expand_recipe(args: list[str], tmpdir: str) -> tuple[list[str], dict, list[s
             i += 1
             continue
         if done:
-            if Path(path).is_file():
-                RECIPE["stated"].append(load_recipe(path))
             out += ["--config", path]
             rest += ["--config", path]
             continue
         merged = load_recipe(path)  # RecipeError naming the file when missing / bad YAML / bad base
-        RECIPE["stated"].append(merged)
         RECIPE["path"] = path
         tmp = Path(tmpdir) / Path(path).name
         tmp.write_text(yaml.safe_dump(merged, sort_keys=False))

@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries(argv[0])
     argv = [argv[0], *take_print_config(argv[1:])]
     ARGV[:] = argv
-    RECIPE.update(path=None, stated=[], config=None, origins={})
+    RECIPE.update(path=None, config=None, origins={})
     FOLDERS.clear()
     with tempfile.TemporaryDirectory(prefix="resnet-lamb-") as tmp:
         expanded, merged, overrides = expand_recipe(argv[1:], tmp)
-        if RECIPE["path"] and not {"-h", "--help"} & {a.split("=", 1)[0] for a in argv}:
+        if not {"-h", "--help"} & {a.split("=", 1)[0] for a in argv}:  # also without a recipe: flags only
             from resnet_lamb.recipe import apply_overrides
 
             cfg, RECIPE["origins"] = apply_overrides(merged, overrides)
