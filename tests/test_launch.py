@@ -487,3 +487,19 @@ def test_preflight_reads_overrides_as_fit_does(tmp_path):
     lines = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[1:] if line.strip()}
     assert float(lines["lr"]) == 1e-05
     assert lines["micro_batch"] == "64" and lines["accumulation"] == "128"  # 16384 / (64 x 2)
+
+
+def test_preflight_words_a_bad_recipe_as_plan_and_fit_do(tmp_path):
+    """The preflight checks with the recipe's one validator: an unknown key reads as in `plan` and
+    `fit` (one line, the flag named), exit 2, before torchrun would start."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(None))
+    for flags, says in (
+        (["--model.optimizer.base_lrr", "0.1"],
+         "resnet-lamb: error: --model.optimizer.base_lrr 0.1: unknown key (did you mean base_lr?); allowed: name, "),
+        (["--bogus", "1"], "resnet-lamb: error: --bogus 1: unknown key; allowed: base, expected, sources, "),
+    ):
+        out = subprocess.run([sys.executable, str(REPO / "launch" / "preflight.py"), str(recipe), *flags],
+                             capture_output=True, text=True, env={**os.environ, "NPROC": "1", "NNODES": "1"},
+                             timeout=60)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(says), out.stderr

@@ -196,18 +196,11 @@ def _origin(key: str, origins: "dict[str, str]") -> str | None:
     return None
 
 
-# the keys a command line or a later --config sets that an error is blamed on (run.* name themselves)
-_BLAMED = ("model", "data", "trainer", "seed_everything", "ckpt_path")
-
-
 def _is_key(text: str) -> bool:
-    """``text`` is a dotted recipe key (``data.micro_batch``, ``model.schedule.milestones[1]``)."""
+    """``text`` is a dotted recipe key (``data.micro_batch``, ``model.schedule.milestones[1]``); the
+    ``run.*`` options name themselves (an error about the run folder is not the flag's value)."""
     parts = re.sub(r"\[\d+\]", "", text).split(".")
-    return (
-        parts[0] in _BLAMED
-        and (len(parts) > 1 or parts[0] in ("seed_everything", "ckpt_path"))
-        and all(p.isidentifier() for p in parts)
-    )
+    return parts[0] != "run" and all(p.isidentifier() for p in parts)
 
 
 def _first_mention(text: str, key: str) -> int:
