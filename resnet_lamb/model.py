@@ -16,9 +16,10 @@ optimizer + per-step schedule.
 * Metrics: torchmetrics ``MulticlassAccuracy`` top-1/top-5, micro average, ``ignore_index=-1``,
   synced across ranks at compute; ``val/loss`` is a synced sum / count.
 * Optimizer and schedule: ``resnet_lamb.optim.build_optimizer`` and
-  ``resnet_lamb.optim.schedules.build_scheduler`` with the numbers of
-  ``resnet_lamb.recipe.derive_plan`` (world size from the trainer, batch sizes and image counts
-  from the datamodule), stepped once per optimizer step.
+  ``resnet_lamb.optim.schedules.build_scheduler`` with the numbers of the run's plan (``run_plan``,
+  the CLI's, the one in plan.json and in each checkpoint; without the CLI
+  ``resnet_lamb.recipe.derive_plan`` with the trainer's world size and the datamodule's batches
+  and image counts), stepped once per optimizer step.
 * ``grad_clip_norm``: global gradient-norm clipping before each optimizer step (the LAMB
   author's ResNet-50 code clips at 1.0); ``None`` = off.
 * On CUDA the network runs channels_last (the CLI picks bf16-mixed, or 16-mixed on GPUs without

@@ -15,8 +15,10 @@ What happens, in order:
    world size is known without torch) and ``--ckpt_path`` against the run folder; an error a flag or a later
    ``--config`` file caused names it (:func:`resnet_lamb.recipe.blame`).  Not for ``--help`` /
    ``--print_config``.
-3. Any parse error (unknown key, wrong type) is one line ``resnet-lamb: error: ...`` naming the
-   key, exit 2, before anything is built.  ``model.num_classes`` is linked to ``data.num_classes``
+3. An unknown key is found by :func:`resnet_lamb.recipe.check_keys` against every option of the
+   subcommand before jsonargparse parses (worded as ``plan`` words it); any other parse error (a
+   wrong type for one of LightningCLI's own options) is one line ``resnet-lamb: error: ...`` naming
+   the key, exit 2, before anything is built.  ``model.num_classes`` is linked to ``data.num_classes``
    (counted from the folder when null).
 4. The parsed config goes through ``check_config`` again and the plan is derived by
    :func:`resnet_lamb.recipe.derive_plan` with the world size (``WORLD_SIZE`` from torchrun,
