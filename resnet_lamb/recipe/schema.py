@@ -1,6 +1,6 @@
 """The recipe's schema: its keys, and :func:`validate_recipe`, the one check of a loaded recipe (types,
-ranges, names, unknown keys, ``expected`` and ``sources``) that ``plan``, ``fit``, ``report`` and
-launch/preflight.py all use."""
+ranges, names, unknown keys, ``expected`` and ``sources``) that ``plan``, ``fit``,
+launch/preflight.py and launch/sweep.py all use."""
 
 import difflib
 import os
@@ -48,7 +48,7 @@ TOP_LEVEL_KEYS = tuple(RECIPE_KEYS)
 
 
 def check_keys(cfg: Any, tree: "dict[str, Any]" = RECIPE_KEYS, prefix: str = "") -> None:
-    """The one check for unknown keys (``plan``, ``fit``, ``report`` and launch/preflight.py all
+    """The one check for unknown keys (``plan``, ``fit``, launch/preflight.py and launch/sweep.py all
     come here): the first key of ``cfg`` that ``tree`` does not list is a RecipeError
     ``"<dotted key>: unknown key (did you mean <close>?); allowed: <the section's keys>"``."""
     if not isinstance(cfg, dict):
