@@ -203,3 +203,42 @@ def test_portable_state_round_trip_steps_identically_and_imports_only_the_optimi
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
     with pytest.raises(ValueError, match=r"names 'os:system', outside the optimizer's package 'pytorch_optimizer'"):
         from_plain({"__resnet_lamb_object__": "os:system", "attrs": {}}, "pytorch_optimizer")
+
+
+def test_shampoo_challenger_recipe_plans_its_numbers_and_builds():
+    """recipes/imagenet/challengers/shampoo-bs32k.yaml: `resnet-lamb plan` prints the MLPerf v1.0
+    Shampoo entry's numbers with their sources; its kwargs build a ScalableShampoo that steps."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from resnet_lamb.recipe import load_recipe, validate_recipe
+
+    path = REPO / "recipes" / "imagenet" / "challengers" / "shampoo-bs32k.yaml"
+    out = subprocess.run([sys.executable, "-m", "resnet_lamb", "plan", "--config", str(path)], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:] if line.startswith("  ")}
+    rows = {key: line.split()[1] for key, line in lines.items()}
+    assert rows["optimizer"] == SHAMPOO and rows["lr"] == "16.22" and rows["epochs"] == "44"
+    assert rows["total_steps"] == "1721" and rows["warmup_steps"] == "195" and rows["decay"] == "195..1721"
+    assert rows["schedule"] == "poly_after_warmup" and rows["end_lr"] == "0" and rows["label_smoothing"] == "0.2"
+    assert rows["betas"] == "0.96,0.75" and rows["block_size"] == "128" and rows["graft_type"] == "1"
+    assert rows["start_preconditioning_step"] == "6" and rows["matrix_eps"] == "1e-08" and rows["bn_batch"] == "256"
+    assert rows["param_rule"] == "timm" and rows["grad_clip_norm"] == "none" and rows["zero_init_residual"] == "true"
+    assert "result_0.txt shampoo_opt_base_learning_rate 16.22" in lines["lr"]
+    assert "UNCHECKED" in lines["label_smoothing"]
+    assert "0.7590" in lines["expected"]
+
+    recipe = validate_recipe(load_recipe(path), path)
+    spec = recipe.optimizer
+    model = small_model()
+    opt = build_optimizer(spec.name, model, lr=16.22, weight_decay=spec.weight_decay, param_rule=spec.param_rule,
+                          **spec.kwargs)
+    assert type(opt).__name__ == "ScalableShampoo" and opt.block_size == 128
+    assert [g["weight_decay"] for g in opt.param_groups] == [spec.weight_decay, 0.0]
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before,
+                                                                                   strict=True))
