@@ -20,7 +20,7 @@ import torch
 
 from resnet_lamb.optim.flat import FlatBucket
 from resnet_lamb.optim.kernels import NORMS, apply_update, pair_partials, segment_norms, trust_ratio
-from resnet_lamb.optim.layerwise import LayerwiseOptimizer, check_common
+from resnet_lamb.optim.layerwise import LayerwiseOptimizer, check_common, group_defaults
 
 
 def lamb_coefficients(t: float, b1: float, b2: float, bias_correction: bool, nesterov: str | None) -> list[float]:
@@ -139,18 +139,7 @@ class Lamb(LayerwiseOptimizer):
         layer_adaptation: bool = True,
         impl: str = "auto",
     ):
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            bias_correction=bias_correction,
-            norm=norm,
-            trust_clip=trust_clip,
-            nesterov=nesterov,
-            layer_adaptation=layer_adaptation,
-        )
-        super().__init__(params, defaults, impl)
+        super().__init__(params, group_defaults(locals()), impl)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_common(group)

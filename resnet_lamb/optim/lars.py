@@ -13,7 +13,7 @@ import torch
 
 from resnet_lamb.optim.flat import FlatBucket
 from resnet_lamb.optim.kernels import apply_update, pair_partials, phi, segment_norms, trust_ratio
-from resnet_lamb.optim.layerwise import LayerwiseOptimizer, check_common
+from resnet_lamb.optim.layerwise import LayerwiseOptimizer, check_common, group_defaults
 
 _MODES = ("paper", "classic")
 
@@ -114,18 +114,7 @@ class Lars(LayerwiseOptimizer):
         layer_adaptation: bool = True,
         impl: str = "auto",
     ):
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            eps=eps,
-            trust_coefficient=trust_coefficient,
-            mode=mode,
-            nesterov=nesterov,
-            trust_clip=trust_clip,
-            layer_adaptation=layer_adaptation,
-        )
-        super().__init__(params, defaults, impl)
+        super().__init__(params, group_defaults(locals()), impl)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_common(group)

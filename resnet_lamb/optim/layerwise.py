@@ -98,6 +98,12 @@ def _resolve_impl(impl: str, device_type: str = "cpu") -> str:
 # --------------------------------------------------------------------------------------------
 # argument checks shared by Lamb and Lars
 # --------------------------------------------------------------------------------------------
+def group_defaults(init_locals: dict[str, Any]) -> dict[str, Any]:
+    """A subclass constructor's ``locals()``: its hyperparameters (every argument but ``params``
+    and ``impl``), the param groups' defaults."""
+    return {k: v for k, v in init_locals.items() if k not in ("self", "params", "impl", "__class__")}
+
+
 def check_common(group: dict[str, Any]) -> None:
     lr_f = LayerwiseOptimizer._lr(group)
     if not math.isfinite(lr_f) or lr_f < 0:
