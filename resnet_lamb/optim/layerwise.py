@@ -2,12 +2,9 @@
 :class:`~resnet_lamb.optim.Lars` share: argument checks, named parameters, the flat buffers their
 step runs on, the eager/compiled switch and ``trust_ratios()``.
 
-Flat buffers.  Per param group, device and dtype ("bucket"), the parameters, their gradients and
-each optimizer state live in one flat buffer per kind, seen as ``[blocks, BLOCK]``: every tensor
-starts on a block boundary and its last block is zero-padded.  ``p.data``, ``p.grad`` and each
-state tensor are views into these buffers (same shape and strides as the parameter); the CPU
-buffers ask for 2 MiB pages.  A step of a param group with layer adaptation is two passes
-whatever the number of tensors:
+The step runs on flat buffers (:mod:`resnet_lamb.optim.flat`: per param group, device and dtype,
+one ``[blocks, BLOCK]`` buffer per kind, the tensors views into them).  A step of a param group
+with layer adaptation is two passes whatever the number of tensors:
 
 1. phase 1, one pass: the moment update where the math allows it before the norms, and per-block
    partial norms of both tensors of the ratio, side by side (``[blocks, 2]``, a plain 2-D
@@ -30,8 +27,7 @@ Per-tensor coefficients (whether the tensor has a gradient this step, bias corre
 own step count) enter as a small ``[blocks, k]`` table, so tensors without a gradient are left
 alone and tensors with different step counts share the buffers.
 
-The buffers and the views into them are :mod:`resnet_lamb.optim.flat`; the functions a step is
-made of, :mod:`resnet_lamb.optim.kernels`.
+The functions a step is made of are :mod:`resnet_lamb.optim.kernels`.
 
 Implementations, chosen by ``impl``: ``"compiled"`` runs the phase functions under
 ``torch.compile`` (inductor: C++/OpenMP loop nests on CPU, Triton kernels on CUDA, a few per
