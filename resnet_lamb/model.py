@@ -508,6 +508,10 @@ class LambModule(pl.LightningModule):
             "plan": None if plan is None else plan.to_dict(),
             "skipped_steps": self.skipped_steps,
         }
+        if "." in self.optimizer_spec.name:  # a class-path optimizer's Python objects, as weights_only loads them
+            from resnet_lamb.optim.portable_state import to_plain
+
+            checkpoint["optimizer_states"] = to_plain(checkpoint.get("optimizer_states", []))
 
     def _recipe_identity(self) -> dict[str, Any] | None:
         plan = self.run_plan or self.plan
@@ -529,6 +533,11 @@ class LambModule(pl.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "." in self.optimizer_spec.name and checkpoint.get("optimizer_states"):
+            from resnet_lamb.optim.portable_state import from_plain
+
+            package = self.optimizer_spec.name.split(".")[0]
+            checkpoint["optimizer_states"] = from_plain(checkpoint["optimizer_states"], package)
         self._pending_rng = checkpoint.get("rng_states")
         self._epoch_boundary(checkpoint)
         ours = checkpoint.get("resnet_lamb") or {}

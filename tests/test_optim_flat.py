@@ -1,4 +1,4 @@
-"""The flat-buffer step shared by Lamb and Lars (resnet_lamb.optim.layerwise): kernels per step,
+"""The flat-buffer step shared by Lamb and Lars (resnet_lamb.optim.layerwise, .flat, .kernels): kernels per step,
 parameters/gradients/state as views, the fallbacks when they are not, tensors without a gradient,
 the trust-clip rule against its literal formula, determinism."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import resnet_lamb.optim.kernels as optim_kernels
 import resnet_lamb.optim.layerwise as layerwise
 from optim_common import IMPLS
 from resnet_lamb.optim import Lamb, Lars
@@ -52,7 +53,7 @@ def test_kernels_per_step_do_not_grow_with_tensors(name, monkeypatch):
     import torch._inductor.config as inductor_config
     from torch.profiler import profile
 
-    monkeypatch.setattr(layerwise, "_COMPILED", {})  # fresh compiles, with kernel records
+    monkeypatch.setattr(optim_kernels, "_COMPILED", {})  # fresh compiles, with kernel records
 
     def events(n):
         ps = _params([(20, 30 + i % 7) for i in range(n)])
@@ -356,10 +357,10 @@ def test_compiled_functions_are_keyed_by_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = layerwise.get_compiled(layerwise.apply_update, {})
+        one = optim_kernels.get_compiled(optim_kernels.apply_update, {})
         torch.set_num_threads(2)
-        two = layerwise.get_compiled(layerwise.apply_update, {})
-        assert one is not two and layerwise.get_compiled(layerwise.apply_update, {}) is two
+        two = optim_kernels.get_compiled(optim_kernels.apply_update, {})
+        assert one is not two and optim_kernels.get_compiled(optim_kernels.apply_update, {}) is two
     finally:
         torch.set_num_threads(threads)
 

@@ -84,7 +84,8 @@ def test_unknown_optimizer_message():
     with pytest.raises(ValueError) as e:
         build_optimizer("lion", small_model(), 0.1, 0.0)
     assert str(e.value) == ("unknown optimizer 'lion'; choose one of lamb, nlamb, nnlamb, lars, "
-                            "lars_classic, adam, adamw, adagrad, sgd, nadam")
+                            "lars_classic, adam, adamw, adagrad, sgd, nadam or an optimizer class by import path "
+                            "(package.module.Class)")
 
 
 def test_unknown_kwarg_message():

@@ -27,7 +27,7 @@ def need(owner, name: str, api: str, params: list[str] | None = None):
 # ------------------------------------------------------------------------------------ torch
 def test_torch_dynamo_maybe_mark_dynamic():
     mark = need(torch._dynamo, "maybe_mark_dynamic", "torch._dynamo.maybe_mark_dynamic", ["t", "index"])
-    mark(torch.zeros(4, 2), 0)  # optim/layerwise.py, optim/lars.py: flat buffers' block count is dynamic
+    mark(torch.zeros(4, 2), 0)  # optim/flat.py, optim/layerwise.py, optim/lars.py: flat buffers' block count is dynamic
 
 
 def test_torch_foreach_copy_zero_add():
@@ -92,7 +92,7 @@ def test_torch_scheduler_last_lr():
 
 
 def test_torch_storage_weak_ref():
-    """optim/layerwise.py: which flat buffers are still alive."""
+    """optim/flat.py: which flat buffers are still alive."""
     from torch.multiprocessing import reductions
 
     ref_cls = need(reductions, "StorageWeakRef", "torch.multiprocessing.reductions.StorageWeakRef")

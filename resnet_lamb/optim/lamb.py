@@ -13,21 +13,14 @@ the whole flat buffer.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from resnet_lamb.optim.layerwise import (
-    NORMS,
-    FlatBucket,
-    LayerwiseOptimizer,
-    apply_update,
-    check_common,
-    pair_partials,
-    segment_norms,
-    trust_ratio,
-)
+from resnet_lamb.optim.flat import FlatBucket
+from resnet_lamb.optim.kernels import NORMS, apply_update, pair_partials, segment_norms, trust_ratio
+from resnet_lamb.optim.layerwise import LayerwiseOptimizer, check_common, group_defaults
 
 
 def lamb_coefficients(t: float, b1: float, b2: float, bias_correction: bool, nesterov: str | None) -> list[float]:
@@ -146,18 +139,7 @@ class Lamb(LayerwiseOptimizer):
         layer_adaptation: bool = True,
         impl: str = "auto",
     ):
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            bias_correction=bias_correction,
-            norm=norm,
-            trust_clip=trust_clip,
-            nesterov=nesterov,
-            layer_adaptation=layer_adaptation,
-        )
-        super().__init__(params, defaults, impl)
+        super().__init__(params, group_defaults(locals()), impl)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_common(group)
@@ -188,33 +170,25 @@ class Lamb(LayerwiseOptimizer):
             kw=dict(norm=group["norm"], nesterov=group["nesterov"], has_wd=group["weight_decay"] != 0),
         )
 
+    def _fused_update(self, group: dict[str, Any], bucket: FlatBucket) -> tuple[Callable, list, dict[str, Any]] | None:
+        """Ratio 1 in plain LAMB with bias correction: exactly AdamW."""
+        if group["nesterov"] is not None or not group["bias_correction"]:
+            return None
+        b1, b2 = group["betas"]
+        step = torch.tensor(bucket.t, device=bucket.device)
+        state = [[bucket.bufs["exp_avg"]], [bucket.bufs["exp_avg_sq"]], [], [step]]
+        return torch._fused_adamw_, state, dict(beta1=b1, beta2=b2, eps=group["eps"], amsgrad=False)
+
     def _bucket_step(
         self, group: dict[str, Any], ctx: dict[str, Any], bucket: FlatBucket, active: list[bool]
     ) -> torch.Tensor:
         b1, b2 = group["betas"]
         bc, nesterov, adapt = group["bias_correction"], group["nesterov"], group["layer_adaptation"]
         uniform = self._fill_coef(bucket, active, lambda t: lamb_coefficients(t, b1, b2, bc, nesterov))
+        if self._fused_step(group, ctx, bucket, uniform):
+            return bucket.ones
         dev = bucket.device
         m, v = bucket.bufs["exp_avg"], bucket.bufs["exp_avg_sq"]
-        if uniform and not adapt and nesterov is None and bc and self._fast_cpu and dev.type in ("cpu", "cuda"):
-            # ratio 1 everywhere: exactly AdamW; torch's fused kernel over the whole buffer
-            step = torch.tensor(bucket.t, device=dev)
-            torch._fused_adamw_(
-                [bucket.p],
-                [bucket.g],
-                [m],
-                [v],
-                [],
-                [step],
-                lr=ctx["lr"],
-                beta1=b1,
-                beta2=b2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                amsgrad=False,
-                maximize=False,
-            )
-            return bucket.ones
         c = self._group_scalars(ctx["scalars"], dev)
         kw = ctx["kw"]
         if not adapt:  # ratio 1: phase 1 applies

@@ -6,21 +6,14 @@ MLPerf form, on the flat buffers of :mod:`resnet_lamb.optim.layerwise` (as
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from resnet_lamb.optim.layerwise import (
-    FlatBucket,
-    LayerwiseOptimizer,
-    apply_update,
-    check_common,
-    pair_partials,
-    phi,
-    segment_norms,
-    trust_ratio,
-)
+from resnet_lamb.optim.flat import FlatBucket
+from resnet_lamb.optim.kernels import apply_update, pair_partials, phi, segment_norms, trust_ratio
+from resnet_lamb.optim.layerwise import LayerwiseOptimizer, check_common, group_defaults
 
 _MODES = ("paper", "classic")
 
@@ -121,18 +114,7 @@ class Lars(LayerwiseOptimizer):
         layer_adaptation: bool = True,
         impl: str = "auto",
     ):
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            eps=eps,
-            trust_coefficient=trust_coefficient,
-            mode=mode,
-            nesterov=nesterov,
-            trust_clip=trust_clip,
-            layer_adaptation=layer_adaptation,
-        )
-        super().__init__(params, defaults, impl)
+        super().__init__(params, group_defaults(locals()), impl)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_common(group)
@@ -159,28 +141,21 @@ class Lars(LayerwiseOptimizer):
             lr=lr, scalars=[lr, mom, 1.0 - mom, group["trust_coefficient"], group["eps"], group["weight_decay"], lo, hi]
         )
 
+    def _fused_update(self, group: dict[str, Any], bucket: FlatBucket) -> tuple[Callable, list, dict[str, Any]]:
+        """Local lr 1: momentum SGD (dampening = momentum in paper mode)."""
+        mom = group["momentum"]
+        dampening = mom if group["mode"] == "paper" else 0.0
+        options = dict(momentum=mom, dampening=dampening, nesterov=group["nesterov"], is_first_step=False)
+        return torch._fused_sgd_, [[bucket.bufs["momentum_buffer"]]], options
+
     def _bucket_step(
         self, group: dict[str, Any], ctx: dict[str, Any], bucket: FlatBucket, active: list[bool]
     ) -> torch.Tensor:
         uniform = self._fill_coef(bucket, active, lambda t: [])
+        if self._fused_step(group, ctx, bucket, uniform):
+            return bucket.ones
         dev, buf = bucket.device, bucket.bufs["momentum_buffer"]
         mode, adapt = group["mode"], group["layer_adaptation"]
-        if uniform and not adapt and self._fast_cpu and dev.type in ("cpu", "cuda"):
-            # local lr 1 everywhere: momentum SGD; torch's fused kernel over the whole buffer
-            mom = group["momentum"]
-            torch._fused_sgd_(
-                [bucket.p],
-                [bucket.g],
-                [buf],
-                weight_decay=group["weight_decay"],
-                momentum=mom,
-                lr=ctx["lr"],
-                dampening=mom if mode == "paper" else 0.0,
-                nesterov=group["nesterov"],
-                maximize=False,
-                is_first_step=False,
-            )
-            return bucket.ones
         c = self._group_scalars(ctx["scalars"], dev)
         has_wd, clip = group["weight_decay"] != 0, group["trust_clip"] is not None
         classic = dict(nesterov=group["nesterov"], has_wd=has_wd)

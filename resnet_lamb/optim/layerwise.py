@@ -2,12 +2,9 @@
 :class:`~resnet_lamb.optim.Lars` share: argument checks, named parameters, the flat buffers their
 step runs on, the eager/compiled switch and ``trust_ratios()``.
 
-Flat buffers.  Per param group, device and dtype ("bucket"), the parameters, their gradients and
-each optimizer state live in one flat buffer per kind, seen as ``[blocks, BLOCK]``: every tensor
-starts on a block boundary and its last block is zero-padded.  ``p.data``, ``p.grad`` and each
-state tensor are views into these buffers (same shape and strides as the parameter); the CPU
-buffers ask for 2 MiB pages.  A step of a param group with layer adaptation is two passes
-whatever the number of tensors:
+The step runs on flat buffers (:mod:`resnet_lamb.optim.flat`: per param group, device and dtype,
+one ``[blocks, BLOCK]`` buffer per kind, the tensors views into them).  A step of a param group
+with layer adaptation is two passes whatever the number of tensors:
 
 1. phase 1, one pass: the moment update where the math allows it before the norms, and per-block
    partial norms of both tensors of the ratio, side by side (``[blocks, 2]``, a plain 2-D
@@ -30,14 +27,7 @@ Per-tensor coefficients (whether the tensor has a gradient this step, bias corre
 own step count) enter as a small ``[blocks, k]`` table, so tensors without a gradient are left
 alone and tensors with different step counts share the buffers.
 
-Robustness: each step checks (by data pointer) that every parameter and gradient is still the
-expected view.  A parameter whose data was replaced (``module.to()``, ``p.data = ...``) is copied
-back in and re-pointed if it owns its storage; one that is a view of someone else's buffer (FSDP,
-tied storage) is never re-pointed: it is copied in before and out after each step.  A gradient
-that is not the expected view (``zero_grad(set_to_none=True)`` then backward, DDP's
-``gradient_as_bucket_view``) is copied in with one ``_foreach_copy_``; if it owns its storage, it is
-replaced by the view, so the next backward accumulates straight into the buffer.  ``zero_grad()``
-zeroes the gradient buffer in one op and keeps the views (see :meth:`LayerwiseOptimizer.zero_grad`).
+The functions a step is made of are :mod:`resnet_lamb.optim.kernels`.
 
 Implementations, chosen by ``impl``: ``"compiled"`` runs the phase functions under
 ``torch.compile`` (inductor: C++/OpenMP loop nests on CPU, Triton kernels on CUDA, a few per
@@ -51,25 +41,20 @@ float32 CPU tensor, and the parameter-shaped state tensors).
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 import operator
-import sys
-import types
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim import Optimizer
 
-#: elements per block of the flat buffers (a multiple of every SIMD width; ~0.5% padding on ResNet-50)
-BLOCK = 1024
+from resnet_lamb.optim.flat import FlatBucket
+from resnet_lamb.optim.kernels import get_compiled, layerwise_step, ratio_then_apply
+
 #: blocks the eager path processes at a time (see LayerwiseOptimizer._call)
 EAGER_CHUNK_BLOCKS = 128
-NORMS = ("l2", "l1", "inf")
 _IMPLS = ("auto", "eager", "compiled")
 
 _compiler_ok: dict[str, bool] = {}
@@ -107,349 +92,14 @@ def _resolve_impl(impl: str, device_type: str = "cpu") -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# pieces of the phase functions (traced by torch.compile, or run eagerly)
-# --------------------------------------------------------------------------------------------
-def phi(w_norm: torch.Tensor, lo, hi, clip: bool) -> torch.Tensor:
-    """The paper's scaling function: phi(z) = z, or min(max(z, lower), upper) with a trust clip."""
-    return torch.clamp(w_norm, lo, hi) if clip else w_norm
-
-
-def trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, lo, hi, clip: bool) -> torch.Tensor:
-    """phi(||x||)/||u|| per tensor; 1 only where phi(||x||) = 0 or ||u|| = 0.  With a clip whose
-    lower bound is > 0, an all-zero tensor gets lower/||u||."""
-    num = phi(w_norm, lo, hi, clip)
-    ok = (num > 0) & (u_norm > 0)
-    return torch.where(ok, num / torch.where(ok, u_norm, 1.0), 1.0)
-
-
-def block_partials(x: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per block of ``x`` ([blocks, BLOCK]): sum of squares (l2), sum of |x| (l1) or max |x| (inf),
-    in float32."""
-    x = x.float()  # no-op for float32; bf16/fp16 squared in float32
-    if norm == "l2":
-        return (x * x).sum(1)
-    if norm == "l1":
-        return x.abs().sum(1)
-    return x.abs().amax(1)
-
-
-def pair_partials(x: torch.Tensor, u: torch.Tensor, norm: str) -> torch.Tensor:
-    """The block partials of ``x`` and ``u`` side by side, [blocks, 2]: one segmented reduction
-    then gives both norms of every tensor."""
-    return torch.stack((block_partials(x, norm), block_partials(u, norm)), 1)
-
-
-def apply_update(p, u, coef, block_ratio, c) -> None:
-    """Phase 2 of Lamb and Lars (paper): x -= lr * ratio * u, block by block (c[0] = lr;
-    ``block_ratio`` is 0 on the blocks of tensors that do not step)."""
-    p.sub_(u * (block_ratio * c[0]).unsqueeze(1))
-
-
-def layerwise_step(
-    *args,
-    phase1: Callable,
-    p1kw: tuple,
-    ratios: Callable,
-    rkw: tuple,
-    apply: Callable,
-    akw: tuple,
-    apply_bufs: tuple[int, ...],
-    n_buf: int,
-) -> torch.Tensor:
-    """A bucket's whole adapted step as one graph (compiled path; one compiled call, so one set
-    of guards and wrappers per step).  ``args`` = the bucket's buffers (``n_buf``), then coef,
-    seg, lengths and c: ``phase1(*buffers, coef, c)`` gives the block partials, ``ratios`` the
-    per-tensor ratios, spread over the blocks (0 where a tensor does not step), then
-    ``apply(*buffers[apply_bufs], coef, block_ratio, c)``.  Inductor emits the two passes as two
-    loop nests with the segmented reduction between them."""
-    bufs, (coef, seg, lengths, c) = args[:n_buf], args[n_buf:]
-    parts = phase1(*bufs, coef, c, **dict(p1kw))
-    ratio = ratios(parts, lengths, c, **dict(rkw))
-    block_ratio = ratio[seg] * coef[:, 0]
-    apply(*(bufs[i] for i in apply_bufs), coef, block_ratio, c, **dict(akw))
-    return ratio
-
-
-def ratio_then_apply(*args, ratios: Callable, rkw: tuple, apply: Callable, akw: tuple, n_buf: int) -> torch.Tensor:
-    """Phase 2 as one graph, for a phase 1 that wrote a buffer the apply pass reads (compiled in
-    one graph with phase 1, inductor would keep that buffer's new value in a fresh
-    model-sized temporary and copy it back in the apply pass).  ``args`` = apply's buffers
-    (``n_buf``), then coef, seg, lengths, c and the block partials ([blocks, 2])."""
-    bufs, (coef, seg, lengths, c, parts) = args[:n_buf], args[n_buf:]
-    ratio = ratios(parts, lengths, c, **dict(rkw))
-    block_ratio = ratio[seg] * coef[:, 0]
-    apply(*bufs, coef, block_ratio, c, **dict(akw))
-    return ratio
-
-
-def segment_norms(partials: torch.Tensor, lengths: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-tensor norms from block partials ([blocks] or [blocks, k] -> [tensors] or
-    [tensors, k]); ``lengths`` = blocks per tensor."""
-    if norm == "inf":
-        return torch.segment_reduce(partials, "max", lengths=lengths)
-    total = torch.segment_reduce(partials, "sum", lengths=lengths)
-    return total.sqrt() if norm == "l2" else total
-
-
-# --------------------------------------------------------------------------------------------
-# compiled functions
-# --------------------------------------------------------------------------------------------
-_COMPILED: dict[tuple, Callable] = {}
-
-
-def get_compiled(fn: Callable, static: dict[str, Any]) -> Callable:
-    """Process-wide compiled phase functions, shared by every optimizer instance.
-
-    Each (``fn``, static options, thread count) gets its own copy of ``fn``'s code object, so
-    dynamo's per-code cache and recompile limit count only the variants of one configuration
-    (inductor bakes the OpenMP thread count into CPU kernels, hence the thread count in the key).
-    The block dimension of the buffers is marked dynamic, so one graph serves every model size.
-    """
-    key = (fn, tuple(sorted(static.items())), torch.get_num_threads())
-    if key not in _COMPILED:
-        tag = "_".join(f"{k}{getattr(v, '__name__', v)}" for k, v in sorted(static.items()))
-        tag = "".join(ch if ch.isalnum() else "_" for ch in tag) + f"_t{key[2]}"
-        code = fn.__code__.replace(co_name=f"{fn.__name__}__{tag}")
-        clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-        clone.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **static}
-        _COMPILED[key] = torch.compile(clone, fullgraph=True)
-    return _COMPILED[key]
-
-
-# --------------------------------------------------------------------------------------------
-# flat buffers
-# --------------------------------------------------------------------------------------------
-#: storages of the flat buffers made here (any optimizer instance), by address, while they live:
-#: a tensor in one may be re-pointed (it is ours), where a view of a foreign buffer may not
-_OWNED: dict[int, StorageWeakRef] = {}
-
-
-def _ours(storage: torch.UntypedStorage) -> bool:
-    ref = _OWNED.get(storage.data_ptr())
-    return ref is not None and not ref.expired()
-
-
-_HUGE_PAGE = 2 << 20
-
-
-def _advise_huge_pages(buf: torch.Tensor) -> None:
-    """Ask Linux to back ``buf`` (not yet touched) with 2 MiB pages (``MADV_HUGEPAGE``, honoured
-    when transparent huge pages are "madvise" or "always").  The step streams through every
-    buffer; with 4 KiB pages the TLB misses cost 20-25% of a pass on a VM (nested page walks)."""
-    if buf.device.type != "cpu" or not sys.platform.startswith("linux"):
-        return
-    start, end = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
-    a0, a1 = -(-start // _HUGE_PAGE) * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE
-    if a1 > a0:
-        try:
-            _libc().madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), 14)
-        except (OSError, AttributeError):  # no libc madvise: 4 KiB pages, only slower
-            pass
-
-
-@functools.lru_cache(1)
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None)
-
-
-def _new_flat(nb: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    for ptr in [k for k, ref in _OWNED.items() if ref.expired()]:
-        del _OWNED[ptr]
-    buf = torch.empty(nb, BLOCK, device=device, dtype=dtype)
-    _advise_huge_pages(buf)
-    buf.zero_()
-    _OWNED[buf.untyped_storage().data_ptr()] = StorageWeakRef(buf.untyped_storage())
-    torch._dynamo.maybe_mark_dynamic(buf, 0)
-    return buf
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense (any dimension order, e.g. channels_last)."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda x: x[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for size in reversed(shape):
-        strides.append(acc)
-        acc *= max(size, 1)
-    return tuple(reversed(strides))
-
-
-_data_ptr = torch.Tensor.data_ptr
-_grad = operator.attrgetter("grad")
-
-
-def _owns_storage(t: torch.Tensor) -> bool:
-    """``t`` spans its whole storage (nobody else can see part of it), or lives in a flat buffer."""
-    st = t.untyped_storage()
-    if _ours(st):
-        return True
-    return bool(t.storage_offset() == 0 and st.nbytes() == t.numel() * t.element_size() and _dense(t))
-
-
-class FlatBucket:
-    """The tensors of one param group on one device and dtype, with their gradients and state, in
-    flat ``[blocks, BLOCK]`` buffers (see the module docstring)."""
-
-    def __init__(
-        self, idx: list[int], params: list[torch.Tensor], state_keys: tuple[str, ...], state: dict, coef_cols: int
-    ):
-        self.idx, self.params = idx, params
-        p0 = params[0]
-        dev, dt = p0.device, p0.dtype
-        self.device, self.dtype, self.n = dev, dt, len(params)
-        self.shapes = [p.shape for p in params]
-        self.strides = [p.stride() if _dense(p) else _contiguous_strides(p.shape) for p in params]
-        blocks = [max(1, -(-p.numel() // BLOCK)) for p in params]
-        self.offsets, off = [], 0
-        for b in blocks:
-            self.offsets.append(off * BLOCK)
-            off += b
-        self.nb = off
-        self.lengths = torch.tensor(blocks, device=dev)
-        self.seg = torch.repeat_interleave(
-            torch.arange(self.n, device=dev), self.lengths, output_size=self.nb
-        )  # no device sync
-        self.coef = torch.zeros(self.nb, coef_cols, device=dev)  # per block, see _fill_coef
-        self.ones = torch.ones(self.n, device=dev)  # the ratios of a step without adaptation
-        for t in (self.lengths, self.seg, self.coef):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-        self.p = _new_flat(self.nb, dev, dt)
-        self.g = _new_flat(self.nb, dev, dt)
-        self.bufs = {k: _new_flat(self.nb, dev, dt) for k in state_keys}
-        self.steps = torch.zeros(self.n, dtype=torch.float32)
-        self.p_views = self.views(self.p)
-        self.g_views = self.views(self.g)
-        self.buf_views = {k: self.views(b) for k, b in self.bufs.items()}
-        self.g_ptrs = [v.data_ptr() for v in self.g_views]
-        # parameters: copy in, re-point where allowed (tied storage among the params: never)
-        storages = [p.untyped_storage().data_ptr() for p in params]
-        shared = {
-            s for s, p in zip(storages, params, strict=True) if storages.count(s) > 1 and not _ours(p.untyped_storage())
-        }
-        torch._foreach_copy_(self.p_views, params)
-        self.p_ptrs: list[int] = []
-        self.foreign: list[int] = []
-        for i, p in enumerate(params):
-            self._adopt(i, p, allowed=storages[i] not in shared)
-        # state: whatever exists (loaded, or from earlier buffers) is copied in and re-pointed
-        for i, p in enumerate(params):
-            st = state.get(p)
-            if st:
-                self.steps[i] = float(st["step"])
-                for k in state_keys:
-                    self.buf_views[k][i].copy_(st[k])
-                self._point_state(i, st)
-        self.initialised = all(state.get(p) for p in params)
-        self.all_active = [True] * self.n
-        self.t: float | None = None  # the step count shared by every tensor, when known
-        self.coef_row: list[float] | None = None  # what coef holds when one row fills it
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        flat1 = flat.view(-1)
-        return [flat1.as_strided(s, st, o) for s, st, o in zip(self.shapes, self.strides, self.offsets, strict=True)]
-
-    def _adopt(self, i: int, p: torch.Tensor, allowed: bool = True) -> None:
-        """``p``'s values are in its region already: make p a view of it if p may be re-pointed."""
-        if allowed and _owns_storage(p) and p.stride() == self.strides[i]:
-            p.data = self.p_views[i]
-            if i in self.foreign:
-                self.foreign.remove(i)
-        elif i not in self.foreign:
-            self.foreign.append(i)
-        ptr = p.data_ptr()
-        if i < len(self.p_ptrs):
-            self.p_ptrs[i] = ptr
-        else:
-            self.p_ptrs.append(ptr)
-
-    def _point_state(self, i: int, st: dict) -> None:
-        st["step"] = self.steps[i]
-        for k, views in self.buf_views.items():
-            st[k] = views[i]
-
-    def init_state(self, active: list[bool], state: dict) -> None:
-        """State entries (views, zero) for tensors stepped for the first time."""
-        if self.initialised:
-            return
-        for i, (p, a) in enumerate(zip(self.params, active, strict=True)):
-            if a and not state[p]:
-                self._point_state(i, state[p])
-        self.initialised = all(state[p] for p in self.params)
-
-    def fits(self, params: list[torch.Tensor]) -> bool:
-        """Same shapes, dtype, device and (dense tensors) strides as the buffers' views."""
-        return all(
-            p.shape == s and p.dtype == self.dtype and p.device == self.device and (p.stride() == st or not _dense(p))
-            for p, s, st in zip(params, self.shapes, self.strides, strict=True)
-        )
-
-    def sync_params_in(self) -> bool:
-        """Check every parameter is still the expected tensor; re-adopt the ones whose data was
-        replaced; copy in the ones that are not views.  False: shapes/dtypes changed (rebuild)."""
-        ptrs = list(map(_data_ptr, self.params))
-        if ptrs != self.p_ptrs:
-            if not self.fits(self.params):
-                return False
-            for i, (p, ptr) in enumerate(zip(self.params, ptrs, strict=True)):
-                if ptr != self.p_ptrs[i]:
-                    self.p_views[i].copy_(p)
-                    self._adopt(i, p)
-        if self.foreign:
-            torch._foreach_copy_([self.p_views[i] for i in self.foreign], [self.params[i] for i in self.foreign])
-        return True
-
-    def sync_params_out(self) -> None:
-        if self.foreign:
-            torch._foreach_copy_([self.params[i] for i in self.foreign], [self.p_views[i] for i in self.foreign])
-
-    def sync_grads(self) -> list[bool]:
-        """Which tensors have a gradient; gradients that are not the buffer's views are copied
-        in (one op) and, if they own their storage, replaced by the views."""
-        grads = list(map(_grad, self.params))
-        try:
-            if list(map(_data_ptr, grads)) == self.g_ptrs:
-                return self.all_active  # the usual step: every gradient is the buffer's view
-        except TypeError:  # a gradient is None
-            pass
-        active, dst, src, idle = [], [], [], []
-        for i, p in enumerate(self.params):
-            g = p.grad
-            if g is None:
-                active.append(False)
-                idle.append(self.g_views[i])
-                continue
-            if g.is_sparse:
-                raise RuntimeError("layer-wise optimizers do not support sparse gradients")
-            active.append(True)
-            if g.data_ptr() != self.g_ptrs[i]:
-                dst.append(self.g_views[i])
-                src.append(g)
-                if _owns_storage(g) and g.stride() == self.strides[i]:
-                    p.grad = self.g_views[i]
-        if dst:
-            torch._foreach_copy_(dst, src)
-        if idle and len(idle) < len(active):  # masked out; zero so no stale inf/nan meets a 0
-            torch._foreach_zero_(idle)
-        return active
-
-    def grads_are_views(self) -> list[bool]:
-        return [
-            p.grad is not None and p.grad.data_ptr() == ptr for p, ptr in zip(self.params, self.g_ptrs, strict=True)
-        ]
-
-
-# --------------------------------------------------------------------------------------------
 # argument checks shared by Lamb and Lars
 # --------------------------------------------------------------------------------------------
+def group_defaults(init_locals: dict[str, Any]) -> dict[str, Any]:
+    """A subclass constructor's ``locals()``: its hyperparameters (every argument but ``params``
+    and ``impl``), the param groups' defaults."""
+    return {k: v for k, v in init_locals.items() if k not in ("self", "params", "impl", "__class__")}
+
+
 def check_common(group: dict[str, Any]) -> None:
     lr_f = LayerwiseOptimizer._lr(group)
     if not math.isfinite(lr_f) or lr_f < 0:
@@ -563,6 +213,26 @@ class LayerwiseOptimizer(Optimizer):
     ) -> torch.Tensor:  # pragma: no cover - overridden
         """Update the bucket's active tensors (step counts already advanced); returns the ratios."""
         raise NotImplementedError
+
+    def _fused_update(self, group: dict[str, Any], bucket: FlatBucket) -> tuple[Callable, list, dict[str, Any]] | None:
+        """The torch fused kernel that computes exactly the group's update with ratio 1, its
+        state lists (after ``[params], [grads]``) and its options (besides lr, weight_decay and
+        maximize); None where there is none."""
+        return None
+
+    def _fused_step(self, group: dict[str, Any], ctx: dict[str, Any], bucket: FlatBucket, uniform: bool) -> bool:
+        """Ratio 1 everywhere (no adaptation, every tensor at one step count) and a fused kernel
+        that is exactly the update (:meth:`_fused_update`): that kernel over the whole flat buffer.
+        False where it does not apply (then the phase functions step)."""
+        if not (uniform and not group["layer_adaptation"] and self._fast_cpu and bucket.device.type in ("cpu", "cuda")):
+            return False
+        fused = self._fused_update(group, bucket)
+        if fused is None:
+            return False
+        kernel, state, options = fused
+        wd = group["weight_decay"]
+        kernel([bucket.p], [bucket.g], *state, lr=ctx["lr"], weight_decay=wd, maximize=False, **options)
+        return True
 
     def _fill_coef(self, bucket: FlatBucket, active: list[bool], row: Callable[[float], list[float]]) -> bool:
         """Fill ``bucket.coef`` ([blocks, 1 + k]) with each block's tensor's row: 1 if the

@@ -18,11 +18,17 @@ sgd         torch.optim.SGD with momentum (default 0.9; ``nesterov`` option)
 nadam       torch.optim.NAdam (Dozat's Nadam)
 ========== ======================================================================================
 
+Any other ``torch.optim.Optimizer`` subclass is named by import path (``package.module.Class``,
+e.g. ``pytorch_optimizer.ScalableShampoo``): built from the same groups with ``lr`` and the recipe's
+options, which must be keyword parameters of its constructor (``weight_decay`` goes to the groups,
+so a nonzero one needs a constructor that takes it).
+
 torch's optimizers run fused (CPU/CUDA, floating params) or foreach where torch allows.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,7 +36,7 @@ import torch
 from torch import nn
 
 from resnet_lamb.optim.names import OPTIMIZER_NAMES as _NAMES
-from resnet_lamb.optim.names import check_optimizer_name
+from resnet_lamb.optim.names import check_optimizer_name, is_class_path, optimizer_class
 
 
 def list_optimizers() -> list[str]:
@@ -130,10 +136,46 @@ _REGISTRY: dict[str, tuple[Callable, dict[str, Any]]] = {
 }
 
 
+#: a constructor parameter without a default (build_optimizer refuses to go without it)
+REQUIRED = "(required)"
+#: what build_optimizer passes itself: the groups, lr, and weight_decay inside the groups
+_SET_BY_US = ("params", "lr", "weight_decay")
+
+
+def _class_options(cls: type) -> dict[str, Any]:
+    """The keyword parameters of ``cls``'s constructor besides params/lr/weight_decay, with their
+    defaults (``**kwargs`` catch-alls are not options: a misspelt option is refused)."""
+    sig = inspect.signature(cls)
+    named = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return {
+        p.name: REQUIRED if p.default is p.empty else p.default
+        for i, p in enumerate(named)
+        if i > 0 and p.name not in _SET_BY_US  # the first one takes the parameters
+    }
+
+
 def optimizer_options(name: str) -> dict[str, Any]:
     """The extra keyword arguments ``name`` accepts, with their defaults."""
     check_optimizer_name(name, None)
+    if is_class_path(name):
+        return _class_options(optimizer_class(name, None))
     return dict(_REGISTRY[name][1])
+
+
+def _build_class(
+    name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float, kwargs: dict[str, Any]
+) -> torch.optim.Optimizer:
+    cls = optimizer_class(name, None)
+    accepted = _class_options(cls)
+    takes_wd = "weight_decay" in inspect.signature(cls).parameters
+    if weight_decay and not takes_wd:
+        raise ValueError(f"{name} takes no weight_decay; set weight_decay 0")
+    missing = [k for k, v in accepted.items() if v is REQUIRED and k not in kwargs]
+    if missing:
+        raise ValueError(f"optimizer {name!r} needs option {missing[0]!r}; set it in the optimizer's kwargs")
+    if not takes_wd:
+        groups = [{k: v for k, v in g.items() if k != "weight_decay"} for g in groups]
+    return cls(groups, lr=lr, **kwargs)
 
 
 def build_optimizer(
@@ -150,13 +192,15 @@ def build_optimizer(
     from resnet_lamb.optim.param_groups import param_groups
 
     check_optimizer_name(name, None)
-    build, accepted = _REGISTRY[name]
+    build, accepted = (None, optimizer_options(name)) if is_class_path(name) else _REGISTRY[name]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(
             f"unknown option {unknown[0]!r} for optimizer {name!r}; accepted: {', '.join(sorted(accepted))}"
         )
     groups = param_groups(model, weight_decay, param_rule)
+    if build is None:
+        return _build_class(name, groups, lr, weight_decay, kwargs)
     opts = {k: v for k, v in kwargs.items()}
     if name == "lamb" or name.endswith("lamb"):
         opts.setdefault("betas", accepted["betas"])

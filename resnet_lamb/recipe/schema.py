@@ -23,7 +23,7 @@ EXPECTED_KEYS = ("top1", "top5", "source", "note")
 RECIPE_ONLY_KEYS = ("base", "expected", "sources")
 # model.optimizer keys a recipe must state, and what to set (the OptimizerSpec defaults are not a recipe)
 REQUIRED_OPTIMIZER_KEYS = (
-    ("name", "the optimizer, one of resnet_lamb.optim.list_optimizers()"),
+    ("name", "the optimizer, one of resnet_lamb.optim.list_optimizers() or an optimizer class by import path"),
     ("base_lr", "the peak LR at model.optimizer.base_batch"),
 )
 
