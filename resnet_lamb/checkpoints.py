@@ -42,7 +42,7 @@ from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec
 
 # identity keys added after checkpoints were first written: a checkpoint without one was trained
 # with its default
-IDENTITY_DEFAULTS = {"model.schedule.end_lr": 0.0, "data.epoch_mode": "padded"}
+IDENTITY_DEFAULTS = {"model.schedule.end_lr": 0.0, "data.epoch_mode": "padded", "model.schedule.decay_steps": None}
 
 
 def recipe_identity(
@@ -236,7 +236,8 @@ class Checkpoints(ModelCheckpoint):
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
-        if self._due(trainer) or 0 < (trainer.max_steps or 0) <= trainer.global_step:
+        # trainer.should_stop: a run stopped at its target (TimeToTarget, a callback that runs before this one)
+        if self._due(trainer) or trainer.should_stop or 0 < (trainer.max_steps or 0) <= trainer.global_step:
             self._save_last_checkpoint(trainer, candidates)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
