@@ -32,7 +32,7 @@ from resnet_lamb.optim.names import check_optimizer_name
 # What LightningCLI accepts at the top level of a config, plus the recipe's own `base` and
 # `expected`. `optimizer`/`lr_scheduler` are deliberately absent: they belong in model.optimizer
 # and model.schedule.
-TOP_LEVEL_KEYS = ("base", "expected", "sources", "seed_everything", "trainer", "model", "data", "ckpt_path")
+TOP_LEVEL_KEYS = ("base", "expected", "sources", "seed_everything", "trainer", "model", "data", "run", "ckpt_path")
 EXPECTED_KEYS = ("top1", "top5", "source", "note")
 RECIPE_ONLY_KEYS = ("base", "expected", "sources")
 # model.optimizer keys a recipe must state, and what to set (the OptimizerSpec defaults are not a recipe)
@@ -404,7 +404,8 @@ class ScheduleSpec:
     ``end_lr`` (the LR the decay ends at, absolute; at most the peak LR) are used by ``poly``
     (BERT's form: decay from step 0, warmup overriding the first steps) and ``poly_after_warmup``
     (the LAMB author's form: decay from the end of warmup); ``milestones`` (epochs) and ``gamma``
-    by ``goyal``.
+    by ``goyal``.  ``decay_steps`` (``poly_after_warmup`` only; null: to the run's last step) states
+    the decay's length in optimizer steps after the warmup (MLPerf's ``opt_learning_rate_decay_steps``).
     """
 
     name: SCHEDULE = "poly"
@@ -414,6 +415,7 @@ class ScheduleSpec:
     end_lr: float = 0.0
     milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
     gamma: float = 0.1
+    decay_steps: int | None = None
 
     def __post_init__(self) -> None:
         p = "model.schedule."
@@ -439,6 +441,10 @@ class ScheduleSpec:
         if gamma > 1:
             raise RecipeError(f"{p}gamma: expected a decay factor in (0, 1], got {self.gamma!r}")
         self.gamma = gamma
+        if self.decay_steps is not None:
+            self.decay_steps = _positive_int(self.decay_steps, p + "decay_steps")
+            if self.name != "poly_after_warmup":
+                raise RecipeError(f"{p}decay_steps: used by poly_after_warmup only, not by {self.name}; remove it")
 
 
 OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(OptimizerSpec))
@@ -697,6 +703,7 @@ class Recipe:
     bn_batch: int | None = None
     model: dict = field(default_factory=dict)  # model.* keys shown by `plan` (label_smoothing, grad_clip_norm...)
     sources: dict = field(default_factory=dict)  # dotted recipe key -> where its value comes from
+    target_top1: float | None = None  # run.target_top1: stop at the first validation reaching it
 
 
 def _section(cfg: dict, key: str) -> dict:
@@ -805,6 +812,9 @@ def _validate(cfg: dict, shown: str) -> Recipe:
         if expected.get(key) is not None and not isinstance(expected[key], str):
             raise RecipeError(f"expected.{key}: expected text, got {expected[key]!r}")
 
+    target = (cfg.get("run") or {}).get("target_top1") if isinstance(cfg.get("run"), dict) else None
+    if target is not None and (not _is_number(target) or not 0.0 < target <= 1.0):
+        raise RecipeError(f"run.target_top1: expected a fraction in (0, 1] or null (off), got {target!r}")
     schedule = ScheduleSpec(**sched)
     optimizer = OptimizerSpec(**opt)  # last: checking the name imports the registry (torch)
     shown_model = {k: model[k] for k in ("label_smoothing", "grad_clip_norm", "zero_init_residual") if k in model}
@@ -822,6 +832,7 @@ def _validate(cfg: dict, shown: str) -> Recipe:
         bn_batch=bn_batch,
         model=shown_model,
         sources=sources,
+        target_top1=None if target is None else float(target),
     )
 
 
@@ -932,14 +943,15 @@ def _value(x: Any) -> str:
     return _fmt(x)
 
 
-def _decay(p: Plan) -> tuple[str, str]:
+def _decay(p: Plan, decay_steps: int | None = None) -> tuple[str, str]:
     end = f"{_fmt(p.end_lr)}" if p.end_lr else "0"
     power = "linear" if p.power == 1 else f"power {_fmt(p.power)}"
     if p.schedule == "poly_after_warmup":
-        how = f"{power} from step {p.warmup_steps} (the peak LR) to {end} at step {p.total_steps}"
+        last = p.total_steps if decay_steps is None else p.warmup_steps + decay_steps
+        how = f"{power} from step {p.warmup_steps} (the peak LR) to {end} at step {last}"
         if p.power == 1 and not p.end_lr:
             how += ": (T - t)*lr/(T - W)"
-        return f"{p.warmup_steps}..{p.total_steps}", how
+        return f"{p.warmup_steps}..{last}", how
     return f"0..{p.total_steps}", (
         f"{power} from step 0 to {end} at step {p.total_steps}, the warmup overriding steps < {p.warmup_steps}"
     )
@@ -1000,8 +1012,11 @@ def plan_rows(plan: Plan, recipe: Recipe | None = None) -> list[tuple[str, Any, 
         "model.schedule.warmup_epochs",
     )
     if p.schedule in POLY_SCHEDULES:
-        value, how = _decay(p)
+        decay_steps = recipe.schedule.decay_steps if recipe is not None else None
+        value, how = _decay(p, decay_steps)
         row("decay", value, how, "model.schedule.name")
+        if decay_steps is not None:
+            row("decay_steps", decay_steps, "D: the decay's steps after the warmup", "model.schedule.decay_steps")
         row("end_lr", p.end_lr, "model.schedule.end_lr, the LR the decay ends at", "model.schedule.end_lr")
     if p.schedule == "goyal":
         row("milestones", ", ".join(map(str, p.milestones)) or "-", "epochs", "model.schedule.milestones")
@@ -1074,6 +1089,9 @@ def plan_rows(plan: Plan, recipe: Recipe | None = None) -> list[tuple[str, Any, 
         else f"{p.steps_per_epoch} x {p.global_batch} - {p.train_images}",
     )
     row("images_seen", p.images_seen, f"{p.total_steps} x {p.global_batch}")
+    if recipe is not None and recipe.target_top1 is not None:
+        how = "the run stops at the first validation at or above it"
+        row("target_top1", recipe.target_top1, how, "run.target_top1")
     return rows
 
 
@@ -1120,7 +1138,8 @@ def plan_main(argv: list | None = None) -> int:
     plan = plan_recipe(recipe, world_size=args.world_size, micro_batch=args.micro_batch, train_images=args.train_images)
     if args.json:
         sources = {key: src for key, _, _, src in plan_rows(plan, recipe) if src}
-        out = {"recipe": recipe.path, **plan.to_dict(), "expected": recipe.expected, "sources": sources}
+        out = {"recipe": recipe.path, **plan.to_dict(), "expected": recipe.expected, "target_top1": recipe.target_top1}
+        out["sources"] = sources
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(plan, recipe))
