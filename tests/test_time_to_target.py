@@ -3,7 +3,11 @@ target, summary.json records epochs, steps and wall time, and `report` shows the
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -48,7 +52,9 @@ def test_run_stops_at_the_first_validation_reaching_its_target(fit, digits_root,
     assert ckpt["epoch"] == stop - 1 and ckpt["global_step"] == stop * steps_per_epoch  # saved where it stopped
 
     # an unreachable target: the run goes on to its last epoch, summary says not reached
-    never = fit(_recipe(digits_root, 2), "--run.target_top1", "1.0", name="never")
+    unreachable = _recipe(digits_root, 2)
+    unreachable["run"] = {"target_top1": 1.0}  # a recipe's run: section, as the MLPerf recipes set it
+    never = fit(unreachable, name="never")
     assert sorted(_val_top1(never)) == [1, 2]
     t_never = json.loads((never / "summary.json").read_text())["time_to_target"]
     assert t_never["reached"] is False and t_never["epochs"] is None
@@ -67,3 +73,33 @@ def test_run_stops_at_the_first_validation_reaching_its_target(fit, digits_root,
 def test_target_out_of_range_is_one_line(fit, digits_root):
     for bad in ("0", "76"):
         fit(_recipe(digits_root, 2), "--run.target_top1", bad, name=f"bad{bad}", expect=2)
+
+
+class RankOneSeesZero(pl.Callback):
+    """Test-only (loaded by class path in the 2-process run): rank 1's val/top1 reads 0 before
+    TimeToTarget looks at it, so only rank 0 sees the target reached."""
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            trainer.callback_metrics["val/top1"] = torch.tensor(0.0)
+
+
+def test_two_processes_stop_together_on_rank_zeros_decision(digits_root, tmp_path):
+    """2 processes (gloo): rank 1 never sees the target, rank 0 does after epoch 1. Both stop there
+    (were rank 1 to go on, it would wait forever in DDP's all-reduce and the run would time out)."""
+    from conftest import REPO, write_recipe
+
+    recipe = _recipe(digits_root, 3)
+    recipe["trainer"]["callbacks"] = [{"class_path": "test_time_to_target.RankOneSeesZero"}]
+    path = write_recipe(tmp_path / "ddp.yaml", recipe)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(NPROC="2", OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHON=sys.executable,
+               PYTHONPATH=f"{REPO / 'tests'}:{env.get('PYTHONPATH', '')}")
+    run = tmp_path / "runs" / "ddp"
+    p = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), str(path), "--run.root", str(tmp_path / "runs"),
+                        "--run.name", "ddp", "--run.wandb", "false", "--run.target_top1", "0.01"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(_val_top1(run)) == [1], "both ranks stopped after the first validation"
+    t = json.loads((run / "summary.json").read_text())["time_to_target"]
+    assert t["reached"] is True and t["epochs"] == 1 and t["steps"] == 3
