@@ -45,7 +45,7 @@ def make_parts(args):
 def make_loop(args):
     """The hand-written loop's state and one step of it (closure)."""
     from resnet_lamb.data import ImageDataModule
-    from resnet_lamb.model import build_resnet
+    from resnet_lamb.networks import build_resnet
     from resnet_lamb.optim import build_optimizer
     from resnet_lamb.optim.schedules import build_scheduler
     from resnet_lamb.recipe import derive_plan

@@ -8,6 +8,13 @@
   as a hard link to it.
 * Resume policy: :func:`remove_partial_checkpoints` (temp files of an interrupted write),
   :func:`resume_path` (the file ``--ckpt_path`` loads), :func:`check_resume` (the checkpoint's recipe).
+* What a checkpoint carries besides Lightning's state: ``checkpoint["resnet_lamb"]["recipe"]``
+  (:func:`recipe_identity`: optimizer, schedule, global batch, epochs); ``fit --ckpt_path`` refuses
+  to resume with other values unless ``--run.force_resume true`` (:func:`check_resume`).  A forced
+  resume keeps the weights, the step count and the data position; it starts a fresh optimizer
+  state when the optimizer's name or param_rule changed, and the LR follows the new recipe from
+  the restored step on (``LambModule.on_load_checkpoint``).  ``checkpoint["rng_states"]``
+  (:func:`rng_state`), restored at the start of training.
 
 Imported by the CLI after the start-up checks (:mod:`resnet_lamb.startup`): it imports torch and
 Lightning.
@@ -15,19 +22,124 @@ Lightning.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from resnet_lamb.errors import RecipeError, UserError
-from resnet_lamb.lightning_internals import is_last_batch
-from resnet_lamb.model import recipe_changes, recipe_identity
+from resnet_lamb.lightning_internals import is_last_batch, saved_epoch_progress
+from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec
+
+# identity keys added after checkpoints were first written: a checkpoint without one was trained
+# with its default
+IDENTITY_DEFAULTS = {"model.schedule.end_lr": 0.0, "data.epoch_mode": "padded", "model.schedule.decay_steps": None}
+
+
+def recipe_identity(
+    optimizer: OptimizerSpec, schedule: ScheduleSpec, global_batch: int, epochs: int, epoch_mode: str = "padded"
+) -> dict[str, Any]:
+    """The recipe keys a resumed run must share with its checkpoint, flat (``section.key``), as
+    plain JSON-like values.  ``kwargs.impl`` (eager / compiled: the same state dicts) is left out;
+    micro batch, world size and ``model.bn_batch`` are not part of it (they change only how the
+    global batch is computed, not the run's steps, schedule or data stream)."""
+    out: dict[str, Any] = {}
+    for prefix, spec in (("model.optimizer.", optimizer), ("model.schedule.", schedule)):
+        for f in dataclasses.fields(spec):
+            value = getattr(spec, f.name)
+            if f.name == "kwargs":
+                value = {k: v for k, v in sorted(dict(value or {}).items()) if k != "impl"}
+            out[prefix + f.name] = value
+    out["data.global_batch"] = int(global_batch)
+    out["trainer.max_epochs"] = int(epochs)
+    out["data.epoch_mode"] = str(epoch_mode)
+    return json.loads(json.dumps(out, default=str))
+
+
+def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys of two :func:`recipe_identity` dicts whose values differ, sorted (a key one of them
+    lacks counts as its :data:`IDENTITY_DEFAULTS` value)."""
+    return sorted(
+        k
+        for k in set(saved) | set(now)
+        if saved.get(k, IDENTITY_DEFAULTS.get(k)) != now.get(k, IDENTITY_DEFAULTS.get(k))
+    )
+
+
+def rng_state() -> dict[str, Any]:
+    """torch / numpy / python RNG states, as types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (CUDA states only where the devices are there)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except Exception:  # noqa: BLE001 - fewer devices than when saved: keep the fresh seeds
+            pass
+
+
+def restate_epoch_progress(checkpoint: dict[str, Any], dm: Any) -> None:
+    """Lightning counts an epoch's progress in micro-batches. When the run resumes with another
+    accumulation (another device count or micro-batch), restate the saved count in the new one:
+    a whole epoch for a checkpoint written at its end (else Lightning would finish the "rest"
+    of the old epoch), the optimizer steps done times the new accumulation for one written
+    mid-epoch (a SIGUSR1 save; the loader's state gives the images consumed), so the loop and
+    the loader agree and every step takes a whole global batch."""
+    saved = saved_epoch_progress(checkpoint)
+    if dm is None:
+        return
+    try:
+        per_epoch = int(dm.steps_per_epoch) * int(dm.accumulation)
+    except (TypeError, AttributeError):
+        return
+    if saved is None:
+        return
+    prog, loaders = saved
+    cur = prog.get("current", {})
+    if cur.get("ready") is None:
+        return
+    if prog.get("is_last_batch"):
+        target = per_epoch
+    else:
+        images = loaders[0].get("images") if loaders and isinstance(loaders[0], dict) else None
+        if images is None:
+            return
+        target = int(images) // int(dm.global_batch) * int(dm.accumulation)
+    if cur["ready"] == target:
+        return
+    lag = {key: cur["ready"] - cur[key] for key in ("started", "processed", "completed") if key in cur}
+    cur["ready"] = target
+    for key, behind in lag.items():  # keep where the save happened (e.g. before completed counted)
+        cur[key] = target - behind
 
 
 class CheckpointWriteError(UserError):
@@ -124,7 +236,8 @@ class Checkpoints(ModelCheckpoint):
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
-        if self._due(trainer) or 0 < (trainer.max_steps or 0) <= trainer.global_step:
+        # trainer.should_stop: a run stopped at its target (TimeToTarget, a callback that runs before this one)
+        if self._due(trainer) or trainer.should_stop or 0 < (trainer.max_steps or 0) <= trainer.global_step:
             self._save_last_checkpoint(trainer, candidates)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -195,7 +308,7 @@ def resume_path(ckpt_path: Any, run_dir: Path) -> Path | None:
 def check_resume(ckpt: Path, recipe: Any, plan: Any, force: bool = False) -> None:
     """Resuming continues the checkpoint's run: the optimizer (name, LR rule, weight decay, param
     rule, kwargs but ``impl``), the schedule, the global batch, the epoch count and mode must be the
-    checkpoint's (``resnet_lamb.model.recipe_identity`` of the recipe's specs and the run's ``plan``:
+    checkpoint's (``recipe_identity`` of the recipe's specs and the run's ``plan``:
     its global batch, epochs and epoch mode); a different world size or micro batch only changes the
     accumulation.  Otherwise one line naming the keys, unless ``force``."""
     try:

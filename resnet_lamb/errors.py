@@ -11,3 +11,11 @@ class RecipeError(UserError, ValueError):
 
 class DataError(UserError):
     """A data folder, file or archive is missing, empty or unreadable."""
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN/Inf: the run stops, the last good checkpoint stays."""
+
+
+class NonFiniteGradientError(UserError):
+    """A gradient became NaN/Inf (loss finite): the run stops, the last good checkpoint stays."""

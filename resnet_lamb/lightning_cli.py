@@ -46,6 +46,7 @@ from resnet_lamb.startup import (
     warn_small_data,
     world_size,
 )
+from resnet_lamb.time_to_target import TimeToTarget
 
 
 def device_defaults(gpu: bool, bf16: bool, deterministic: bool) -> dict[str, Any]:
@@ -174,6 +175,13 @@ class RecipeCLI(LightningCLI):
             default=1,
             help="write last.ckpt at the end of every N-th epoch (and of the last one; a new "
             "best by val/top1 is always kept); validation: trainer.check_val_every_n_epoch",
+        )
+        parser.add_argument(
+            "--run.target_top1",
+            type=float | None,
+            default=None,
+            help="stop at the first validation whose val/top1 is at or above this fraction and record "
+            "the epochs, steps and wall time to it in summary.json (MLPerf's time to accuracy); null = off",
         )
         parser.add_argument(
             "--run.ddp_bucket_mb",
@@ -310,6 +318,8 @@ class RecipeCLI(LightningCLI):
                 telemetry.FirstStepRow(),
                 Preemption(),
             ]
+            if cfg.run.get("target_top1") is not None:
+                callbacks.append(TimeToTarget(float(cfg.run.target_top1)))
             if config.get("enable_checkpointing", True) is not False:
                 callbacks.append(
                     Checkpoints(

@@ -1,14 +1,6 @@
-"""The LightningModule: a torchvision ResNet, cross-entropy, top-1/top-5, and the recipe's
-optimizer + per-step schedule.
+"""The LightningModule: the network (:mod:`resnet_lamb.networks`), cross-entropy, top-1/top-5, and
+the recipe's optimizer + per-step schedule.
 
-* ``arch``: any torchvision ResNet constructor (resnet18/34/50/101/152, wide_resnet*, resnext*),
-  built with ``weights=None``.  ``small_input`` swaps the 7x7/2 stem + max-pool for a 3x3/1 conv
-  and no pool (for 28-64 px proxies).  ``zero_init_residual`` zeroes each residual block's last
-  BatchNorm gamma (Goyal et al. 2017).  ``bn_batch``: ghost BatchNorm, training statistics over
-  groups of ``bn_batch`` samples of each micro batch (:mod:`resnet_lamb.ghost_batchnorm`; None:
-  plain BatchNorm over the micro batch).  ``mlp``: the TensorFlow LAMB README's MNIST MLP
-  (784-512-512-10 at 28 px): the channel mean of the image, flattened, two ReLU hidden layers of
-  ``mlp_hidden`` units; its ``input_size`` is the image size (the CLI copies data.image_size).
 * Loss: cross-entropy with optional label smoothing.  Label -1 marks a padding sample (the data
   side pads the last batch so every image counts once); the loss is the sum over real samples
   divided by the micro-batch's row count, so an all-padding micro-batch contributes 0 (not NaN)
@@ -16,194 +8,48 @@ optimizer + per-step schedule.
 * Metrics: torchmetrics ``MulticlassAccuracy`` top-1/top-5, micro average, ``ignore_index=-1``,
   synced across ranks at compute; ``val/loss`` is a synced sum / count.
 * Optimizer and schedule: ``resnet_lamb.optim.build_optimizer`` and
-  ``resnet_lamb.optim.schedules.build_scheduler`` with the numbers of the run's plan (``run_plan``,
-  the CLI's, the one in plan.json and in each checkpoint; without the CLI
-  ``resnet_lamb.recipe.derive_plan`` with the trainer's world size and the datamodule's batches
-  and image counts), stepped once per optimizer step.
-* ``grad_clip_norm``: global gradient-norm clipping before each optimizer step (the LAMB
-  author's ResNet-50 code clips at 1.0); ``None`` = off.
+  ``resnet_lamb.optim.schedules.build_scheduler`` with the numbers of the run's plan (``run_plan``:
+  the CLI's, in plan.json and in each checkpoint; without the CLI ``resnet_lamb.recipe.derive_plan``),
+  stepped once per optimizer step.  ``grad_clip_norm``: global gradient-norm clipping (1.0 in the
+  LAMB author's ResNet-50 code).
 * On CUDA the network runs channels_last (the CLI picks bf16-mixed, or 16-mixed on GPUs without
   bf16, and cuDNN's autotuner there); fp32 on CPU.
-* Once per optimizer step (``on_before_optimizer_step``) the ranks exchange one small tensor,
-  summed over them (:meth:`LambModule._exchange`: the step's only collective besides DDP's and its
-  only host sync; none per micro-batch): each rank's loss sum and count of real samples over its
-  micro-batches, whether its gradient norm is finite, and whether it was asked to stop (SIGUSR1 /
-  SIGTERM, :mod:`resnet_lamb.preemption`). Every decision below is taken from the summed values,
-  so it is the same on every rank. ``train/loss`` is the mean over the global batch (padding
-  excluded) and ``train/lr`` the step's LR, both logged once per optimizer step as numbers.
-* Non-finite values: the step's global loss and the global gradient norm (one fused
-  ``get_total_norm`` pass, reused by ``grad_clip_norm``'s clipping).  ``nonfinite: stop`` (default)
-  raises :class:`NonFiniteLossError` (NaN/Inf loss) or :class:`NonFiniteGradientError` (finite loss,
-  NaN/Inf gradient) before the step is taken: one line naming the optimizer step and, for a
-  gradient, the parameter where it first appeared (the non-finite gradient nearest the output,
-  which backward reaches first); no checkpoint is written from the bad state.  Only on failure are
-  the per-tensor checks made to find the name.  ``nonfinite: skip``: every rank drops the step's
-  gradients and the optimizer does not step (weights, moments and the optimizer's own step counts
-  stay as they were), whichever rank saw the NaN; the step still counts: ``global_step`` and the LR
-  schedule move on one step (the skipped step's LR goes unused, so the schedule stays aligned with
-  the data and the run ends after the plan's steps); one warning line per skipped step,
-  ``train/skipped_steps`` (running total) logged every optimizer step and kept in checkpoints.
-  BatchNorm running statistics updated by the skipped step's forward are kept.  Under fp16 with a
-  GradScaler (``16-mixed``) the gradient check is left to the scaler, which skips overflowing steps
-  itself (identically on every rank: DDP has averaged the gradients).
-* Checkpoints carry ``checkpoint["resnet_lamb"]["recipe"]`` (:func:`recipe_identity`: optimizer,
-  schedule, global batch, epochs); ``fit --ckpt_path`` refuses to resume with other values unless
-  ``--run.force_resume true`` (``resnet_lamb.checkpoints.check_resume``).  A forced resume keeps the weights, the
-  step count and the data position; it starts a fresh optimizer state when the optimizer's name
-  or param_rule changed, and the LR follows the new recipe from the restored step on.
+* Once per optimizer step the ranks sum one small tensor (:meth:`LambModule._exchange`: the step's
+  only collective besides DDP's and its only host sync): each rank's loss sum and count of real
+  samples, whether its gradient norm is finite, whether it was asked to stop (SIGUSR1 / SIGTERM,
+  :mod:`resnet_lamb.preemption`).  Every decision is taken from the sums: the same on every rank.
+  ``train/loss`` (global mean, padding excluded) and ``train/lr`` are logged once per step.
+* Non-finite loss or global gradient norm: ``nonfinite: stop`` (default) raises
+  :class:`NonFiniteLossError` / :class:`NonFiniteGradientError` before the step, one line naming the
+  step and the parameter where a NaN gradient first appeared (per-tensor checks only on failure);
+  no checkpoint is written from the bad state.  ``nonfinite: skip``: every rank drops the step's
+  gradients, the optimizer and its state stay as they were, ``global_step`` and the LR schedule move
+  on (the run still ends after the plan's steps); one warning line per skipped step,
+  ``train/skipped_steps`` logged and kept in checkpoints.  Under ``16-mixed`` the GradScaler skips
+  overflowing steps itself.
+* Checkpoints carry the recipe identity and the RNG states (:mod:`resnet_lamb.checkpoints`); a
+  forced resume with another recipe is applied in :meth:`LambModule.on_load_checkpoint`.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from typing import Any, cast
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
-from torch import nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from resnet_lamb.errors import RecipeError, UserError
-from resnet_lamb.lightning_internals import saved_epoch_progress
-from resnet_lamb.recipe import ARCHS, OptimizerSpec, ScheduleSpec, check_arch  # noqa: F401 (ARCHS: re-exported)
-
-
-class NonFiniteLossError(UserError):
-    """The training loss became NaN/Inf: the run stops, the last good checkpoint stays."""
-
-
-class NonFiniteGradientError(UserError):
-    """A gradient became NaN/Inf (loss finite): the run stops, the last good checkpoint stays."""
-
+from resnet_lamb.checkpoints import recipe_changes, recipe_identity, restate_epoch_progress
+from resnet_lamb.checkpoints import rng_state as _rng_state
+from resnet_lamb.checkpoints import set_rng_state as _set_rng_state
+from resnet_lamb.errors import NonFiniteGradientError, NonFiniteLossError, RecipeError, UserError
+from resnet_lamb.networks import build_resnet
+from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec
 
 NONFINITE = ("stop", "skip")
-
-
-# identity keys added after checkpoints were first written: a checkpoint without one was trained
-# with its default
-IDENTITY_DEFAULTS = {"model.schedule.end_lr": 0.0, "data.epoch_mode": "padded"}
-
-
-def recipe_identity(
-    optimizer: OptimizerSpec, schedule: ScheduleSpec, global_batch: int, epochs: int, epoch_mode: str = "padded"
-) -> dict[str, Any]:
-    """The recipe keys a resumed run must share with its checkpoint, flat (``section.key``), as
-    plain JSON-like values.  ``kwargs.impl`` (eager / compiled: the same state dicts) is left out;
-    micro batch, world size and ``model.bn_batch`` are not part of it (they change only how the
-    global batch is computed, not the run's steps, schedule or data stream)."""
-    import dataclasses
-    import json
-
-    out: dict[str, Any] = {}
-    for prefix, spec in (("model.optimizer.", optimizer), ("model.schedule.", schedule)):
-        for f in dataclasses.fields(spec):
-            value = getattr(spec, f.name)
-            if f.name == "kwargs":
-                value = {k: v for k, v in sorted(dict(value or {}).items()) if k != "impl"}
-            out[prefix + f.name] = value
-    out["data.global_batch"] = int(global_batch)
-    out["trainer.max_epochs"] = int(epochs)
-    out["data.epoch_mode"] = str(epoch_mode)
-    return json.loads(json.dumps(out, default=str))
-
-
-def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The keys of two :func:`recipe_identity` dicts whose values differ, sorted (a key one of them
-    lacks counts as its :data:`IDENTITY_DEFAULTS` value)."""
-    return sorted(
-        k
-        for k in set(saved) | set(now)
-        if saved.get(k, IDENTITY_DEFAULTS.get(k)) != now.get(k, IDENTITY_DEFAULTS.get(k))
-    )
-
-
-class MLP(nn.Sequential):
-    """Grayscale (channel mean) image, flattened -> ReLU hidden layers -> class logits."""
-
-    def __init__(self, input_size: int, hidden: tuple[int, ...], num_classes: int):
-        sizes = [input_size * input_size, *hidden]
-        layers: list[nn.Module] = [nn.Flatten()]
-        for a, b in zip(sizes, sizes[1:], strict=False):
-            layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
-        super().__init__(*layers, nn.Linear(sizes[-1], num_classes))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return super().forward(images.mean(dim=1))
-
-
-def build_resnet(
-    arch: str = "resnet50",
-    num_classes: int = 1000,
-    small_input: bool = False,
-    zero_init_residual: bool = False,
-    input_size: int | None = None,
-    mlp_hidden: tuple[int, ...] = (512, 512),
-    bn_batch: int | None = None,
-) -> nn.Module:
-    """A torchvision ResNet with random weights; ``small_input``: 3x3 stride-1 stem, no max-pool;
-    ``bn_batch``: ghost BatchNorm over groups of that many samples (the same initial weights).
-    ``arch="mlp"``: :class:`MLP` over ``input_size`` x ``input_size`` images (no BatchNorm)."""
-    check_arch(arch)
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise RecipeError(f"model.num_classes: must be a positive integer, got {num_classes!r}")
-    if arch == "mlp":
-        if not isinstance(input_size, int) or input_size < 1:
-            raise RecipeError(
-                "model.input_size: the mlp needs the image size; set data.image_size (the CLI "
-                "copies it) or model.input_size"
-            )
-        return MLP(input_size, tuple(mlp_hidden), num_classes)
-    kw = {}
-    if bn_batch is not None:
-        from functools import partial
-
-        from resnet_lamb.ghost_batchnorm import GhostBatchNorm2d
-
-        kw["norm_layer"] = partial(GhostBatchNorm2d, ghost_batch=bn_batch)
-    net = getattr(torchvision.models, arch)(
-        weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual, **kw
-    )
-    if small_input:
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-        net.maxpool = nn.Identity()
-    return net
-
-
-def _rng_state() -> dict[str, Any]:
-    """torch / numpy / python RNG states, as types ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except Exception:  # noqa: BLE001 - fewer devices than when saved: keep the fresh seeds
-            pass
 
 
 class LambModule(pl.LightningModule):
@@ -539,7 +385,7 @@ class LambModule(pl.LightningModule):
             package = self.optimizer_spec.name.split(".")[0]
             checkpoint["optimizer_states"] = from_plain(checkpoint["optimizer_states"], package)
         self._pending_rng = checkpoint.get("rng_states")
-        self._epoch_boundary(checkpoint)
+        restate_epoch_progress(checkpoint, getattr(getattr(self, "_trainer", None), "datamodule", None))
         ours = checkpoint.get("resnet_lamb") or {}
         self.skipped_steps = int(ours.get("skipped_steps", 0))
         saved, now = ours.get("recipe"), self._recipe_identity()
@@ -597,42 +443,6 @@ class LambModule(pl.LightningModule):
                 else:
                     g["lr"] = lr
             s._last_lr = [float(g["lr"]) for g in s.optimizer.param_groups]
-
-    def _epoch_boundary(self, checkpoint: dict[str, Any]) -> None:
-        """Lightning counts an epoch's progress in micro-batches. When the run resumes with another
-        accumulation (another device count or micro-batch), restate the saved count in the new one:
-        a whole epoch for a checkpoint written at its end (else Lightning would finish the "rest"
-        of the old epoch), the optimizer steps done times the new accumulation for one written
-        mid-epoch (a SIGUSR1 save; the loader's state gives the images consumed), so the loop and
-        the loader agree and every step takes a whole global batch."""
-        trainer = getattr(self, "_trainer", None)
-        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        saved = saved_epoch_progress(checkpoint)
-        if dm is None:
-            return
-        try:
-            per_epoch = int(dm.steps_per_epoch) * int(dm.accumulation)
-        except (TypeError, AttributeError):
-            return
-        if saved is None:
-            return
-        prog, loaders = saved
-        cur = prog.get("current", {})
-        if cur.get("ready") is None:
-            return
-        if prog.get("is_last_batch"):
-            target = per_epoch
-        else:
-            images = loaders[0].get("images") if loaders and isinstance(loaders[0], dict) else None
-            if images is None:
-                return
-            target = int(images) // int(dm.global_batch) * int(dm.accumulation)
-        if cur["ready"] == target:
-            return
-        lag = {key: cur["ready"] - cur[key] for key in ("started", "processed", "completed") if key in cur}
-        cur["ready"] = target
-        for key, behind in lag.items():  # keep where the save happened (e.g. before completed counted)
-            cur[key] = target - behind
 
     def on_train_start(self) -> None:
         # restored here, not in on_load_checkpoint: nothing between this hook and the first batch

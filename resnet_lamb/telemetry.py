@@ -130,6 +130,10 @@ class RunStatus(Callback):
             "fit_seconds": round(time.monotonic() - self._start, 3),
             "ended": None if status == "running" else datetime.datetime.now(datetime.UTC).isoformat(),
         }
+        for callback in getattr(trainer, "callbacks", []):  # e.g. TimeToTarget's time_to_target
+            fields = getattr(callback, "summary_fields", None)
+            if callable(fields):
+                summary.update(fields())
         try:  # replaced whole: `report` may read it while the run goes on
             tmp = self.folder / ".summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=1) + "\n")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from resnet_lamb.ghost_batchnorm import GhostBatchNorm2d
-from resnet_lamb.model import build_resnet
+from resnet_lamb.networks import build_resnet
 from test_data_dist import free_port
 
 
@@ -104,7 +104,7 @@ def test_resnet_with_ghost_batchnorm_is_the_same_network():
 WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from resnet_lamb.model import build_resnet
+    from resnet_lamb.networks import build_resnet
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()

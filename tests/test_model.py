@@ -1,4 +1,4 @@
-"""LambModule / build_resnet: stems, zero-init, loss and metrics with padding labels, errors."""
+"""LambModule / networks.build_resnet: stems, zero-init, loss and metrics with padding labels, errors."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from resnet_lamb.errors import RecipeError
-from resnet_lamb.model import LambModule, build_resnet
+from resnet_lamb.model import LambModule
+from resnet_lamb.networks import build_resnet
 
 
 def test_small_input_stem_keeps_resolution():
@@ -69,7 +70,7 @@ def test_validation_metrics_ignore_padding():
 def test_resume_identity_has_the_epoch_mode_and_reads_older_checkpoints():
     """Another epoch mode changes the run's steps and data stream: a resume must name it; a
     checkpoint written before the key existed counts as the default (padded, end_lr 0)."""
-    from resnet_lamb.model import recipe_changes, recipe_identity
+    from resnet_lamb.checkpoints import recipe_changes, recipe_identity
     from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec
 
     padded = recipe_identity(OptimizerSpec(), ScheduleSpec(), 512, 90)

@@ -115,8 +115,9 @@ def poly_after_warmup(step: int, warmup_steps: int, total_steps: int, power: flo
 
     At power 1 and ``end`` 0 this is the author's ``optimization.py``
     (fastalgo/imagenet_resnet50_lamb): ``step*lr/W`` while ``step <= W``, else
-    ``(T - step)*lr/(T - W)``. Power 2 with an end LR of 1e-4 is the form of the MLPerf LARS
-    reference (mlcommons/training resnet-tf2 ``lars_util.py``; read by others, not checked here).
+    ``(T - step)*lr/(T - W)``. Power 2 with an end LR of 1e-4 and ``T = W + D`` (``decay_steps``
+    D stated) is the MLPerf LARS reference (mlcommons/training resnet-tf2 ``lars_util.py``:
+    ``lr*t/W`` for ``t <= W``, then ``(lr - end_lr)*(1 - min(t - W, D)/D)**2 + end_lr``).
     Unlike :func:`warmup_poly` the whole decay happens after the warmup.
     """
     if total_steps <= 0:
@@ -168,6 +169,8 @@ def multiplier_fn(spec: Any, plan: Any) -> Callable[[int], float]:
     if name in ("poly", "poly_after_warmup"):
         form = warmup_poly if name == "poly" else poly_after_warmup
         warm, total, power = plan.warmup_steps, plan.total_steps, float(spec.power)
+        if getattr(spec, "decay_steps", None) is not None:  # poly_after_warmup with a stated decay length
+            total = warm + int(spec.decay_steps)
         end = float(getattr(plan, "end_lr", 0.0)) / plan.lr
         return lambda step: form(plan.schedule_step(step), warm, total, power, end)
     if name == "goyal":

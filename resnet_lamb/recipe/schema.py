@@ -110,6 +110,7 @@ class Recipe:
     bn_batch: int | None = None
     model: dict = field(default_factory=dict)  # model.* keys shown by `plan` (label_smoothing, grad_clip_norm...)
     sources: dict = field(default_factory=dict)  # dotted recipe key -> where its value comes from
+    target_top1: float | None = None  # run.target_top1: stop at the first validation reaching it
 
 
 def _section(cfg: dict, key: str) -> dict:
@@ -215,6 +216,9 @@ def _validate(cfg: dict, shown: str) -> Recipe:
         if expected.get(key) is not None and not isinstance(expected[key], str):
             raise RecipeError(f"expected.{key}: expected text, got {expected[key]!r}")
 
+    target = (cfg.get("run") or {}).get("target_top1") if isinstance(cfg.get("run"), dict) else None
+    if target is not None and (not _is_number(target) or not 0.0 < target <= 1.0):
+        raise RecipeError(f"run.target_top1: expected a fraction in (0, 1] or null (off), got {target!r}")
     schedule = ScheduleSpec(**sched)
     optimizer = OptimizerSpec(**opt)  # last: checking the name imports the registry (torch)
     shown_model = {k: model[k] for k in ("label_smoothing", "grad_clip_norm", "zero_init_residual") if k in model}
@@ -232,6 +236,7 @@ def _validate(cfg: dict, shown: str) -> Recipe:
         bn_batch=bn_batch,
         model=shown_model,
         sources=sources,
+        target_top1=None if target is None else float(target),
     )
 
 

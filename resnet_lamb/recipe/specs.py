@@ -151,7 +151,8 @@ class ScheduleSpec:
     ``end_lr`` (the LR the decay ends at, absolute; at most the peak LR) are used by ``poly``
     (BERT's form: decay from step 0, warmup overriding the first steps) and ``poly_after_warmup``
     (the LAMB author's form: decay from the end of warmup); ``milestones`` (epochs) and ``gamma``
-    by ``goyal``.
+    by ``goyal``.  ``decay_steps`` (``poly_after_warmup`` only; null: to the run's last step) states
+    the decay's length in optimizer steps after the warmup (MLPerf's ``opt_learning_rate_decay_steps``).
     """
 
     name: SCHEDULE = "poly"
@@ -161,6 +162,7 @@ class ScheduleSpec:
     end_lr: float = 0.0
     milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
     gamma: float = 0.1
+    decay_steps: int | None = None
 
     def __post_init__(self) -> None:
         p = "model.schedule."
@@ -186,6 +188,10 @@ class ScheduleSpec:
         if gamma > 1:
             raise RecipeError(f"{p}gamma: expected a decay factor in (0, 1], got {self.gamma!r}")
         self.gamma = gamma
+        if self.decay_steps is not None:
+            self.decay_steps = _positive_int(self.decay_steps, p + "decay_steps")
+            if self.name != "poly_after_warmup":
+                raise RecipeError(f"{p}decay_steps: used by poly_after_warmup only, not by {self.name}; remove it")
 
 
 OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(OptimizerSpec))

@@ -39,14 +39,15 @@ def _value(x: Any) -> str:
     return _fmt(x)
 
 
-def _decay(p: Plan) -> tuple[str, str]:
+def _decay(p: Plan, decay_steps: int | None = None) -> tuple[str, str]:
     end = f"{_fmt(p.end_lr)}" if p.end_lr else "0"
     power = "linear" if p.power == 1 else f"power {_fmt(p.power)}"
     if p.schedule == "poly_after_warmup":
-        how = f"{power} from step {p.warmup_steps} (the peak LR) to {end} at step {p.total_steps}"
+        last = p.total_steps if decay_steps is None else p.warmup_steps + decay_steps
+        how = f"{power} from step {p.warmup_steps} (the peak LR) to {end} at step {last}"
         if p.power == 1 and not p.end_lr:
             how += ": (T - t)*lr/(T - W)"
-        return f"{p.warmup_steps}..{p.total_steps}", how
+        return f"{p.warmup_steps}..{last}", how
     return f"0..{p.total_steps}", (
         f"{power} from step 0 to {end} at step {p.total_steps}, the warmup overriding steps < {p.warmup_steps}"
     )
@@ -107,8 +108,11 @@ def plan_rows(plan: Plan, recipe: Recipe | None = None) -> list[tuple[str, Any, 
         "model.schedule.warmup_epochs",
     )
     if p.schedule in POLY_SCHEDULES:
-        value, how = _decay(p)
+        decay_steps = recipe.schedule.decay_steps if recipe is not None else None
+        value, how = _decay(p, decay_steps)
         row("decay", value, how, "model.schedule.name")
+        if decay_steps is not None:
+            row("decay_steps", decay_steps, "D: the decay's steps after the warmup", "model.schedule.decay_steps")
         row("end_lr", p.end_lr, "model.schedule.end_lr, the LR the decay ends at", "model.schedule.end_lr")
     if p.schedule == "goyal":
         row("milestones", ", ".join(map(str, p.milestones)) or "-", "epochs", "model.schedule.milestones")
@@ -181,6 +185,9 @@ def plan_rows(plan: Plan, recipe: Recipe | None = None) -> list[tuple[str, Any, 
         else f"{p.steps_per_epoch} x {p.global_batch} - {p.train_images}",
     )
     row("images_seen", p.images_seen, f"{p.total_steps} x {p.global_batch}")
+    if recipe is not None and recipe.target_top1 is not None:
+        how = "the run stops at the first validation at or above it"
+        row("target_top1", recipe.target_top1, how, "run.target_top1")
     return rows
 
 
@@ -227,7 +234,8 @@ def plan_main(argv: list | None = None) -> int:
     plan = plan_recipe(recipe, world_size=args.world_size, micro_batch=args.micro_batch, train_images=args.train_images)
     if args.json:
         sources = {key: src for key, _, _, src in plan_rows(plan, recipe) if src}
-        out = {"recipe": recipe.path, **plan.to_dict(), "expected": recipe.expected, "sources": sources}
+        out = {"recipe": recipe.path, **plan.to_dict(), "expected": recipe.expected, "target_top1": recipe.target_top1}
+        out["sources"] = sources
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(plan, recipe))

@@ -13,14 +13,16 @@ The report reads the files ``fit`` writes in a run folder (:mod:`resnet_lamb.rep
 * ``csv/metrics.csv``: val top-1/top-5 per epoch, trust ratios, the last step. A missing, empty,
   cut or malformed file makes the run "incomplete", with the reason.
 * ``summary.json`` (:class:`resnet_lamb.telemetry.RunStatus`): how the last fit stands: complete,
-  failed or interrupted (with its message), or running; runs from before it: ``failed.txt`` /
+  failed or interrupted (with its message), or running, and, for a run with ``run.target_top1``,
+  its time to target (:mod:`resnet_lamb.time_to_target`); runs from before it: ``failed.txt`` /
   ``interrupted.txt``. A run neither complete nor stopped is "in progress" while fewer epochs than
   ``trainer.max_epochs`` were validated and ``trainer.max_steps`` was not reached.
 
 ``--wandb ENTITY/PROJECT`` adds every run of that project through W&B's public API
 (:mod:`resnet_lamb.report.wandb_runs`). ``DIR/report.md`` (:mod:`resnet_lamb.report.tables`):
 Table 5 and Table 3 beside the paper's numbers for ResNet-50 runs on ImageNet-1k itself
-(:attr:`Run.imagenet`), the other runs grouped per setting, the incomplete runs with their reason.
+(:attr:`Run.imagenet`), the time-to-target table (runs that set ``run.target_top1``), the other
+runs grouped per setting, the incomplete runs with their reason.
 ``DIR/*.png`` (:mod:`resnet_lamb.report.figures`): accuracy curves and trust-ratio heatmaps.
 """
 
@@ -44,6 +46,7 @@ from resnet_lamb.report.tables import (
     table3_key,
     table3_rows,
     table5_rows,
+    time_to_target_rows,
 )
 from resnet_lamb.report.wandb_runs import read_wandb_api
 
@@ -64,6 +67,7 @@ __all__ = [
     "table3_key",
     "table3_rows",
     "table5_rows",
+    "time_to_target_rows",
     "write_figures",
 ]
 

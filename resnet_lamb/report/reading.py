@@ -205,6 +205,8 @@ def load_run(path: Path) -> Run:
     try:
         read_config(run, path / "config.yaml")
         summary = _json_object(path / "summary.json")
+        target = (summary or {}).get("time_to_target")
+        run.time_to_target = target if isinstance(target, dict) else None
         read_plan(run, path / "plan.json")
         last_step = read_metrics(run)
     except (ValueError, OSError, csv.Error, StopIteration) as err:

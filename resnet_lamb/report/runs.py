@@ -35,6 +35,7 @@ class Run:
     trust_steps: list = field(default_factory=list)  # optimizer steps
     trust_values: list = field(default_factory=list)  # one list per step, a value per layer (nan = missing)
     source: str = ""  # "" = the run folder; else where it was read from (W&B API)
+    time_to_target: dict | None = None  # summary.json's time_to_target (run.target_top1 set)
 
     @property
     def lr(self) -> float | None:

@@ -53,6 +53,42 @@ def _table(header: list, rows: list) -> list:
     return lines
 
 
+def _run_header(setting: str) -> list:
+    """The header of :func:`_run_cells`."""
+    return ["run", "status", setting, "LR", "warmup epochs", "epochs"]
+
+
+def _run_cells(run, setting) -> list:
+    """The first cells of a run's row: name, status, the table's setting column, LR, warmup, epochs."""
+    return [run.name, status_text(run), setting, _lr_cell(run), _warmup_cell(run), _epochs(run)]
+
+
+def time_to_target_rows(runs: list) -> list:
+    """Per run that set ``run.target_top1`` (``summary.json``'s ``time_to_target``): the target,
+    whether a validation reached it, and the epochs, optimizer steps and wall time it took."""
+    rows = []
+    for run in runs:
+        t = run.time_to_target
+        if not t:
+            continue
+        reached = bool(t.get("reached"))
+        seconds = t.get("seconds") if reached else None
+        rows.append(
+            [
+                run.name,
+                status_text(run),
+                run.global_batch,
+                _f(t.get("target_top1")),
+                "yes" if reached else "no",
+                _f(t.get("top1") if reached else None),
+                t.get("epochs") if reached else "-",
+                t.get("steps") if reached else "-",
+                "-" if seconds is None else f"{seconds:.1f} s ({seconds / 60:.1f} min)",
+            ]
+        )
+    return rows
+
+
 def table5_rows(runs: list, paper: dict) -> tuple:
     by_batch = {row["batch"]: row for row in paper["table5_lamb"]}
     rows, used = [], []
@@ -64,12 +100,7 @@ def table5_rows(runs: list, paper: dict) -> tuple:
         done = run.status == "complete"  # an unfinished run's last epoch is not set against the paper's
         rows.append(
             [
-                run.name,
-                status_text(run),
-                run.global_batch,
-                _lr_cell(run),
-                _warmup_cell(run),
-                _epochs(run),
+                *_run_cells(run, run.global_batch),
                 _f(f1),
                 _f(f5),
                 _f(b1),
@@ -95,12 +126,7 @@ def table3_rows(runs: list, paper: dict) -> tuple:
         (f1, _), (b1, _) = run.final, run.best
         rows.append(
             [
-                run.name,
-                status_text(run),
-                label,
-                _lr_cell(run),
-                _warmup_cell(run),
-                _epochs(run),
+                *_run_cells(run, label),
                 _f(f1),
                 _f(b1),
                 _f(table3[key]),
@@ -125,12 +151,7 @@ def other_sections(runs: list) -> list:
             ex = run.expected
             rows.append(
                 [
-                    run.name,
-                    status_text(run),
-                    run.schedule,
-                    _lr_cell(run),
-                    _warmup_cell(run),
-                    _epochs(run),
+                    *_run_cells(run, run.schedule),
                     _f(f1),
                     _f(f5),
                     _f(b1),
@@ -143,12 +164,7 @@ def other_sections(runs: list) -> list:
             )
         lines += _table(
             [
-                "run",
-                "status",
-                "schedule",
-                "LR",
-                "warmup epochs",
-                "epochs",
+                *_run_header("schedule"),
                 "final top-1",
                 "final top-5",
                 "best top-1",
@@ -238,12 +254,7 @@ def render_report(runs: list, paper: dict, figures: list) -> str:
     ]
     lines += _table(
         [
-            "run",
-            "status",
-            "batch",
-            "LR",
-            "warmup epochs",
-            "epochs",
+            *_run_header("batch"),
             "final top-1",
             "final top-5",
             "best top-1",
@@ -258,18 +269,18 @@ def render_report(runs: list, paper: dict, figures: list) -> str:
     lines += ["", "## Table 3: optimizers at batch 16K (+ = Goyal et al.'s recipe)", ""]
     lines += _table(
         [
-            "run",
-            "status",
-            "optimizer",
-            "LR",
-            "warmup epochs",
-            "epochs",
+            *_run_header("optimizer"),
             "final top-1",
             "best top-1",
             "paper top-1",
             "diff top-1",
         ],
         t3,
+    )
+    lines += ["", "## Time to target (run.target_top1: the run stops at the first validation reaching it)", ""]
+    lines += _table(
+        ["run", "status", "batch", "target top-1", "reached", "top-1 then", "epochs", "steps", "wall time"],
+        time_to_target_rows(readable),
     )
     lines += ["", "## Other runs (optimizer x global batch, one grid per data set, architecture, classes and epochs)"]
     settings: dict = {}
