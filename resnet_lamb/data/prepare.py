@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--{key.replace('_', '-')}: {value} must be at least 1")
     if args.shard_size is not None and not args.shards:
         raise DataError("--shard-size: only with --shards")
-    from resnet_lamb.data.shards import DEFAULT_SHARD_SIZE, pack, parse_size
+    from resnet_lamb.data.pack import DEFAULT_SHARD_SIZE, pack, parse_size
 
     shard_size = parse_size(args.shard_size) if args.shard_size is not None else DEFAULT_SHARD_SIZE
     out = Path(args.out).expanduser()
