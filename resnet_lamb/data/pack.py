@@ -1,5 +1,8 @@
-"""``resnet-lamb pack SRC --out DIR``: write a folder data set as tar shards in the webdataset layout
-plus their index (the layout and how it is read: :mod:`resnet_lamb.data.shards`).
+"""``resnet-lamb pack SRC --out DIR``: write a folder data set (SRC/<split>/<class>/<image>) as tar
+shards in the webdataset layout plus their index, for file systems where one open per image is too
+many (see README, Data).
+
+The layout and how it is read: :mod:`resnet_lamb.data.shards`.
 
 Shards close at ``--shard-size`` bytes (default 512 MiB; our choice: webdataset's advice is 100 MB
 to 1 GB per shard, and ImageNet's 140 GB then make about 280 shards, so one open file per shard
@@ -182,13 +185,8 @@ def pack(src, out, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, quiet: b
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(
-        prog="resnet-lamb pack",
-        description=(
-            "Write a folder data set (SRC/<split>/<class>/<image>) as tar shards in the webdataset layout plus "
-            "their index, for file systems where one open per image is too many (see README, Data)."
-        ),
-    )
+    about = " ".join(__doc__.split("\n\n")[0].split(": ", 1)[1].split())
+    p = argparse.ArgumentParser(prog="resnet-lamb pack", description=about[0].upper() + about[1:])
     p.add_argument("src", help="a data folder (resnet-lamb prepare writes one)")
     p.add_argument("--out", required=True, help="folder for the shards (gets train/, val/ and the index)")
     p.add_argument("--shard-size", default="512M", help="bytes per shard, K/M/G suffixes (default 512M)")
