@@ -35,8 +35,6 @@ NVJPEG_TRAIN = dict(
     preallocate_height_hint=6430,
 )
 
-SCALE, RATIO, ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 10  # torchvision's RandomResizedCrop defaults
-
 
 def thread_cpus(threads: int, allowed: list[int], total: int) -> list[int]:
     """CPUs for DALI's ``threads`` worker threads (``DALI_AFFINITY_MASK``: thread i on entry i), or []
