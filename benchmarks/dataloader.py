@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 
     import multiprocessing as mp
 
-    from resnet_lamb.data.shards import pack, parse_size
+    from resnet_lamb.data.pack import pack, parse_size
 
     shards_tmp = tempfile.TemporaryDirectory(prefix="resnet-lamb-bench-shards-")
     shards_root = os.path.join(shards_tmp.name, "shards")

@@ -16,7 +16,7 @@ COMMANDS = {
     "validate": ("resnet_lamb.train", "main", "validate a checkpoint on a recipe's data"),
     "plan": ("resnet_lamb.recipe", "plan_main", "print every number a recipe derives, touching no data"),
     "prepare": ("resnet_lamb.data.prepare", "main", "write a data set in the ImageNet folder layout (or shards)"),
-    "pack": ("resnet_lamb.data.shards", "main", "write a data folder as tar shards plus their index"),
+    "pack": ("resnet_lamb.data.pack", "main", "write a data folder as tar shards plus their index"),
     "index": ("resnet_lamb.data.index", "main", "write (or --check) the index of a data folder or shard set"),
     "stage": ("resnet_lamb.data.stage", "main", "copy a shard set to node-local disk (once per node)"),
     "report": ("resnet_lamb.report", "main", "turn finished runs into the paper's tables and plots"),

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_recipe, write_recipe
+from resnet_lamb.data import crop_windows
 from resnet_lamb.data import dali as dali_backend
 
 pytestmark = pytest.mark.skipif(not dali_backend.available(), reason="nvidia-dali not installed")
@@ -55,9 +56,9 @@ def test_crop_windows_are_torchvisions():
     rng = random.Random(0)
     sizes = np.array([[rng.randint(1, 900), rng.randint(1, 900)] for _ in range(3000)]
                      + [[500, 20], [20, 500], [1, 1], [7, 3]], dtype=np.int32)
-    u = dali_backend.sample_uniforms(3, 1, np.arange(len(sizes)), 40)
+    u = crop_windows.sample_uniforms(3, 1, np.arange(len(sizes)), 40)
     u[::7, 0::4] = 0.999  # large areas: more attempts fail, more fallbacks
-    start, shape = dali_backend.random_resized_crop(sizes, u)
+    start, shape = crop_windows.random_resized_crop(sizes, u)
     for (w0, h0), (x, y), (w, h), draws in zip(sizes, start, shape, u):
         assert (y, x, h, w) == _torchvision_get_params(int(w0), int(h0), draws)
         assert 0 <= x and x + w <= w0 and 0 <= y and y + h <= h0 and w > 0 and h > 0
@@ -65,12 +66,12 @@ def test_crop_windows_are_torchvisions():
 
 def test_uniforms_are_a_function_of_seed_epoch_and_key():
     keys = np.array([5, 9, 1234567, 2**40])
-    a = dali_backend.sample_uniforms(1, 2, keys, 41)
+    a = crop_windows.sample_uniforms(1, 2, keys, 41)
     assert a.shape == (4, 41) and (a >= 0).all() and (a < 1).all()
-    assert np.array_equal(a[2], dali_backend.sample_uniforms(1, 2, keys[2:3], 41)[0])
-    assert not np.array_equal(a, dali_backend.sample_uniforms(1, 3, keys, 41))
-    assert not np.array_equal(a, dali_backend.sample_uniforms(2, 2, keys, 41))
-    many = dali_backend.sample_uniforms(0, 0, np.arange(20000), 4)
+    assert np.array_equal(a[2], crop_windows.sample_uniforms(1, 2, keys[2:3], 41)[0])
+    assert not np.array_equal(a, crop_windows.sample_uniforms(1, 3, keys, 41))
+    assert not np.array_equal(a, crop_windows.sample_uniforms(2, 2, keys, 41))
+    many = crop_windows.sample_uniforms(0, 0, np.arange(20000), 4)
     assert abs(many.mean() - 0.5) < 0.01 and abs(many.std() - math.sqrt(1 / 12)) < 0.01
 
 
@@ -82,7 +83,7 @@ def test_image_slice_cuts_the_window():
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")  # lossless: DALI decodes exactly these pixels
     enc = np.frombuffer(buf.getvalue(), dtype=np.uint8)
-    assert dali_backend.header_size(enc) == (53, 37)
+    assert crop_windows.header_size(enc) == (53, 37)
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
     def pipe():

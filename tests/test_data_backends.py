@@ -152,6 +152,26 @@ def test_world_size_from_trainer(folder):
         dm.setup("fit")
 
 
+def test_teardown_ends_the_torchvision_workers(folder):
+    """Persistent DataLoader workers end at ``teardown``, also when a pass was left half done (a fit
+    stopped mid-epoch), and not only at garbage collection."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    dm = dm_for(folder, "torchvision", workers=2)
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    it = iter(train)
+    next(it)  # the train pass stays suspended, holding its iterator (and so its workers)
+    assert len(list(val)) == len(val)
+    assert len(set(multiprocessing.active_children()) - before) == 4, "two persistent workers per split"
+    dm.teardown("fit")
+    assert not set(multiprocessing.active_children()) - before, "a worker outlives the data module's teardown"
+    dm.setup("fit")  # a later fit (or validate) gets new loaders with their own workers
+    assert len(list(dm.val_dataloader())) == len(val)
+    dm.teardown("fit")
+    assert not set(multiprocessing.active_children()) - before
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 # (folder layout errors: the matrix in tests/reliability/test_data.py)
 

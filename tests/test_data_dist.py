@@ -64,7 +64,7 @@ def test_two_ranks_count_every_image_once(tmp_path, backend, layout, mode):
             Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(d / "a.JPEG")
     root = folder
     if layout == "shards":  # two or three images per shard
-        from resnet_lamb.data.shards import pack
+        from resnet_lamb.data.pack import pack
 
         root = tmp_path / "shards"
         pack(folder, root, shard_size=3 * 1024, quiet=True)

@@ -22,7 +22,7 @@ from conftest import read_csv, run_cli, tiny_recipe, write_recipe
 from resnet_lamb.data import ImageDataModule
 from resnet_lamb.data import dali as dali_backend
 from resnet_lamb.data.index import count_images, index_path, load_root, read_index
-from resnet_lamb.data.shards import pack, parse_size
+from resnet_lamb.data.pack import pack, parse_size
 from resnet_lamb.data.stage import stage
 from resnet_lamb.errors import DataError
 

@@ -82,6 +82,19 @@ def test_torch_typed_storage_new_shared():
     assert batch.is_shared() and batch.numel() == 24, "TypedStorage._new_shared no longer allocates shared memory"
 
 
+def test_torch_dataloader_iterator_shutdown_workers():
+    """data/torchvision.py: ``close()`` ends a DataLoader's persistent workers, also mid-pass."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(list(range(4)), num_workers=1, persistent_workers=True)
+    it = iter(loader)
+    next(it)  # a pass left suspended
+    held = need(loader, "_iterator", "DataLoader._iterator")
+    assert held is it, "DataLoader._iterator is no longer the persistent workers' iterator"
+    need(held, "_shutdown_workers", "_MultiProcessingDataLoaderIter._shutdown_workers", [])()
+    assert not any(w.is_alive() for w in held._workers), "_shutdown_workers no longer ends the workers"
+
+
 def test_torch_scheduler_last_lr():
     """model.py: a forced resume restates the LRs and sets ``_last_lr`` (what get_last_lr returns)."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)

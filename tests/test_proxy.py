@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, read_csv, tiny_recipe
-from resnet_lamb.data.common import MEAN, STD
+from resnet_lamb.data.common import MEAN, STD, LoaderSettings
 from resnet_lamb.data.folder import validate_root
 from resnet_lamb.data.memory import MemoryLoader
 from resnet_lamb.recipe import load_recipe, plan_recipe, validate_recipe
@@ -49,9 +49,9 @@ def test_memory_loader_two_ranks_cover_every_image_once_per_epoch(digits_root):
     for epoch in (0, 1):
         seen, padding = [], 0
         for rank in (0, 1):
-            loader = MemoryLoader(split, train=True, n=len(split), global_batch=48, micro_batch=12, world_size=2,
-                                  rank=rank, seed=0, image_size=16, workers=1, channels_last=False,
-                                  dtype=torch.float32, epoch_fn=lambda e=epoch: e)
+            settings = LoaderSettings(global_batch=48, micro_batch=12, world_size=2, rank=rank, seed=0, image_size=16,
+                                      workers=1, channels_last=False, dtype=torch.float32)
+            loader = MemoryLoader(split, settings, train=True, n=len(split), epoch_fn=lambda e=epoch: e)
             batches = list(loader)
             assert len(batches) == len(loader) == math.ceil(80 / 48) * 2
             for x, y in batches:

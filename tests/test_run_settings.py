@@ -99,7 +99,7 @@ def test_wandb_check_goes_through_the_proxy(monkeypatch, listener):
 
 
 def test_dali_threads_stay_on_the_processs_cpus():
-    from resnet_lamb.data.dali import thread_cpus
+    from resnet_lamb.data.dali_pipeline import thread_cpus
 
     assert thread_cpus(4, [0, 1, 2, 3, 4, 5, 6, 7], 8) == []  # unbound: DALI's default (CPUs near the GPU)
     assert thread_cpus(4, [8, 9, 10, 11, 12, 13], 32) == [8, 9, 10, 11]

@@ -1,11 +1,15 @@
-"""Bits shared by the backends: normalisation constants, dtypes, the placeholder image, warnings."""
+"""Bits shared by the backends: the loader settings, normalisation constants, dtypes, the placeholder
+image, warnings."""
 
 from __future__ import annotations
 
 import io
 import sys
+from dataclasses import dataclass
 
 import torch
+
+from resnet_lamb.data.sampling import plan_kwargs
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -17,6 +21,36 @@ DTYPES = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What every backend's loader takes from the data module, the same for both splits of a run: the
+    batch geometry and this rank, the seed, the image format and the CPU work per rank. A loader adds
+    its split's own: ``train``, the image count ``n`` and its callbacks."""
+
+    global_batch: int
+    micro_batch: int
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+    image_size: int = 224
+    workers: int = 0  # DALI CPU threads / DataLoader worker processes / decoding threads
+    channels_last: bool = False
+    dtype: torch.dtype = torch.float32
+    prefetch: int = 2  # DALI prefetch_queue_depth / DataLoader prefetch_factor
+    epoch_mode: str = "padded"
+
+    @property
+    def images_per_batch(self) -> int:
+        """Images one micro-batch step takes across all ranks (:class:`EpochPosition`'s unit)."""
+        return self.micro_batch * self.world_size
+
+    def plan_kwargs(self, train: bool) -> dict:
+        """:func:`resnet_lamb.data.sampling.epoch_plan`'s arguments for the training or validation split."""
+        return plan_kwargs(
+            train, self.global_batch, self.micro_batch, self.world_size, self.rank, self.seed, self.epoch_mode
+        )
 
 
 def torch_dtype(name: str) -> torch.dtype:

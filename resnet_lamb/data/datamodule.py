@@ -44,7 +44,7 @@ import sys
 
 import lightning as L
 
-from resnet_lamb.data.common import torch_dtype
+from resnet_lamb.data.common import LoaderSettings, torch_dtype
 from resnet_lamb.data.folder import (  # noqa: F401 (re-exported)
     BACKENDS,
     IMAGENET,
@@ -124,6 +124,7 @@ class ImageDataModule(L.LightningDataModule):
         self._folder: Folder | None = None
         self._epoch = 0
         self._loaders: dict[str, object] = {}
+        self._settings: LoaderSettings | None = None
         self.skipped: list[str] = []
         self.world_size, self.global_rank = self._dist_from_torch()
         self._backend: str | None = None
@@ -302,49 +303,49 @@ class ImageDataModule(L.LightningDataModule):
         if split in self._loaders:
             return self._loaders[split]
         train = split == "train"
+        _ = self.accumulation
         kw = dict(
             train=train,
             n=self.train_images if train else self.val_images,
-            global_batch=self.global_batch,
-            micro_batch=self.micro_batch,
-            world_size=self.world_size,
-            seed=self.seed,
-            image_size=self.image_size,
-            channels_last=self.channels_last,
-            dtype=self.dtype,
-            epoch_mode=self.epoch_mode,
             epoch_fn=self._epoch_for_loader if train else None,
         )
-        _ = self.accumulation
         loader: object
         if self.backend == "synthetic":
             from resnet_lamb.data.synthetic import SyntheticLoader
 
-            loader = SyntheticLoader(num_classes=self.num_classes, **kw)
+            loader = SyntheticLoader(self._loader_settings(), num_classes=self.num_classes, **kw)
         else:
-            kw.update(
-                split=self._validated_folder().splits[split],
-                rank=self.global_rank,
-                workers=self.workers,
-                prefetch=self.prefetch,
-                on_skip=self._on_skip,
-            )
-            if self.backend == "dali":
-                from resnet_lamb.data.dali import DaliLoader
+            from resnet_lamb.data import dali, memory, torchvision
 
-                loader = DaliLoader(**kw)
-            elif self.backend == "memory":
-                from resnet_lamb.data.memory import MemoryLoader
-
-                loader = MemoryLoader(**kw)
-            else:
-                from resnet_lamb.data.torchvision import TorchvisionLoader
-
-                loader = TorchvisionLoader(**kw)
+            backends: dict[str, type] = {
+                "dali": dali.DaliLoader,
+                "memory": memory.MemoryLoader,
+                "torchvision": torchvision.TorchvisionLoader,
+            }
+            split_images = self._validated_folder().splits[split]
+            loader = backends[self.backend](split_images, self._loader_settings(), on_skip=self._on_skip, **kw)
         self._loaders[split] = loader
         for path in self.skipped:  # restored from a checkpoint or found by another rank: skip without a retry
             self._mark_known_bad(path)
         return loader
+
+    def _loader_settings(self) -> LoaderSettings:
+        """What every backend's loader takes, the same for both splits (until the loaders are closed)."""
+        if self._settings is None:
+            self._settings = LoaderSettings(
+                global_batch=self.global_batch,
+                micro_batch=self.micro_batch,
+                world_size=self.world_size,
+                rank=self.global_rank,
+                seed=self.seed,
+                image_size=self.image_size,
+                workers=self.workers,
+                channels_last=self.channels_last,
+                dtype=self.dtype,
+                prefetch=self.prefetch,
+                epoch_mode=self.epoch_mode,
+            )
+        return self._settings
 
     def _mark_known_bad(self, path: str) -> None:
         """Tell the loader of ``path``'s split (if made) that the image is bad."""
@@ -427,12 +428,14 @@ class ImageDataModule(L.LightningDataModule):
         self._close_loaders()
 
     def _close_loaders(self) -> None:
-        """Free what the loaders hold (DALI pipelines and their threads) now, not at garbage collection."""
+        """Free what the loaders hold (DALI pipelines and their threads, DataLoader worker processes)
+        now, not at garbage collection."""
         for loader in self._loaders.values():
             close = getattr(loader, "close", None)
             if close is not None:
                 close()
         self._loaders.clear()
+        self._settings = None
 
     def state_dict(self) -> dict:
         self.share_skipped()  # Lightning builds the checkpoint on every rank: the file lists them all

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from resnet_lamb.data.common import MEAN, STD, EpochPosition, warn_corrupt
-from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
+from resnet_lamb.data.common import MEAN, STD, EpochPosition, LoaderSettings, warn_corrupt
+from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank
 from resnet_lamb.errors import DataError
 
 _CACHE: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
@@ -68,34 +68,15 @@ def decode_split(split, size: int, workers: int) -> tuple[torch.Tensor, list[int
 class MemoryLoader(EpochPosition):
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
-    def __init__(
-        self,
-        split,
-        *,
-        train,
-        n,
-        global_batch,
-        micro_batch,
-        world_size,
-        rank,
-        seed,
-        image_size,
-        workers,
-        channels_last,
-        dtype,
-        epoch_fn=None,
-        on_skip=None,
-        epoch_mode="padded",
-        **_,
-    ):
-        self.plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed, epoch_mode)
-        self.split, self.n, self.train, self.micro_batch = split, n, train, micro_batch
-        self.image_size, self.workers = image_size, workers
-        self.channels_last, self.dtype = channels_last, dtype
+    def __init__(self, split, settings: LoaderSettings, *, train, n, epoch_fn=None, on_skip=None):
+        self.plan_kw = settings.plan_kwargs(train)
+        self.split, self.n, self.train, self.micro_batch = split, n, train, settings.micro_batch
+        self.image_size, self.workers = settings.image_size, settings.workers
+        self.channels_last, self.dtype = settings.channels_last, settings.dtype
         self.epoch_fn, self.on_skip = epoch_fn, on_skip or (lambda path: None)
         self.bad: set[int] = set()  # filled from a checkpoint before the first pass
         self.length = micro_batches_per_rank(n, **self.plan_kw)
-        self.images_per_batch = micro_batch * world_size
+        self.images_per_batch = settings.images_per_batch
         self._epochs = 0
         self._labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
         self._mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255

@@ -8,32 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from resnet_lamb.data.common import EpochPosition
-from resnet_lamb.data.sampling import micro_batches_per_rank, plan_kwargs
+from resnet_lamb.data.common import EpochPosition, LoaderSettings
+from resnet_lamb.data.sampling import micro_batches_per_rank
 
 
 class SyntheticLoader(EpochPosition):
-    def __init__(
-        self,
-        *,
-        train,
-        n,
-        global_batch,
-        micro_batch,
-        world_size,
-        image_size,
-        num_classes,
-        channels_last,
-        dtype,
-        seed=0,
-        epoch_fn=None,
-        **_,
-    ):
-        self.n_batches = micro_batches_per_rank(n, **plan_kwargs(train, global_batch, micro_batch, world_size, 0, seed))
-        self.shape = (micro_batch, 3, image_size, image_size)
-        self.num_classes, self.channels_last, self.dtype, self.seed = num_classes, channels_last, dtype, seed
-        self._batch = None
-        self.train, self.epoch_fn, self.images_per_batch = train, epoch_fn, micro_batch * world_size
+    def __init__(self, settings: LoaderSettings, *, train, n, num_classes, epoch_fn=None):
+        self.n_batches = micro_batches_per_rank(n, **settings.plan_kwargs(train))
+        self.shape = (settings.micro_batch, 3, settings.image_size, settings.image_size)
+        self.num_classes, self.channels_last, self.dtype = num_classes, settings.channels_last, settings.dtype
+        self.seed, self._batch = settings.seed, None
+        self.train, self.epoch_fn, self.images_per_batch = train, epoch_fn, settings.images_per_batch
         self._epochs = 0
 
     def __len__(self):

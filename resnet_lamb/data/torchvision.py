@@ -25,13 +25,14 @@ from resnet_lamb.data.common import (
     STD,
     BadFiles,
     EpochPosition,
+    LoaderSettings,
     mix64,
     placeholder_jpeg,
     sample_key,
     val_resize,
     warn_corrupt,
 )
-from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank, plan_kwargs
+from resnet_lamb.data.sampling import epoch_plan, micro_batches_per_rank
 from resnet_lamb.errors import DataError
 
 
@@ -129,46 +130,28 @@ class _Collate:
 class TorchvisionLoader(EpochPosition):
     """An iterable of ``(images, labels)`` batches over one split, ``len()`` batches per pass."""
 
-    def __init__(
-        self,
-        split,
-        *,
-        train,
-        n,
-        global_batch,
-        micro_batch,
-        world_size,
-        rank,
-        seed,
-        image_size,
-        workers,
-        channels_last,
-        dtype,
-        prefetch=2,
-        epoch_fn=None,
-        on_skip=None,
-        epoch_mode="padded",
-    ):
-        plan_kw = plan_kwargs(train, global_batch, micro_batch, world_size, rank, seed, epoch_mode)
-        self._sampler = _PlanBatchSampler(n, plan_kw, micro_batch)
-        self.images_per_batch = micro_batch * world_size
-        self.split, self.train, self.dtype = split, train, dtype
-        self._dataset = _FolderDataset(split, transforms(train, image_size), seed if train else None)
+    def __init__(self, split, settings: LoaderSettings, *, train, n, epoch_fn=None, on_skip=None):
+        self._sampler = _PlanBatchSampler(n, settings.plan_kwargs(train), settings.micro_batch)
+        self.images_per_batch = settings.images_per_batch
+        self.split, self.train, self.dtype = split, train, settings.dtype
+        self._dataset = _FolderDataset(split, transforms(train, settings.image_size), settings.seed if train else None)
         self.bad = self._dataset.bad  # files known to be corrupt (filled from a checkpoint before the first pass)
         self.epoch_fn = epoch_fn
         self.on_skip = on_skip or (lambda path: None)
         self._warned: set[int] = set()
         self._epochs = 0
-        self.loader = DataLoader(
+        workers = settings.workers
+        self.loader: DataLoader | None = DataLoader(
             self._dataset,
             batch_sampler=self._sampler,
             num_workers=workers,
-            collate_fn=_Collate(channels_last),
+            collate_fn=_Collate(settings.channels_last),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            prefetch_factor=max(1, prefetch) if workers > 0 else None,
-            generator=torch.Generator().manual_seed(seed),  # its base seed draw leaves the global generator alone
-            worker_init_fn=_WorkerSeed(seed * 1000 + rank),
+            prefetch_factor=max(1, settings.prefetch) if workers > 0 else None,
+            # its base seed draw leaves the global generator alone
+            generator=torch.Generator().manual_seed(settings.seed),
+            worker_init_fn=_WorkerSeed(settings.seed * 1000 + settings.rank),
             # forking a process that runs DALI's thread pools can deadlock the workers: spawn them then
             multiprocessing_context="spawn" if workers > 0 and _dali_running() else None,
         )
@@ -180,6 +163,7 @@ class TorchvisionLoader(EpochPosition):
         epoch = self.epoch_fn() if (self.train and self.epoch_fn) else self._epochs
         first = self._begin(epoch) if self.train else 0
         self._sampler.set_epoch(epoch if self.train else 0, first)
+        assert self.loader is not None, "a closed loader cannot iterate again"
         for x, y in _one_line_errors(self.loader):
             if (y < -1).any():
                 for i in (-2 - y[y < -1]).tolist():
@@ -194,6 +178,14 @@ class TorchvisionLoader(EpochPosition):
                 self._advance()
             yield x, y
         self._epochs += 1
+
+    def close(self) -> None:
+        """End the DataLoader's persistent worker processes now, not at garbage collection (a suspended
+        pass, e.g. a fit stopped mid-epoch, would keep them alive); the loader cannot iterate again."""
+        loader, self.loader = self.loader, None
+        workers = getattr(loader, "_iterator", None)  # the persistent workers' iterator, once a pass began
+        if workers is not None:
+            workers._shutdown_workers()
 
 
 def _one_line_errors(loader):

@@ -23,7 +23,7 @@ from conftest import jpeg_tree, run_cli, tiny_recipe, write_recipe
 from resnet_lamb.data import ImageDataModule
 from resnet_lamb.data import dali as dali_backend
 from resnet_lamb.data.index import build_index, index_path
-from resnet_lamb.data.shards import pack
+from resnet_lamb.data.pack import pack
 from resnet_lamb.errors import DataError
 
 
