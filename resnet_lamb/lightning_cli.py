@@ -48,6 +48,59 @@ from resnet_lamb.startup import (
 )
 from resnet_lamb.time_to_target import TimeToTarget
 
+# The CLI's own options beside LightningCLI's: (flag, type, default, help).
+OPTIONS: list[tuple[str, Any, Any, str]] = [
+    ("--expected", dict | None, None, "the paper's numbers for this recipe (read by `report`)"),
+    ("--sources", dict | None, None, "where each recipe setting comes from (dotted key -> text; shown by `plan`)"),
+    ("--run.name", str | None, None, "run folder name under run.root (default: the recipe's file stem)"),
+    ("--run.project", str, RUN_DEFAULTS["project"], "the W&B project the run logs to"),
+    ("--run.tags", list[str], [], "tags of the W&B run"),
+    ("--run.root", str, RUN_DEFAULTS["root"], "folder of run folders"),
+    ("--run.wandb", bool, True, "log to W&B as well as CSV"),
+    (
+        "--run.checkpoint_every_n_epochs",
+        int,
+        1,
+        "write last.ckpt at the end of every N-th epoch (and of the last one; a new best by val/top1 is "
+        "always kept); validation: trainer.check_val_every_n_epoch",
+    ),
+    (
+        "--run.target_top1",
+        float | None,
+        None,
+        "stop at the first validation whose val/top1 is at or above this fraction and record the epochs, "
+        "steps and wall time to it in summary.json (MLPerf's time to accuracy); null = off",
+    ),
+    (
+        "--run.ddp_bucket_mb",
+        float,
+        25.0,
+        "DDP gradient bucket size in MB (torch's default 25); with --trainer.strategy ddp or several "
+        "devices the CLI builds DDPStrategy(gradient_as_bucket_view=True, bucket_cap_mb=this)",
+    ),
+    (
+        "--run.force_resume",
+        bool,
+        False,
+        "resume --ckpt_path with another optimizer, schedule, global batch or epoch count than the "
+        "checkpoint's (refused otherwise)",
+    ),
+    (
+        "--run.progress_seconds",
+        float,
+        30.0,
+        "when the output is not a terminal, a progress line at least this often, inside a long "
+        "accumulated step too (micro-batches done, img/s, ETA)",
+    ),
+    (
+        "--run.fresh_if_missing",
+        bool,
+        False,
+        "with --ckpt_path last: start the run from scratch when its folder has no last.ckpt yet "
+        "(refused otherwise: a mistyped --run.name would restart a run)",
+    ),
+]
+
 
 def device_defaults(gpu: bool, bf16: bool, deterministic: bool) -> dict[str, Any]:
     """Trainer settings chosen from the device where the recipe leaves them unset: on a GPU
@@ -145,73 +198,8 @@ class RecipeCLI(LightningCLI):
         return parser
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument(
-            "--expected",
-            type=dict | None,
-            default=None,
-            help="the paper's numbers for this recipe (read by `report`)",
-        )
-        parser.add_argument(
-            "--sources",
-            type=dict | None,
-            default=None,
-            help="where each recipe setting comes from (dotted key -> text; shown by `plan`)",
-        )
-        parser.add_argument(
-            "--run.name",
-            type=str | None,
-            default=None,
-            help="run folder name under run.root (default: the recipe's file stem)",
-        )
-        parser.add_argument(
-            "--run.project", type=str, default=RUN_DEFAULTS["project"], help="the W&B project the run logs to"
-        )
-        parser.add_argument("--run.tags", type=list[str], default=[], help="tags of the W&B run")
-        parser.add_argument("--run.root", type=str, default=RUN_DEFAULTS["root"], help="folder of run folders")
-        parser.add_argument("--run.wandb", type=bool, default=True, help="log to W&B as well as CSV")
-        parser.add_argument(
-            "--run.checkpoint_every_n_epochs",
-            type=int,
-            default=1,
-            help="write last.ckpt at the end of every N-th epoch (and of the last one; a new "
-            "best by val/top1 is always kept); validation: trainer.check_val_every_n_epoch",
-        )
-        parser.add_argument(
-            "--run.target_top1",
-            type=float | None,
-            default=None,
-            help="stop at the first validation whose val/top1 is at or above this fraction and record "
-            "the epochs, steps and wall time to it in summary.json (MLPerf's time to accuracy); null = off",
-        )
-        parser.add_argument(
-            "--run.ddp_bucket_mb",
-            type=float,
-            default=25.0,
-            help="DDP gradient bucket size in MB (torch's default 25); with --trainer.strategy "
-            "ddp or several devices the CLI builds DDPStrategy(gradient_as_bucket_view=True, "
-            "bucket_cap_mb=this)",
-        )
-        parser.add_argument(
-            "--run.force_resume",
-            type=bool,
-            default=False,
-            help="resume --ckpt_path with another optimizer, schedule, global batch or "
-            "epoch count than the checkpoint's (refused otherwise)",
-        )
-        parser.add_argument(
-            "--run.progress_seconds",
-            type=float,
-            default=30.0,
-            help="when the output is not a terminal, a progress line at least this often, "
-            "inside a long accumulated step too (micro-batches done, img/s, ETA)",
-        )
-        parser.add_argument(
-            "--run.fresh_if_missing",
-            type=bool,
-            default=False,
-            help="with --ckpt_path last: start the run from scratch when its folder has no "
-            "last.ckpt yet (refused otherwise: a mistyped --run.name would restart a run)",
-        )
+        for flag, kind, default, help_text in OPTIONS:
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
         # one class count: the model's output layer follows the data's (counted from data.root when null)
         parser.link_arguments("data.num_classes", "model.num_classes")  # LINKED_OPTIONS
 

@@ -9,11 +9,8 @@ the recipe's optimizer + per-step schedule.
   synced across ranks at compute; ``val/loss`` is a synced sum / count.
 * Optimizer and schedule: ``resnet_lamb.optim.build_optimizer`` and
   ``resnet_lamb.optim.schedules.build_scheduler`` with the numbers of the run's plan (``run_plan``:
-  the CLI's, in plan.json and in each checkpoint; without the CLI ``resnet_lamb.recipe.derive_plan``),
-  stepped once per optimizer step.  ``grad_clip_norm``: global gradient-norm clipping (1.0 in the
-  LAMB author's ResNet-50 code).
-* On CUDA the network runs channels_last (the CLI picks bf16-mixed, or 16-mixed on GPUs without
-  bf16, and cuDNN's autotuner there); fp32 on CPU.
+  the CLI's, in plan.json and in each checkpoint; else ``resnet_lamb.recipe.derive_plan``), stepped
+  once per optimizer step.  ``grad_clip_norm``: global gradient-norm clipping.
 * Once per optimizer step the ranks sum one small tensor (:meth:`LambModule._exchange`: the step's
   only collective besides DDP's and its only host sync): each rank's loss sum and count of real
   samples, whether its gradient norm is finite, whether it was asked to stop (SIGUSR1 / SIGTERM,

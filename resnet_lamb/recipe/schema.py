@@ -222,14 +222,18 @@ def _validate(cfg: dict, shown: str) -> Recipe:
     schedule = ScheduleSpec(**sched)
     optimizer = OptimizerSpec(**opt)  # last: checking the name imports the registry (torch)
     shown_model = {k: model[k] for k in ("label_smoothing", "grad_clip_norm", "zero_init_residual") if k in model}
+    # the numbers derive_plan takes from the trainer and data sections
+    sizes: dict[str, Any] = {
+        "global_batch": global_batch,
+        "micro_batch": micro,
+        "epochs": epochs,
+        "train_images": train_images,
+    }
     return Recipe(
         path=shown,
         optimizer=optimizer,
         schedule=schedule,
-        global_batch=global_batch,
-        micro_batch=micro,
-        epochs=epochs,
-        train_images=train_images,
+        **sizes,
         data_root=None if root is None else str(root),
         expected=expected,
         epoch_mode=epoch_mode,
