@@ -163,7 +163,7 @@ class Lamb(LayerwiseOptimizer):
     def _group_constants(self, group: dict[str, Any]) -> dict[str, Any]:
         b1, b2 = group["betas"]
         lo, hi = group["trust_clip"] or (0.0, 0.0)
-        lr = self._lr(group)
+        lr = self._lr_as_float(group)
         return dict(
             lr=lr,
             scalars=[lr, b1, 1.0 - b1, b2, 1.0 - b2, group["eps"], group["weight_decay"], lo, hi],

@@ -136,7 +136,7 @@ class Lars(LayerwiseOptimizer):
 
     def _group_constants(self, group: dict[str, Any]) -> dict[str, Any]:
         lo, hi = group["trust_clip"] or (0.0, 0.0)
-        lr, mom = self._lr(group), group["momentum"]
+        lr, mom = self._lr_as_float(group), group["momentum"]
         return dict(
             lr=lr, scalars=[lr, mom, 1.0 - mom, group["trust_coefficient"], group["eps"], group["weight_decay"], lo, hi]
         )

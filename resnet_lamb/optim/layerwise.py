@@ -101,7 +101,7 @@ def group_defaults(init_locals: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_common(group: dict[str, Any]) -> None:
-    lr_f = LayerwiseOptimizer._lr(group)
+    lr_f = LayerwiseOptimizer._lr_as_float(group)
     if not math.isfinite(lr_f) or lr_f < 0:
         raise ValueError(f"lr must be a finite number >= 0; got {group['lr']!r}")
     wd = group["weight_decay"]
@@ -440,6 +440,6 @@ class LayerwiseOptimizer(Optimizer):
         return out
 
     @staticmethod
-    def _lr(group: dict[str, Any]) -> float:
+    def _lr_as_float(group: dict[str, Any]) -> float:
         lr = group["lr"]
         return float(lr) if not isinstance(lr, torch.Tensor) else float(lr.detach().cpu())

@@ -35,7 +35,7 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
-def _one_line(text: str) -> str:
+def _collapse_whitespace(text: str) -> str:
     return " ".join(str(text).split())
 
 
@@ -51,10 +51,10 @@ def _read_yaml(path: Path, shown: str) -> dict:
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark is not None else shown
-        what = _one_line(" ".join(s for s in (err.context, err.problem) if s))
+        what = _collapse_whitespace(" ".join(s for s in (err.context, err.problem) if s))
         raise RecipeError(f"{where}: YAML syntax error: {what}; fix the recipe's YAML") from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"{shown}: YAML error: {_one_line(err)}") from None
+        raise RecipeError(f"{shown}: YAML error: {_collapse_whitespace(err)}") from None
     if data is None:
         raise RecipeError(
             f"{shown}: empty recipe; expected a YAML mapping with model, data and trainer "
