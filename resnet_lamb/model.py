@@ -70,6 +70,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from resnet_lamb.errors import RecipeError, UserError
 from resnet_lamb.lightning_internals import saved_epoch_progress
 from resnet_lamb.recipe import ARCHS, OptimizerSpec, ScheduleSpec, check_arch  # noqa: F401 (ARCHS: re-exported)
+from resnet_lamb.small_resnet import SmallResNet
 
 
 class NonFiniteLossError(UserError):
@@ -164,6 +165,8 @@ def build_resnet(
         from resnet_lamb.ghost_batchnorm import GhostBatchNorm2d
 
         kw["norm_layer"] = partial(GhostBatchNorm2d, ghost_batch=bn_batch)
+    if arch == "small_resnet":  # resnet_lamb.small_resnet (the CPU proxy study)
+        return SmallResNet(num_classes, zero_init_residual, **kw)
     net = getattr(torchvision.models, arch)(
         weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual, **kw
     )
