@@ -13,6 +13,8 @@ the resnet proxy's settings are command-line overrides of the same recipes (PROX
 
 1. Grid: every (proxy, optimizer, batch) at peak LR = rule(batch) x 4^k, k = -3 ... +1 (GRID), seed 0.
    The grid reaches further below the rule than above it: the v1 study's failures were all LRs too high.
+   A cell whose best point is at the edge of what it tried (or that diverged at every LR) gets the next
+   point beyond that edge, up to EDGE_ROUNDS times: the same rule for every optimizer.
 2. Best point: the grid LR with the best seed-0 final top-1 (ties: the smaller LR); at the two largest
    batches it gets seeds 1 and 2 too and is reported as mean ± half range over 3 seeds.
 3. Ablation at the largest batch: LAMB at its best LR with the paper's text settings (recipes/proxy/
@@ -40,12 +42,14 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("lamb", "lars", "adam", "adamw", "momentum", "nesterov")
 GRID = tuple(4.0 ** k for k in range(-3, 2))  # x rule(batch): 1/64, 1/16, 1/4, 1, 4
+EDGE_ROUNDS = 2
+FACTORS = tuple(4.0 ** k for k in range(-3 - EDGE_ROUNDS, 2 + EDGE_ROUNDS))  # the grid and its extensions
 EXTRA_SEEDS = (1, 2)
 
 
@@ -93,7 +97,8 @@ ABLATION["all four (author)"] = tuple(a for v in ABLATION.values() for a in v)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/proxy-v2", help="folder of the run folders")
     p.add_argument("--out", default="benchmarks/results/proxy-v2", help="results folder")
     p.add_argument("--proxies", default=",".join(PROXIES), help="comma-separated: " + ", ".join(PROXIES))
@@ -115,6 +120,14 @@ def best_factor(tops: dict) -> float | None:
     to the smaller LR; None when every point diverged."""
     ok = [(top, -f) for f, top in tops.items() if top is not None]
     return -max(ok)[1] if ok else None
+
+
+def next_factor(tops: dict) -> float | None:
+    """The point beyond the edge of ``tops`` (factor -> top-1) that the best point sits on (below when
+    every point diverged); None when the best point is inside or FACTORS end there."""
+    f = best_factor(tops)
+    want = min(tops) / 4 if f is None or f == min(tops) else max(tops) * 4 if f == max(tops) else None
+    return next((x for x in FACTORS if want is not None and math.isclose(want, x)), None)
 
 
 def epochs_to(curve: list, target: float) -> int | None:
@@ -142,10 +155,11 @@ def analyse(runs: dict, proxies: dict, optimizers: list, batches: dict) -> dict:
         bs = batches[p]
         for opt in optimizers:
             for b in bs:
-                cell = {f: runs.get(run_name(p, opt, b, f, 0)) for f in GRID}
-                if any(r is None for r in cell.values()):
+                if any(run_name(p, opt, b, f, 0) not in runs for f in GRID):
                     continue
-                grid.setdefault(opt, {})[str(b)] = {f"{f:g}": {"lr": r["lr"], "top1": r["top1"]} for f, r in cell.items()}
+                cell = {f: runs[run_name(p, opt, b, f, 0)] for f in FACTORS if run_name(p, opt, b, f, 0) in runs}
+                grid.setdefault(opt, {})[str(b)] = {f"{f:g}": {"lr": r["lr"], "top1": r["top1"]}
+                                                    for f, r in cell.items()}
                 f = best_factor({f: r["top1"] for f, r in cell.items()})
                 if f is None:
                     best.setdefault(opt, {})[str(b)] = None
@@ -157,7 +171,7 @@ def analyse(runs: dict, proxies: dict, optimizers: list, batches: dict) -> dict:
                     best.setdefault(opt, {})[str(b)] = {
                         "factor": f, "lr": cell[f]["lr"], "mean": mean, "half_range": half, "n": len(tops),
                         "diverged": sum(r is not None and r["top1"] is None for r in got),
-                        "edge": f in (GRID[0], GRID[-1])}
+                        "edge": f in (min(cell), max(cell))}
                 firsts = [(epochs_to(r["curve"], proxy.target), f) for f, r in cell.items()]
                 firsts = [(e, f) for e, f in firsts if e is not None]
                 e, f = min(firsts) if firsts else (None, None)
@@ -270,19 +284,25 @@ def _best_text(c) -> str:
 def study_readme(summary: dict) -> str:
     s = summary
     factors = [f"{f:g}" for f in GRID]
+    extended = [f"{f:g}" for f in FACTORS if f not in GRID]
     lines = ["# Proxy large-batch study v2: every optimizer tuned at every batch", "",
              f"- command: `{s['command']}`", f"- date: {s['date']}", f"- machine: {s['machine']}",
              f"- wall time: {s['wall_s']} s ({s['wall_s'] / 60:.1f} min) for {s['runs_trained']} runs"
              + (" (over several invocations)" if s.get("resumed") else ""),
              f"- {s['jobs']} runs side by side, {s['threads_per_run']} torch thread(s) each",
              f"- LR grid: peak LR = the recipe's scaling rule at the batch x {', '.join(factors)} (seed 0); the best "
-             f"point gets seeds {list(EXTRA_SEEDS)} too at the two largest batches (mean ± half range)",
+             f"point gets seeds {list(EXTRA_SEEDS)} too at the two largest batches (mean ± half range); a cell "
+             f"whose best point is at the edge of what it tried gets the next point beyond it "
+             f"(x{', x'.join(extended)}; up to {EDGE_ROUNDS} more), the same rule for every optimizer",
              "- warmup: linear from 0, `warmup_epochs` at batch 128 times batch/128 (the same warmup steps at "
              "every batch), then linear decay to 0 (poly, power 1), for every optimizer", ""]
     for p, r in s["proxies"].items():
         bs = [str(b) for b in r["batches"]]
-        lines += [f"## {p}: {r['about']}", "", f"{r['epochs']} epochs at every batch; warmup {r['warmup_epochs_at_128']} "
-                  f"epochs at 128; target for epochs-to-target: val top-1 {r['target']}.", "",
+        cost = sorted(w for n, w in s.get("run_wall_s", {}).items() if n.startswith(p + "-"))
+        lines += [f"## {p}: {r['about']}", "", f"{r['epochs']} epochs at every batch; warmup "
+                  f"{r['warmup_epochs_at_128']} epochs at 128; target for epochs-to-target: val top-1 {r['target']}."
+                  + (f" Wall time of a run (2 side by side): median {cost[len(cost) // 2]:.0f} s, "
+                     f"{cost[0]:.0f}-{cost[-1]:.0f} s over {len(cost)} runs." if cost else ""), "",
                   "Best point per optimizer and batch (final val top-1 @ peak LR):", "",
                   "| optimizer | " + " | ".join(bs) + " |", "|---" * (len(bs) + 1) + "|"]
         lines += [f"| {o} | " + " | ".join(_best_text(c.get(b)) if b in c else "-" for b in bs) + " |"
@@ -296,11 +316,12 @@ def study_readme(summary: dict) -> str:
             lines += ["", f"LAMB at batch {bs[-1]} and its best LR, seed 0: the paper's text against the author's "
                       "settings:", "", "| setting | final val top-1 |", "|---|---|"]
             lines += [f"| {v} | {_f(t)} |" for v, t in r["ablation"].items()]
-        lines += ["", f"The whole grid (final val top-1, seed 0; columns: x the rule's LR):", ""]
+        lines += ["", "The whole grid (final val top-1 @ peak LR, seed 0; columns: x the rule's LR):", ""]
         for b in bs:
-            lines += [f"Batch {b}:", "", "| optimizer | " + " | ".join(factors) + " |", "|---" * (len(factors) + 1) + "|"]
-            lines += [f"| {o} | " + " | ".join(f"{_f(c[b][k]['top1'])} @ {c[b][k]['lr']:.3g}" for k in factors) + " |"
-                      for o, c in r["grid"].items() if b in c]
+            cols = sorted({k for c in r["grid"].values() if b in c for k in c[b]}, key=float)
+            lines += [f"Batch {b}:", "", "| optimizer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            lines += [f"| {o} | " + " | ".join(f"{_f(c[b][k]['top1'])} @ {c[b][k]['lr']:.3g}" if k in c[b] else "-"
+                                              for k in cols) + " |" for o, c in r["grid"].items() if b in c]
             lines.append("")
         lines += [f"![best top-1 vs batch]({p}.png)", ""]
     return "\n".join(lines)
@@ -342,7 +363,7 @@ def main(argv=None) -> int:
     batches = {p: tuple(b for b in x.batches if only is None or b in only) for p, x in proxies.items()}
     recipes = {o: recipe_of(o) for o in optimizers}
     extra_all = args.extra.split()
-    for p, proxy in proxies.items():
+    for proxy in proxies.values():
         if not args.data_root and not (ROOT / proxy.data / "train").is_dir():
             from resnet_lamb.data.prepare import main as prepare
 
@@ -368,6 +389,23 @@ def main(argv=None) -> int:
     todo.sort(key=lambda j: (j[5] * -1, j[3]))  # longest first: more epochs, then smaller batch
     print(f"proxy study: grid, {len(todo)} of {len(phase1)} runs to train", flush=True)
     run_pool(todo, args, runs, started, walls)
+    for _ in range(EDGE_ROUNDS):
+        names = {j[1] for j in phase1}
+        beyond = []
+        for p in proxies:
+            for o in optimizers:
+                for b in batches[p]:
+                    tops = {f: state(run_name(p, o, b, f, 0), 1)["top1"] for f in FACTORS
+                            if run_name(p, o, b, f, 0) in names}
+                    f = next_factor(tops)
+                    if f is not None:
+                        beyond.append(job(p, o, b, f, 0))
+        if not beyond:
+            break
+        phase1 += beyond
+        todo = [j for j in beyond if not state(j[1], j[5])["done"]]
+        print(f"proxy study: beyond the grid's edge, {len(todo)} of {len(beyond)} runs to train", flush=True)
+        run_pool(todo, args, runs, started, walls)
     seed0 = {j[1]: state(j[1], j[5]) for j in phase1}
     first = analyse(seed0, proxies, optimizers, batches)
     phase2 = []
@@ -394,11 +432,12 @@ def main(argv=None) -> int:
     run_wall = {**(old.get("run_wall_s") or {}), **{k: round(v, 1) for k, v in walls.items()}}
     fresh = len(walls) == len(everything)
     summary = {"command": command,
-               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if walls or not old else old["date"],
+               "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC") if walls or not old else old["date"],
                "machine": machine() if walls or not old else old["machine"],
                "wall_s": round(wall) if fresh else old.get("wall_s", 0) + (round(wall) if walls else 0),
                "resumed": not fresh and bool(old), "runs_trained": len(run_wall), "run_wall_s": run_wall,
                "jobs": args.jobs, "threads_per_run": args.threads, "grid_factors": list(GRID),
+               "edge_factors": [f for f in FACTORS if f not in GRID],
                "proxies": analyse(per_run, proxies, optimizers, batches), "runs": per_run}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

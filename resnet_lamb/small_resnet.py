@@ -31,7 +31,8 @@ class SmallResNet(nn.Module):
         norm = norm_layer or nn.BatchNorm2d
         stem = nn.Conv2d(3, widths[0], kernel_size=3, stride=2, padding=1, bias=False)
         self.stem = nn.Sequential(stem, norm(widths[0]), nn.ReLU(inplace=True))
-        blocks, width = [], widths[0]
+        blocks: list[nn.Module] = []
+        width = widths[0]
         for i, out in enumerate(widths):
             stride = 1 if i == 0 else 2
             down = None

@@ -190,6 +190,7 @@ def test_study_picks_best_points_epochs_to_target_and_ablation_from_its_runs():
     for v in s.ABLATION:
         put("lamb", 16384, mid, 0, 0.5, variant=v)
     put("lamb", 16384, lo, 0, 0.9, variant="weight decay 1.5")  # not the best LR: not the ablation's
+    put("lars", 4096, lo / 4, 0, 0.74)  # tried beyond the edge: in the grid, not the best
 
     got = s.analyse(runs, {"p": proxy}, ["lamb", "lars", "adam"], {"p": proxy.batches})["p"]
     assert set(got["grid"]) == {"lamb", "lars"}  # adam has no runs: left out, not invented
@@ -200,6 +201,7 @@ def test_study_picks_best_points_epochs_to_target_and_ablation_from_its_runs():
     assert lamb["16384"]["half_range"] == pytest.approx((0.85 - 0.80) / 2)
     assert lars["512"]["factor"] == lo and lars["512"]["edge"] and lars["512"]["n"] == 1
     assert lars["4096"]["n"] == 2 and lars["4096"]["mean"] == pytest.approx(0.725)  # seed 2 missing: not counted
+    assert not lars["4096"]["edge"] and got["grid"]["lars"]["4096"][f"{lo / 4:g}"]["top1"] == 0.74
     assert lars["16384"] is None  # diverged at every LR
     assert got["grid"]["lars"]["16384"][f"{lo:g}"]["top1"] is None
     assert got["epochs_to_target"]["lamb"]["512"] == {"epochs": 1, "lr": 0.01 * hi * 512}
@@ -220,3 +222,15 @@ def test_study_run_names_are_distinct_and_ordered_by_the_grid():
     assert s.run_name("mlp", "lamb", 512, 1 / 64, 0) == "mlp-lamb-bs512-lr4x-3-seed0"
     assert s.run_name("mlp", "lamb", 512, 4.0, 1, "weight decay 1.5") == "mlp-lamb-bs512-lr4x+1-weight-decay-1.5-seed1"
     assert s.best_factor({1.0: None, 4.0: None}) is None and s.epochs_to([0.1, 0.2], 0.5) is None
+
+
+def test_study_tries_beyond_the_grid_edge_its_best_point_sits_on():
+    s = _study()
+    grid = dict.fromkeys(s.GRID, 0.5)
+    assert s.next_factor({**grid, 1.0: 0.8}) is None  # inside: done
+    assert s.next_factor({**grid, s.GRID[0]: 0.8}) == s.GRID[0] / 4
+    assert s.next_factor({**grid, s.GRID[-1]: 0.8}) == s.GRID[-1] * 4
+    assert s.next_factor(dict.fromkeys(s.GRID)) == s.GRID[0] / 4  # diverged everywhere: lower
+    lowest = {f: 0.5 for f in s.FACTORS}
+    assert s.next_factor({**lowest, s.FACTORS[0]: 0.8}) is None  # no further than EDGE_ROUNDS points
+    assert len(s.FACTORS) == len(s.GRID) + 2 * s.EDGE_ROUNDS and set(s.GRID) < set(s.FACTORS)
