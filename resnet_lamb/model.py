@@ -166,7 +166,7 @@ def build_resnet(
 
         kw["norm_layer"] = partial(GhostBatchNorm2d, ghost_batch=bn_batch)
     if arch == "small_resnet":  # resnet_lamb.small_resnet (the CPU proxy study)
-        return SmallResNet(num_classes, zero_init_residual, **kw)
+        return SmallResNet(num_classes, zero_init_residual, kw.get("norm_layer"))
     net = getattr(torchvision.models, arch)(
         weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual, **kw
     )
