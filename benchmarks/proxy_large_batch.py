@@ -345,7 +345,7 @@ def plot(summary: dict, out: Path) -> None:
         ax.set_xticklabels([str(b) for b in r["batches"]])
         ax.set_xlabel("global batch")
         ax.set_ylabel("final val top-1 at the best grid LR")
-        ax.set_title(f"{p}: {r['epochs']} epochs, best of {len(GRID)} LRs per cell", fontsize=10)
+        ax.set_title(f"{p}: {r['epochs']} epochs, the best point of each cell's LR grid", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.savefig(out / f"{p}.png", dpi=100)
