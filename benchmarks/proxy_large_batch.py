@@ -1,22 +1,39 @@
-"""The proxy large-batch study: LAMB, LARS, Adam, AdamW and momentum SGD on Fashion-MNIST at batch
-128 ... 16384, the same epoch budget at every batch, each optimizer from one base setting at batch
-128 scaled by its recipe's rule (recipes/proxy/). Runs on a 2-core CPU.
+"""The proxy large-batch study, v2 (fair to every optimizer): LAMB, LARS, Adam, AdamW, momentum SGD
+and Nesterov momentum on two CPU proxies, the same epoch budget at every batch, and at every batch
+every optimizer tried on the same log-spaced LR grid around its recipe's scaling rule.
 
-    .venv/bin/python benchmarks/proxy_large_batch.py                       # the committed study
-    .venv/bin/python benchmarks/proxy_large_batch.py --tune                # the base-LR grid at 128
-    .venv/bin/python benchmarks/proxy_large_batch.py --batches 16384 --compare benchmarks/results/proxy-fashion-mnist/summary.json
+    .venv/bin/python benchmarks/proxy_large_batch.py                      # the committed study
+    .venv/bin/python benchmarks/proxy_large_batch.py --proxies mlp --optimizers lars --batches 8192 \\
+        --runs /tmp/fresh --out /tmp/fresh-out --compare benchmarks/results/proxy-v2/summary.json
 
-Every run is an ordinary `resnet-lamb fit` (in this process, one after another) into
-``--runs/<optimizer>-bs<batch>-seed<seed>``; a finished run is not run again and an interrupted one
-resumes from its last.ckpt, so the study can be stopped and restarted. Then `resnet-lamb report`
-writes report.md and the PNGs into ``--out``, and this script adds README.md (command, date,
-machine, wall time, the table, the answer at the largest batch), accuracy_vs_batch.png and
-summary.json (final top-1 per run; ``--compare`` prints the largest difference against one).
+Proxies (PROXIES): ``mlp``, the TensorFlow LAMB README's MNIST MLP (784-512-512-10, no BatchNorm)
+on half of Fashion-MNIST, and ``resnet``, a tiny ResNet with BatchNorm (resnet_lamb/small_resnet.py) on
+a class-balanced Fashion-MNIST subset. Recipes: recipes/proxy/<optimizer>.yaml (base.yaml: the mlp);
+the resnet proxy's settings are command-line overrides of the same recipes (PROXIES below).
+
+1. Grid: every (proxy, optimizer, batch) at peak LR = rule(batch) x 4^k, k = -3 ... +1 (GRID), seed 0.
+   The grid reaches further below the rule than above it: the v1 study's failures were all LRs too high.
+   A cell whose best point is at the edge of what it tried (or that diverged at every LR) gets the next
+   point beyond that edge, up to EDGE_ROUNDS times: the same rule for every optimizer.
+2. Best point: the grid LR with the best seed-0 final top-1 (ties: the smaller LR); at the two largest
+   batches it gets seeds 1 and 2 too and is reported as mean ± half range over 3 seeds.
+3. Ablation at the largest batch: LAMB at its best LR with the paper's text settings (recipes/proxy/
+   lamb.yaml) against the author's settings one at a time and all together (ABLATION).
+4. Epochs to target: the first epoch whose val top-1 reaches the proxy's target, the earliest over the
+   grid (seed 0), per optimizer and batch.
+
+Every run is an ordinary `resnet-lamb fit` in a worker process (``--jobs`` side by side, ``--threads``
+torch threads each: bit-reproducible for the same value) into ``--runs/<name>``; a finished run is
+not run again and an interrupted one resumes from its last.ckpt. ``--out`` gets README.md (command,
+date, machine, wall time, tables), summary.json (every run's final top-1 and val curve) and one figure
+per proxy; the last line of stdout is a JSON summary. ``--compare SUMMARY_JSON`` prints the largest
+final top-1 difference of the runs both hold.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -24,28 +41,72 @@ import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIMIZERS = ("lamb", "lars", "adam", "adamw", "momentum")
-BATCHES = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-TUNE_FACTORS = (1 / 3, 1.0, 3.0)
-TUNE_LABELS = ("base_lr / 3", "base_lr", "base_lr x 3")
+OPTIMIZERS = ("lamb", "lars", "adam", "adamw", "momentum", "nesterov")
+GRID = tuple(4.0 ** k for k in range(-3, 2))  # x rule(batch): 1/64, 1/16, 1/4, 1, 4
+EDGE_ROUNDS = 2
+FACTORS = tuple(4.0 ** k for k in range(-3 - EDGE_ROUNDS, 2 + EDGE_ROUNDS))  # the grid and its extensions
+EXTRA_SEEDS = (1, 2)
+
+
+@dataclass(frozen=True)
+class Proxy:
+    data: str  # prepared folder, relative to the repository
+    prepare: tuple  # `resnet-lamb prepare` arguments that make it
+    batches: tuple
+    epochs: int
+    warmup_epochs: float  # at batch 128, times batch/128 (the paper's linear-epoch warmup)
+    target: float  # val top-1 for "epochs to target"
+    args: tuple = ()  # overrides of recipes/proxy/<optimizer>.yaml
+    about: str = ""
+    notes: dict = field(default_factory=dict)
+
+
+# Sizes: our choice, to fit ~20 min on a quiet 2-core CPU with 2 runs side by side (the results'
+# README states the measured cost): half of Fashion-MNIST's train set for the mlp, 5000 images for
+# the resnet. At the largest batch both proxies take 20 optimizer steps (mlp: 8192 of 30000 images,
+# 4 steps an epoch, 5 epochs; resnet: 1024 of 5000, 5 steps an epoch, 4 epochs) and warm up for about
+# a quarter of the budget (the paper: 20 of 90 epochs at 32K), the same warmup steps at every batch.
+# Targets: our choice, between the small-batch and the large-batch accuracy of the proxy.
+PROXIES = {
+    "mlp": Proxy("data/fashion-mnist-3000", ("fashion-mnist", "--per-class-train", "3000"), (256, 2048, 8192), 5,
+                 0.02, 0.82, args=("--data.train_images", "30000"),
+                 about="MLP 784-512-512-10 (no BatchNorm), Fashion-MNIST 3000 train images per class and all "
+                       "10000 test images as val (28 px)"),
+    "resnet": Proxy("data/fashion-mnist-500", ("fashion-mnist", "--per-class-train", "500", "--per-class-val", "500"),
+                    (64, 256, 1024), 4, 0.125, 0.75,
+                    args=("--model.arch", "small_resnet", "--data.train_images", "5000", "--data.val_images", "5000"),
+                    about="small_resnet (3x3/2 stem, 3 BasicBlocks 16/32/64, BatchNorm; 78k parameters), "
+                          "Fashion-MNIST 500 train / 500 val images per class (5000 / 5000, 28 px)"),
+}
+LAMB_KWARGS = '{"betas": [0.9, 0.999], "eps": 1.0e-6, "bias_correction": false}'  # lamb.yaml's, bias correction off
+# The LAMB author's settings (recipes/demo-author.yaml, recipes/imagenet/table5: run.sh and
+# optimization.py) against the paper text's (recipes/proxy/lamb.yaml: wd 0.01, no label smoothing,
+# Algorithm 2's bias correction, padded epochs)
+ABLATION = {
+    "weight decay 1.5": ("--model.optimizer.weight_decay", "1.5"),
+    "label smoothing 0.1": ("--model.label_smoothing", "0.1"),
+    "no bias correction": ("--model.optimizer.kwargs", LAMB_KWARGS),
+    "full-batch epochs": ("--data.epoch_mode", "full_batch"),
+}
+ABLATION["all four (author)"] = tuple(a for v in ABLATION.values() for a in v)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/fashion-mnist", help="prepared Fashion-MNIST (made when missing)")
-    p.add_argument("--runs", default="runs/proxy", help="folder of the run folders")
-    p.add_argument("--out", default="benchmarks/results/proxy-fashion-mnist", help="report folder")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs/proxy-v2", help="folder of the run folders")
+    p.add_argument("--out", default="benchmarks/results/proxy-v2", help="results folder")
+    p.add_argument("--proxies", default=",".join(PROXIES), help="comma-separated: " + ", ".join(PROXIES))
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="recipes/proxy/<name>.yaml, comma-separated")
-    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    p.add_argument("--seeds", default="0", help="seeds of the whole grid, comma-separated")
-    p.add_argument("--extra-seeds", default="1,2", help="more seeds at the two largest batches (noise at the answer)")
-    p.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs (default: the recipe's)")
-    p.add_argument("--tune", action="store_true", help="instead: base_lr x 1/3, 1, 3 at batch 128 for each optimizer")
-    p.add_argument("--wandb", action="store_true", help="log to W&B as well (offline unless WANDB_MODE says otherwise)")
+    p.add_argument("--batches", default=None, help="only these of the proxies' batches, comma-separated")
+    p.add_argument("--epochs", type=int, default=None, help="override every proxy's epochs (smoke tests)")
+    p.add_argument("--data-root", default=None, help="use this prepared folder for every proxy (smoke tests)")
+    p.add_argument("--extra", default="", help="more fit arguments for every run, space-separated (smoke tests)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (worker processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (results are bit-reproducible "
                                                           "for the same value)")
@@ -53,18 +114,90 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# ------------------------------------------------------------------ selection (pure: tests/test_proxy.py)
+def best_factor(tops: dict) -> float | None:
+    """The grid factor with the best final top-1 (``tops``: factor -> top-1, None = diverged); ties go
+    to the smaller LR; None when every point diverged."""
+    ok = [(top, -f) for f, top in tops.items() if top is not None]
+    return -max(ok)[1] if ok else None
+
+
+def next_factor(tops: dict) -> float | None:
+    """The point beyond the edge of ``tops`` (factor -> top-1) that the best point sits on (below when
+    every point diverged); None when the best point is inside or FACTORS end there."""
+    f = best_factor(tops)
+    want = min(tops) / 4 if f is None or f == min(tops) else max(tops) * 4 if f == max(tops) else None
+    return next((x for x in FACTORS if want is not None and math.isclose(want, x)), None)
+
+
+def epochs_to(curve: list, target: float) -> int | None:
+    """The first (1-based) epoch whose val top-1 reaches ``target``; None if none does."""
+    return next((i for i, top in enumerate(curve, 1) if top >= target), None)
+
+
+def spread(values: list) -> tuple:
+    """(mean, half the range); (None, None) for no values."""
+    return (sum(values) / len(values), (max(values) - min(values)) / 2) if values else (None, None)
+
+
+def run_name(proxy: str, opt: str, batch: int, factor: float, seed: int, variant: str = "") -> str:
+    k = round(math.log(factor, 4))
+    tag = "".join(c if c.isalnum() or c == "." else "-" for c in variant).strip("-")
+    return f"{proxy}-{opt}-bs{batch}-lr4x{k:+d}" + (f"-{tag}" if tag else "") + f"-seed{seed}"
+
+
+def analyse(runs: dict, proxies: dict, optimizers: list, batches: dict) -> dict:
+    """Grid, best points, epochs to target and ablation per proxy from ``runs`` (name -> {top1, curve,
+    lr}; top1 None = diverged), as summary.json holds them."""
+    out = {}
+    for p, proxy in proxies.items():
+        grid, best, reach, ablation = {}, {}, {}, {}
+        bs = batches[p]
+        for opt in optimizers:
+            for b in bs:
+                if any(run_name(p, opt, b, f, 0) not in runs for f in GRID):
+                    continue
+                cell = {f: runs[run_name(p, opt, b, f, 0)] for f in FACTORS if run_name(p, opt, b, f, 0) in runs}
+                grid.setdefault(opt, {})[str(b)] = {f"{f:g}": {"lr": r["lr"], "top1": r["top1"]}
+                                                    for f, r in cell.items()}
+                f = best_factor({f: r["top1"] for f, r in cell.items()})
+                if f is None:
+                    best.setdefault(opt, {})[str(b)] = None
+                else:
+                    seeds = [0] + (list(EXTRA_SEEDS) if b in bs[-2:] else [])
+                    got = [runs.get(run_name(p, opt, b, f, s)) for s in seeds]
+                    tops = [r["top1"] for r in got if r is not None and r["top1"] is not None]
+                    mean, half = spread(tops)
+                    best.setdefault(opt, {})[str(b)] = {
+                        "factor": f, "lr": cell[f]["lr"], "mean": mean, "half_range": half, "n": len(tops),
+                        "diverged": sum(r is not None and r["top1"] is None for r in got),
+                        "edge": f in (min(cell), max(cell))}
+                firsts = [(epochs_to(r["curve"], proxy.target), f) for f, r in cell.items()]
+                firsts = [(e, f) for e, f in firsts if e is not None]
+                e, f = min(firsts) if firsts else (None, None)
+                reach.setdefault(opt, {})[str(b)] = None if e is None else {"epochs": e, "lr": cell[f]["lr"]}
+        big = bs[-1]
+        lamb = best.get("lamb", {}).get(str(big))
+        if lamb:
+            for variant in ["", *ABLATION]:
+                r = runs.get(run_name(p, "lamb", big, lamb["factor"], 0, variant))
+                if r is not None:
+                    ablation[variant or "paper text (lamb.yaml)"] = r["top1"]
+        out[p] = {"about": proxy.about, "batches": list(bs), "epochs": proxy.epochs, "target": proxy.target,
+                  "warmup_epochs_at_128": proxy.warmup_epochs, "grid": grid, "best": best,
+                  "epochs_to_target": reach, "ablation": ablation}
+    return out
+
+
+# ------------------------------------------------------------------ running
 def result(run_dir: Path) -> tuple:
-    """(validated epochs, final top-1, diverged) of a run folder, as `resnet-lamb report` reads it; a
-    run stopped by a NaN/Inf loss or gradient (failed.txt) is diverged, its top-1 None."""
+    """(validated epochs, final top-1 or None = diverged, diverged, val top-1 curve, peak LR)."""
     from resnet_lamb.report import load_run
 
     run = load_run(run_dir)
     bad = run.status == "failed" and run.reason.startswith(("NonFiniteLossError", "NonFiniteGradientError"))
-    return len(run.val), None if bad else run.final[0], bad
-
-
-def outcome(res: tuple) -> str:
-    return "diverged" if res[2] else f"top-1 {res[1]:.4f}"
+    curve = [v[1] for v in run.val]
+    return len(run.val), None if bad or not curve else run.final[0], bad, curve, run.lr
 
 
 def _worker_init(threads: int) -> None:  # spawned workers start in the parent's folder (ROOT)
@@ -77,14 +210,14 @@ def _fit_job(job: tuple) -> tuple:
     return job[1], fit(*job)
 
 
-def fit(recipe: Path, name: str, runs: Path, batch: int, seed: int, epochs: int, extra: list, wandb: bool) -> float:
+def fit(recipe: Path, name: str, runs: Path, batch: int, seed: int, epochs: int, extra: list) -> float:
     """One `resnet-lamb fit`, resumed when its folder holds a checkpoint; returns its wall seconds."""
     from resnet_lamb.cli import main as cli
 
     run_dir = runs / name
     args = ["fit", "--config", str(recipe), "--data.global_batch", str(batch), "--data.micro_batch", str(batch),
             "--seed_everything", str(seed), "--trainer.max_epochs", str(epochs), "--run.root", str(runs),
-            "--run.name", name, "--run.wandb", str(wandb).lower(), *extra]
+            "--run.name", name, "--run.wandb", "false", *extra]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         args += ["--ckpt_path", "last"]
     start = time.perf_counter()
@@ -93,20 +226,19 @@ def fit(recipe: Path, name: str, runs: Path, batch: int, seed: int, epochs: int,
     except SystemExit as exc:
         rc = exc.code
     if rc and not result(run_dir)[2]:
-        raise SystemExit(f"proxy study: resnet-lamb {' '.join(args)} exited {rc}")
+        raise SystemExit(f"proxy study: resnet-lamb {shlex.join(args)} exited {rc}")
     return time.perf_counter() - start
 
 
-def recipe_epochs(recipe: Path) -> int:
+def recipe_of(opt: str) -> tuple:
+    """(path, base_lr, scaling rule) of recipes/proxy/<opt>.yaml."""
     from resnet_lamb.recipe import load_recipe
 
-    return int(load_recipe(recipe)["trainer"]["max_epochs"])
-
-
-def base_lr(recipe: Path) -> float:
-    from resnet_lamb.recipe import load_recipe
-
-    return float(load_recipe(recipe)["model"]["optimizer"]["base_lr"])
+    path = ROOT / "recipes" / "proxy" / f"{opt}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"proxy study: {path} does not exist; choose from {', '.join(OPTIMIZERS)}")
+    o = load_recipe(path)["model"]["optimizer"]
+    return path, float(o["base_lr"]), o["scaling"]
 
 
 def machine() -> str:
@@ -122,167 +254,210 @@ def machine() -> str:
             f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
 
 
-def plot_vs_batch(summary: dict, path: Path, title: str) -> None:
-    """Left: every optimizer (x: diverged, drawn at chance). Right: those that kept above 0.5 at
-    every batch, zoomed, with the seeds' half range as error bars."""
+def run_pool(todo: list, args, runs: Path, started: float, walls: dict) -> None:
+    if not todo:
+        return
+    # `--jobs` worker processes of `--threads` torch threads each: on 2 cores two 1-thread runs side
+    # by side beat one 2-thread run; a worker keeps its decoded data sets across its runs
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(args.threads,)) as pool:
+        for i, (name, seconds) in enumerate(pool.map(_fit_job, todo), 1):
+            walls[name] = seconds
+            top = result(runs / name)[1]
+            print(f"[{i}/{len(todo)}] {name}: {'diverged' if top is None else f'top-1 {top:.4f}'} in {seconds:.0f} s "
+                  f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+
+
+# ------------------------------------------------------------------ writing
+def _f(x) -> str:
+    return "diverged" if x is None else f"{x:.4f}"
+
+
+def _best_text(c) -> str:
+    if c is None:
+        return "diverged at every LR"
+    text = _f(c["mean"]) + (f" ±{c['half_range']:.4f} (n={c['n']})" if c["n"] > 1 else "")
+    text += f" @ {c['lr']:.3g}" + (" (grid edge)" if c["edge"] else "")
+    return text + (f", {c['diverged']} diverged" if c["diverged"] else "")
+
+
+def study_readme(summary: dict) -> str:
+    s = summary
+    factors = [f"{f:g}" for f in GRID]
+    extended = [f"{f:g}" for f in FACTORS if f not in GRID]
+    lines = ["# Proxy large-batch study v2: every optimizer tuned at every batch", "",
+             f"- command: `{s['command']}`", f"- date: {s['date']}", f"- machine: {s['machine']}",
+             f"- wall time: {s['wall_s']} s ({s['wall_s'] / 60:.1f} min) for {s['runs_trained']} runs"
+             + (" (over several invocations)" if s.get("resumed") else ""),
+             f"- {s['jobs']} runs side by side, {s['threads_per_run']} torch thread(s) each",
+             f"- LR grid: peak LR = the recipe's scaling rule at the batch x {', '.join(factors)} (seed 0); the best "
+             f"point gets seeds {list(EXTRA_SEEDS)} too at the two largest batches (mean ± half range); a cell "
+             f"whose best point is at the edge of what it tried gets the next point beyond it "
+             f"(x{', x'.join(extended)}; up to {EDGE_ROUNDS} more), the same rule for every optimizer",
+             "- warmup: linear from 0, `warmup_epochs` at batch 128 times batch/128 (the same warmup steps at "
+             "every batch), then linear decay to 0 (poly, power 1), for every optimizer", ""]
+    for p, r in s["proxies"].items():
+        bs = [str(b) for b in r["batches"]]
+        cost = sorted(w for n, w in s.get("run_wall_s", {}).items() if n.startswith(p + "-"))
+        lines += [f"## {p}: {r['about']}", "", f"{r['epochs']} epochs at every batch; warmup "
+                  f"{r['warmup_epochs_at_128']} epochs at 128; target for epochs-to-target: val top-1 {r['target']}."
+                  + (f" Wall time of a run (2 side by side): median {cost[len(cost) // 2]:.0f} s, "
+                     f"{cost[0]:.0f}-{cost[-1]:.0f} s over {len(cost)} runs." if cost else ""), "",
+                  "Best point per optimizer and batch (final val top-1 @ peak LR):", "",
+                  "| optimizer | " + " | ".join(bs) + " |", "|---" * (len(bs) + 1) + "|"]
+        lines += [f"| {o} | " + " | ".join(_best_text(c.get(b)) if b in c else "-" for b in bs) + " |"
+                  for o, c in r["best"].items()]
+        lines += ["", f"Epochs to val top-1 {r['target']} (the earliest over the LR grid, seed 0; its LR):", "",
+                  "| optimizer | " + " | ".join(bs) + " |", "|---" * (len(bs) + 1) + "|"]
+        lines += [f"| {o} | " + " | ".join("-" if b not in c else "not reached" if c[b] is None
+                                          else f"{c[b]['epochs']} @ {c[b]['lr']:.3g}" for b in bs) + " |"
+                  for o, c in r["epochs_to_target"].items()]
+        if r["ablation"]:
+            lines += ["", f"LAMB at batch {bs[-1]} and its best LR, seed 0: the paper's text against the author's "
+                      "settings:", "", "| setting | final val top-1 |", "|---|---|"]
+            lines += [f"| {v} | {_f(t)} |" for v, t in r["ablation"].items()]
+        lines += ["", "The whole grid (final val top-1 @ peak LR, seed 0; columns: x the rule's LR):", ""]
+        for b in bs:
+            cols = sorted({k for c in r["grid"].values() if b in c for k in c[b]}, key=float)
+            lines += [f"Batch {b}:", "", "| optimizer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            lines += [f"| {o} | " + " | ".join(f"{_f(c[b][k]['top1'])} @ {c[b][k]['lr']:.3g}" if k in c[b] else "-"
+                                              for k in cols) + " |" for o, c in r["grid"].items() if b in c]
+            lines.append("")
+        lines += [f"![best top-1 vs batch]({p}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    batches = sorted({int(b) for c in summary["grid"].values() for b in c})
-    for opt, cells in summary["grid"].items():
-        xs = sorted(int(b) for b in cells)
-        ys = [cells[str(b)]["mean"] for b in xs]
-        line, = axes[0].plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=opt)
-        bad = [x for x, y in zip(xs, ys) if y is None]
-        if bad:  # diverged: drawn at chance level
-            axes[0].plot(bad, [0.1] * len(bad), linestyle="none", marker="x", markersize=9, color=line.get_color())
-        if all(y is not None and y > 0.5 for y in ys):
-            axes[1].errorbar(xs, ys, yerr=[cells[str(b)]["half_range"] or 0.0 for b in xs], marker="o", capsize=3,
-                             label=opt, color=line.get_color())
-    for ax, what in zip(axes, ("all optimizers (x: diverged, NaN/Inf)", "zoom: those above 0.5 at every batch")):
+    for p, r in summary["proxies"].items():
+        fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
+        for o, cells in r["best"].items():
+            xs = sorted(int(b) for b in cells)
+            ys = [cells[str(x)]["mean"] if cells[str(x)] else float("nan") for x in xs]
+            err = [(cells[str(x)] or {}).get("half_range") or 0.0 for x in xs]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=o)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(batches)
-        ax.set_xticklabels([str(b) for b in batches], rotation=45)
+        ax.set_xticks(r["batches"])
+        ax.set_xticklabels([str(b) for b in r["batches"]])
         ax.set_xlabel("global batch")
-        ax.set_ylabel("final val top-1")
-        ax.set_title(what, fontsize=10)
+        ax.set_ylabel("final val top-1 at the best grid LR")
+        ax.set_title(f"{p}: {r['epochs']} epochs, the best point of each cell's LR grid", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def study_readme(summary: dict, tune: bool) -> str:
-    from resnet_lamb.report import mean_text
-
-    grid = summary["grid"]
-    columns = list(TUNE_LABELS) if tune else sorted({c for cells in grid.values() for c in cells}, key=int)
-    def cell(c):
-        if c is None:
-            return "-"
-        lr = f" (lr {c['lr']:.3g})" if "lr" in c else ""
-        if c["mean"] is None:
-            return "diverged" + (f" ({c['diverged']}/{c['n']})" if c["n"] > 1 else "") + lr
-        text = mean_text([x for x in c["runs"].values() if x is not None])
-        return text + lr + (f", {c['diverged']}/{c['n']} diverged" if c["diverged"] else "")
-
-    lines = ["# Proxy large-batch study" + (": base-LR grid at batch 128" if tune else ""), "",
-             f"- command: `{summary['command']}`", f"- date: {summary['date']}", f"- machine: {summary['machine']}",
-             (f"- wall time: {summary['wall_s']} s ({summary['wall_s'] / 60:.1f} min) for {summary['runs_trained']} runs"
-              if summary["runs_trained"] else "- wall time: not recorded (the runs were trained by earlier invocations)"),
-             f"- {summary['jobs']} runs side by side, {summary['threads_per_run']} torch thread(s) each",
-             f"- seeds: {summary['seeds']} for every cell"
-             + ("" if tune else f", plus {summary['extra_seeds_at_largest_batches']} at the two largest batches"),
-             "", "Final val top-1 (mean over seeds ± half their range):", "",
-             "| optimizer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {opt} | " + " | ".join(cell(cells.get(c)) for c in columns) + " |" for opt, cells in grid.items()]
-    if not tune:
-        big = columns[-1]
-        at = {opt: cells[big]["mean"] for opt, cells in grid.items() if big in cells}
-        ranked = sorted(at.items(), key=lambda kv: 1.0 if kv[1] is None else -kv[1])
-        lines += ["", f"At the largest batch ({big}): " + ", ".join(
-                      f"{o} {'diverged' if v is None else f'{v:.4f}'}" for o, v in ranked) + ".",
-                  "", "![final top-1 vs batch](accuracy_vs_batch.png)", "",
-                  "Per-run tables, curves and trust-ratio heatmaps: [report.md](report.md)."]
-    return "\n".join(lines) + "\n"
+        fig.savefig(out / f"{p}.png", dpi=100)
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.chdir(ROOT)
     os.environ.setdefault("WANDB_MODE", "offline")
-    data, runs, out = Path(args.data), Path(args.runs), Path(args.out)
-    if not (data / "train").is_dir():
-        from resnet_lamb.data.prepare import main as prepare
-
-        prepare(["fashion-mnist", "--out", str(data)])
+    runs, out = Path(args.runs), Path(args.out)
+    proxies = {p: PROXIES[p] for p in args.proxies.split(",") if p}
     optimizers = [o for o in args.optimizers.split(",") if o]
-    batches = [int(b) for b in args.batches.split(",") if b]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    extra_seeds = [int(s) for s in args.extra_seeds.split(",") if s]
-    jobs = []  # (optimizer, recipe, batch, seed, name, extra args)
-    for opt in optimizers:
-        recipe = ROOT / "recipes" / "proxy" / f"{opt}.yaml"
-        if not recipe.is_file():
-            raise SystemExit(f"proxy study: {recipe} does not exist; choose from {', '.join(OPTIMIZERS)}")
-        if args.tune:
-            lr = base_lr(recipe)
-            for f, label in zip(TUNE_FACTORS, TUNE_LABELS):
-                jobs.append((opt, recipe, 128, seeds[0], f"tune-{opt}-lr{lr * f:.3g}",
-                             ["--model.optimizer.base_lr", repr(lr * f), label]))
-            continue
-        for b in batches:
-            for s in seeds + [s for s in extra_seeds if s not in seeds and b in sorted(batches)[-2:]]:
-                jobs.append((opt, recipe, b, s, f"{opt}-bs{b}-seed{s}", []))
-    started = time.perf_counter()
-    todo = []
-    epochs = {opt: args.epochs or recipe_epochs(recipe) for opt, recipe, *_ in jobs}
-    for opt, recipe, b, s, name, extra in jobs:
-        res = result(runs / name)
-        if res[0] >= epochs[opt] or res[2]:
-            print(f"{name}: done before ({outcome(res)})", flush=True)
+    only = {int(b) for b in args.batches.split(",")} if args.batches else None
+    batches = {p: tuple(b for b in x.batches if only is None or b in only) for p, x in proxies.items()}
+    recipes = {o: recipe_of(o) for o in optimizers}
+    extra_all = args.extra.split()
+    for proxy in proxies.values():
+        if not args.data_root and not (ROOT / proxy.data / "train").is_dir():
+            from resnet_lamb.data.prepare import main as prepare
+
+            prepare([*proxy.prepare, "--out", proxy.data])
+
+    def job(p, opt, b, f, seed, variant=""):
+        proxy, (path, lr, _) = proxies[p], recipes[opt]
+        extra = ["--model.optimizer.base_lr", repr(lr * f), "--model.schedule.warmup_epochs",
+                 repr(proxy.warmup_epochs), *proxy.args, *ABLATION.get(variant, ()), *extra_all]
+        if args.data_root:
+            extra += ["--data.root", args.data_root]
         else:
-            todo.append((recipe, name, runs, b, s, epochs[opt], extra[:2], args.wandb))
-    todo.sort(key=lambda job: job[3])  # small batches first: they take longest, so the pool ends even
-    walls = {}
-    # `--jobs` worker processes of `--threads` torch threads each: on 2 cores two 1-thread runs side
-    # by side beat one 2-thread run (OpenMP scales poorly at these sizes and spins when the cores are
-    # shared); a worker keeps its decoded data set across its runs
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(args.threads,)) as pool:
-        for i, (name, seconds) in enumerate(pool.map(_fit_job, todo), 1):
-            walls[name] = seconds
-            print(f"[{i}/{len(todo)}] {name}: {outcome(result(runs / name))} in {seconds:.0f} s "
-                  f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+            extra += ["--data.root", proxy.data]
+        return (path, run_name(p, opt, b, f, seed, variant), runs, b, seed, args.epochs or proxy.epochs, extra)
+
+    def state(name, epochs):
+        n, top, bad, curve, lr = result(runs / name)
+        return {"done": n >= epochs or bad, "top1": top, "curve": curve, "lr": lr}
+
+    started, walls = time.perf_counter(), {}
+    phase1 = [job(p, o, b, f, 0) for p in proxies for o in optimizers for b in batches[p] for f in GRID]
+    todo = [j for j in phase1 if not state(j[1], j[5])["done"]]
+    todo.sort(key=lambda j: (j[5] * -1, j[3]))  # longest first: more epochs, then smaller batch
+    print(f"proxy study: grid, {len(todo)} of {len(phase1)} runs to train", flush=True)
+    run_pool(todo, args, runs, started, walls)
+    for _ in range(EDGE_ROUNDS):
+        names = {j[1] for j in phase1}
+        beyond = []
+        for p in proxies:
+            for o in optimizers:
+                for b in batches[p]:
+                    tops = {f: state(run_name(p, o, b, f, 0), 1)["top1"] for f in FACTORS
+                            if run_name(p, o, b, f, 0) in names}
+                    f = next_factor(tops)
+                    if f is not None:
+                        beyond.append(job(p, o, b, f, 0))
+        if not beyond:
+            break
+        phase1 += beyond
+        todo = [j for j in beyond if not state(j[1], j[5])["done"]]
+        print(f"proxy study: beyond the grid's edge, {len(todo)} of {len(beyond)} runs to train", flush=True)
+        run_pool(todo, args, runs, started, walls)
+    seed0 = {j[1]: state(j[1], j[5]) for j in phase1}
+    first = analyse(seed0, proxies, optimizers, batches)
+    phase2 = []
+    for p, r in first.items():
+        for o, cells in r["best"].items():
+            for b in batches[p][-2:]:
+                if cells.get(str(b)):
+                    phase2 += [job(p, o, b, cells[str(b)]["factor"], s) for s in EXTRA_SEEDS]
+        lamb = r["best"].get("lamb", {}).get(str(batches[p][-1])) if batches[p] else None
+        if lamb:
+            phase2 += [job(p, "lamb", batches[p][-1], lamb["factor"], 0, v) for v in ABLATION]
+    todo = [j for j in phase2 if not state(j[1], j[5])["done"]]
+    todo.sort(key=lambda j: (j[5] * -1, j[3]))
+    print(f"proxy study: seeds and ablation, {len(todo)} of {len(phase2)} runs to train", flush=True)
+    run_pool(todo, args, runs, started, walls)
     wall = time.perf_counter() - started
 
-    names = [j[4] for j in jobs]
-    out.mkdir(parents=True, exist_ok=True)
-    from resnet_lamb.report import main as report, spread
-
-    report([str(runs / n) for n in names] + ["--out", str(out)])
-    grid: dict = {}  # optimizer -> batch (or base_lr when tuning) -> runs and their mean
-    for opt, _, b, s, name, extra in jobs:
-        column = extra[2] if args.tune else str(b)
-        cell = grid.setdefault(opt, {}).setdefault(column, {"runs": {}})
-        cell["runs"][name] = result(runs / name)[1]  # None: diverged
-        if args.tune:
-            cell["lr"] = float(extra[1])
-    for cells in grid.values():
-        for cell in cells.values():
-            v = [x for x in cell["runs"].values() if x is not None]
-            mean, half = spread(v) if v else (None, None)
-            cell.update(n=len(cell["runs"]), diverged=len(cell["runs"]) - len(v), mean=mean, half_range=half)
+    everything = {j[1]: state(j[1], j[5]) for j in phase1 + phase2}
+    per_run = {n: {"top1": r["top1"], "lr": r["lr"], "curve": r["curve"]} for n, r in everything.items()}
     command = shlex.join(["python", os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)])
-    # wall time and per-run times add up over invocations (a resumed study; a rebuild trains nothing)
+    # wall time adds up over invocations of the same command (a resumed study; a rebuild trains nothing)
     old = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     old = old if old.get("command") == command else {}
     run_wall = {**(old.get("run_wall_s") or {}), **{k: round(v, 1) for k, v in walls.items()}}
+    fresh = len(walls) == len(everything)
     summary = {"command": command,
-               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if walls or not old else old["date"],
+               "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC") if walls or not old else old["date"],
                "machine": machine() if walls or not old else old["machine"],
-               "wall_s": (round(wall) if len(walls) == len(jobs)
-                          else old.get("wall_s", 0) + (round(wall) if walls else 0)),  # a rebuild adds nothing
-               "runs_trained": len(run_wall), "run_wall_s": run_wall, "jobs": args.jobs,
-               "threads_per_run": args.threads, "seeds": seeds, "extra_seeds_at_largest_batches": extra_seeds,
-               "grid": grid}
+               "wall_s": round(wall) if fresh else old.get("wall_s", 0) + (round(wall) if walls else 0),
+               "resumed": not fresh and bool(old), "runs_trained": len(run_wall), "run_wall_s": run_wall,
+               "jobs": args.jobs, "threads_per_run": args.threads, "grid_factors": list(GRID),
+               "edge_factors": [f for f in FACTORS if f not in GRID],
+               "proxies": analyse(per_run, proxies, optimizers, batches), "runs": per_run}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "README.md").write_text(study_readme(summary, args.tune))
-    if not args.tune:
-        plot_vs_batch(summary, out / "accuracy_vs_batch.png", "Fashion-MNIST MLP, equal epochs: final top-1 vs batch")
-    print(f"proxy study: {len(jobs)} runs, {wall:.0f} s; {out / 'report.md'}, {out / 'summary.json'}")
+    (out / "README.md").write_text(study_readme(summary))
+    plot(summary, out)
+    compared = None
     if args.compare:
-        ref = json.loads(Path(args.compare).read_text())["grid"]
-        pairs = [(v, ref[o][c]["runs"][n]) for o, cells in grid.items() for c, cell in cells.items()
-                 for n, v in cell["runs"].items() if n in ref.get(o, {}).get(c, {}).get("runs", {})]
+        ref = json.loads(Path(args.compare).read_text())["runs"]
+        pairs = [(r["top1"], ref[n]["top1"]) for n, r in per_run.items() if n in ref]
         # diverged (None) on both sides agrees; on one side only it is a difference of 1
         diffs = [0.0 if a is None and b is None else 1.0 if a is None or b is None else abs(a - b) for a, b in pairs]
-        print(f"proxy study: {len(diffs)} runs compared with {args.compare}: {sum(d == 0 for d in diffs)} identical, "
-              f"largest |top-1 difference| {max(diffs) if diffs else float('nan'):.6f}")
+        compared = {"against": args.compare, "runs": len(diffs), "identical": sum(d == 0 for d in diffs),
+                    "largest_top1_difference": max(diffs) if diffs else None}
+        print(f"proxy study: {len(diffs)} runs compared with {args.compare}: {compared['identical']} identical, "
+              f"largest |top-1 difference| {compared['largest_top1_difference']}", flush=True)
+    headline = {p: {o: (c.get(str(r["batches"][-1])) or {}).get("mean") for o, c in r["best"].items()}
+                for p, r in summary["proxies"].items()}
+    print(json.dumps({"wall_s": summary["wall_s"], "runs": len(per_run), "runs_trained_now": len(walls),
+                      "out": str(out), "best_top1_at_largest_batch": headline,
+                      "ablation": {p: r["ablation"] for p, r in summary["proxies"].items()}, "compare": compared}))
     return 0
 
 

@@ -9,6 +9,7 @@
 * ``mlp``: the TensorFlow LAMB README's MNIST MLP (784-512-512-10 at 28 px): the channel mean of
   the image, flattened, two ReLU hidden layers of ``mlp_hidden`` units; its ``input_size`` is the
   image size (the CLI copies data.image_size).
+* ``small_resnet``: the CPU proxy study's tiny ResNet (:mod:`resnet_lamb.small_resnet`, BatchNorm).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from resnet_lamb.errors import RecipeError
 from resnet_lamb.recipe import check_arch
+from resnet_lamb.small_resnet import SmallResNet
 
 
 class MLP(nn.Sequential):
@@ -64,6 +66,8 @@ def build_resnet(
         from resnet_lamb.ghost_batchnorm import GhostBatchNorm2d
 
         kw["norm_layer"] = partial(GhostBatchNorm2d, ghost_batch=bn_batch)
+    if arch == "small_resnet":  # the CPU proxy study's tiny ResNet
+        return SmallResNet(num_classes, zero_init_residual, kw.get("norm_layer"))
     net = getattr(torchvision.models, arch)(
         weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual, **kw
     )

@@ -1,8 +1,11 @@
 """The proxy study's pieces: recipes/proxy (rules at every study batch), the memory backend, the
-MLP, and failed.txt for a diverged run (what the study and `report` read)."""
+MLP and the small ResNet, failed.txt for a diverged run (what the study and `report` read), and the
+study's selection of best points, epochs to target and ablation (benchmarks/proxy_large_batch.py)."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +20,8 @@ from resnet_lamb.recipe import load_recipe, plan_recipe, validate_recipe
 
 PROXY = REPO / "recipes" / "proxy"
 BATCHES = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-RULES = {"lamb": "sqrt", "adam": "sqrt", "adamw": "sqrt", "lars": "linear", "momentum": "linear"}
+RULES = {"lamb": "sqrt", "adam": "sqrt", "adamw": "sqrt", "lars": "linear", "momentum": "linear",
+         "nesterov": "linear"}
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
@@ -29,8 +33,23 @@ def test_proxy_recipes_follow_one_rule_at_every_batch(name):
         plan = plan_recipe(validate_recipe(cfg, name))
         k = batch / 128
         assert plan.lr == pytest.approx(base * (math.sqrt(k) if RULES[name] == "sqrt" else k), rel=1e-12)
-        assert plan.epochs == 10 and plan.warmup_epochs == pytest.approx(0.02 * k)
-        assert plan.total_steps == math.ceil(10 * 60000 / batch)
+        assert plan.epochs == 5 and plan.warmup_epochs == pytest.approx(0.02 * k)
+        assert plan.total_steps == math.ceil(5 * 30000 / batch)
+
+
+def test_nesterov_recipe_builds_torch_sgd_with_nesterov_momentum():
+    from resnet_lamb.model import MLP
+    from resnet_lamb.optim.registry import build_optimizer
+
+    opts = {}
+    for name in ("momentum", "nesterov"):
+        o = load_recipe(PROXY / f"{name}.yaml")["model"]["optimizer"]
+        opt = build_optimizer(o["name"], MLP(8, (4,), 10), o["base_lr"], o["weight_decay"], **o["kwargs"])
+        assert isinstance(opt, torch.optim.SGD)
+        opts[name] = opt.defaults
+    assert opts["nesterov"]["nesterov"] is True and opts["momentum"]["nesterov"] is False
+    assert {k: v for k, v in opts["nesterov"].items() if k != "nesterov"} == \
+        {k: v for k, v in opts["momentum"].items() if k != "nesterov"}  # otherwise the same recipe
 
 
 def _decoded(split, size):
@@ -112,3 +131,106 @@ def test_module_and_datamodule_built_by_hand_share_no_conflicting_hparams(tmp_pa
                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
         trainer.fit(model, datamodule=dm)
         assert trainer.global_step == 2  # 16 images, batch 8
+
+
+def test_small_resnet_is_torchvision_basic_blocks_with_batchnorm_and_trains(fit, digits_root):
+    from torchvision.models.resnet import BasicBlock
+
+    from resnet_lamb.ghost_batchnorm import GhostBatchNorm2d
+    from resnet_lamb.model import build_resnet
+    from resnet_lamb.optim.param_groups import param_groups
+
+    net = build_resnet("small_resnet", num_classes=10)
+    blocks = [m for m in net.modules() if isinstance(m, BasicBlock)]
+    assert [b.conv2.out_channels for b in blocks] == [16, 32, 64]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 1 + 2 * 3 + 2  # stem, blocks, 2 shortcuts
+    assert net(torch.randn(2, 3, 28, 28)).shape == (2, 10)
+    decayed, plain = param_groups(net, 1e-4, "author")  # the author's rule finds the BatchNorm by type
+    assert len(plain["params"]) == 2 * 9 and decayed["weight_decay"] == 1e-4  # every BatchNorm gamma and beta
+    ghost = build_resnet("small_resnet", num_classes=10, bn_batch=4, zero_init_residual=True)
+    assert all(isinstance(m, GhostBatchNorm2d) for m in ghost.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(float(b.bn2.weight.abs().sum()) == 0 for b in ghost.modules() if isinstance(b, BasicBlock))
+
+    run = fit(tiny_recipe(digits_root, **{"model.arch": "small_resnet", "model.small_input": False,
+                                          "data.backend": "memory", "trainer.max_epochs": 3}), name="small_resnet")
+    rows = [r for r in read_csv(run) if r.get("val/top1")]
+    assert len(rows) == 3 and not (run / "failed.txt").exists()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert "model.blocks.2.bn2.running_var" in ckpt["state_dict"]
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("proxy_study", REPO / "benchmarks" / "proxy_large_batch.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["proxy_study"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_picks_best_points_epochs_to_target_and_ablation_from_its_runs():
+    s = _study()
+    proxy = s.Proxy("data/x", (), (512, 4096, 16384), 3, 0.01, 0.8)
+    lo, mid, hi = s.GRID[0], s.GRID[3], s.GRID[-1]  # 1/64, 1 (the rule), 4
+    runs = {}
+
+    def put(opt, batch, factor, seed, top, curve=None, variant=""):
+        runs[s.run_name("p", opt, batch, factor, seed, variant)] = {
+            "top1": top, "lr": 0.01 * factor * batch, "curve": curve or [0.5, 0.6, top or 0.1]}
+
+    for b in (512, 4096, 16384):
+        for f in s.GRID:
+            put("lamb", b, f, 0, 0.70 if f != mid else 0.85, [0.5, 0.79, 0.70])
+            put("lars", b, f, 0, None if b == 16384 else 0.60 if f != lo else 0.75)
+        put("lamb", b, mid, 0, 0.85, [0.6, 0.81, 0.85])  # reaches 0.8 in epoch 2, ...
+        put("lamb", b, hi, 0, 0.85, [0.8, 0.81, 0.85])  # ... this as well, in epoch 1; same top-1: the smaller LR wins
+    for b, tops in ((4096, (0.83, 0.81)), (16384, (0.80, 0.84))):
+        for seed, top in zip(s.EXTRA_SEEDS, tops):
+            put("lamb", b, mid, seed, top)
+        put("lars", b, lo, 1, 0.7)  # only at 4096 is it lars's best point
+    for v in s.ABLATION:
+        put("lamb", 16384, mid, 0, 0.5, variant=v)
+    put("lamb", 16384, lo, 0, 0.9, variant="weight decay 1.5")  # not the best LR: not the ablation's
+    put("lars", 4096, lo / 4, 0, 0.74)  # tried beyond the edge: in the grid, not the best
+
+    got = s.analyse(runs, {"p": proxy}, ["lamb", "lars", "adam"], {"p": proxy.batches})["p"]
+    assert set(got["grid"]) == {"lamb", "lars"}  # adam has no runs: left out, not invented
+    lamb, lars = got["best"]["lamb"], got["best"]["lars"]
+    assert lamb["512"] == {"factor": mid, "lr": 0.01 * 512, "mean": 0.85, "half_range": 0.0, "n": 1,
+                           "diverged": 0, "edge": False}
+    assert lamb["4096"]["n"] == 3 and lamb["4096"]["mean"] == pytest.approx((0.85 + 0.83 + 0.81) / 3)
+    assert lamb["16384"]["half_range"] == pytest.approx((0.85 - 0.80) / 2)
+    assert lars["512"]["factor"] == lo and lars["512"]["edge"] and lars["512"]["n"] == 1
+    assert lars["4096"]["n"] == 2 and lars["4096"]["mean"] == pytest.approx(0.725)  # seed 2 missing: not counted
+    assert not lars["4096"]["edge"] and got["grid"]["lars"]["4096"][f"{lo / 4:g}"]["top1"] == 0.74
+    assert lars["16384"] is None  # diverged at every LR
+    assert got["grid"]["lars"]["16384"][f"{lo:g}"]["top1"] is None
+    assert got["epochs_to_target"]["lamb"]["512"] == {"epochs": 1, "lr": 0.01 * hi * 512}
+    assert got["epochs_to_target"]["lars"]["4096"] is None
+    assert got["ablation"] == {"paper text (lamb.yaml)": 0.85, **{v: 0.5 for v in s.ABLATION}}
+
+    summary = {"command": "python x.py", "date": "d", "machine": "m", "wall_s": 60, "runs_trained": len(runs),
+               "jobs": 2, "threads_per_run": 1, "proxies": {"p": {**got, "about": "a proxy"}}}
+    text = s.study_readme(summary)
+    assert "| lamb | 0.8500 @ 5.12 | 0.8300 ±0.0200 (n=3) @ 41 |" in text
+    assert "diverged at every LR" in text and "(grid edge)" in text and "| all four (author) | 0.5000 |" in text
+
+
+def test_study_run_names_are_distinct_and_ordered_by_the_grid():
+    s = _study()
+    names = {s.run_name("mlp", "lamb", 512, f, seed, v) for f in s.GRID for seed in (0, 1) for v in ["", *s.ABLATION]}
+    assert len(names) == len(s.GRID) * 2 * (1 + len(s.ABLATION))
+    assert s.run_name("mlp", "lamb", 512, 1 / 64, 0) == "mlp-lamb-bs512-lr4x-3-seed0"
+    assert s.run_name("mlp", "lamb", 512, 4.0, 1, "weight decay 1.5") == "mlp-lamb-bs512-lr4x+1-weight-decay-1.5-seed1"
+    assert s.best_factor({1.0: None, 4.0: None}) is None and s.epochs_to([0.1, 0.2], 0.5) is None
+
+
+def test_study_tries_beyond_the_grid_edge_its_best_point_sits_on():
+    s = _study()
+    grid = dict.fromkeys(s.GRID, 0.5)
+    assert s.next_factor({**grid, 1.0: 0.8}) is None  # inside: done
+    assert s.next_factor({**grid, s.GRID[0]: 0.8}) == s.GRID[0] / 4
+    assert s.next_factor({**grid, s.GRID[-1]: 0.8}) == s.GRID[-1] * 4
+    assert s.next_factor(dict.fromkeys(s.GRID)) == s.GRID[0] / 4  # diverged everywhere: lower
+    lowest = {f: 0.5 for f in s.FACTORS}
+    assert s.next_factor({**lowest, s.FACTORS[0]: 0.8}) is None  # no further than EDGE_ROUNDS points
+    assert len(s.FACTORS) == len(s.GRID) + 2 * s.EDGE_ROUNDS and set(s.GRID) < set(s.FACTORS)

@@ -61,6 +61,7 @@ ARCHS = (
     "resnext101_32x8d",
     "resnext101_64x4d",
     "mlp",
+    "small_resnet",  # resnet_lamb.small_resnet: the proxy study's tiny ResNet
 )
 
 
