@@ -209,6 +209,10 @@ def test_fit_refuses_a_malformed_recipe_in_one_line(row, tmp_path, capsys, untou
     assert not runs.exists(), "no run folder for a refused recipe"
 
 
+def plan_says(row: str) -> str:
+    return ROWS[row][2] if ROWS[row][3] is SAME else ROWS[row][3]
+
+
 PLAN_ROWS = [row for row, (_, flags, _, plan_says) in ROWS.items() if plan_says is not None and not flags]
 
 
@@ -223,8 +227,7 @@ def test_plan_refuses_a_malformed_recipe_in_one_line(row, tmp_path, capsys, monk
     out = capsys.readouterr()
     assert rc == 2
     line = _one_error_line(out.err)
-    says = ROWS[row][2] if ROWS[row][3] is SAME else ROWS[row][3]
-    assert line.startswith("resnet-lamb: error: r.yaml") and says in line, line
+    assert line.startswith("resnet-lamb: error: r.yaml") and plan_says(row) in line, line
     assert out.out == ""
 
 
@@ -250,7 +253,7 @@ def test_a_real_process_exits_with_one_line(tmp_path):
         stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
         assert proc.returncode == 2, (row, command, stderr[-2000:])
         line = _one_error_line(stderr)
-        says = ROWS[row][2] if command == "fit" else ROWS[row][3]
+        says = ROWS[row][2] if command == "fit" else plan_says(row)
         assert says in line, line
         assert stdout == ""
         assert not (tmp_path / row / "runs").exists()
