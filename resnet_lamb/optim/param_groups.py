@@ -8,14 +8,15 @@ state and ``trust_ratios()`` by the module's parameter names).  Each group also 
 
 Rules:
 
-* ``"author"``: the LAMB author's ResNet-50 code (and the MLPerf LARS reference): normalization
+* ``"author"``: the LAMB author's ResNet-50 code: normalization
   layers' weights and biases (BatchNorm, found by module type: every ``_NormBase`` subclass,
   GroupNorm, LayerNorm) get no weight decay and no trust ratio (``layer_adaptation=False``:
   "no trust ratio where there is no decay"); every other tensor, including conv/linear weights
   and the fc bias, gets decay and adaptation.
 * ``"timm"``: timm's ``param_groups_weight_decay`` convention combined with timm's Lamb/Lars
   default of skipping the trust ratio where weight decay is 0: every tensor with ``ndim <= 1``
-  (norm weights/biases, all biases) gets no decay and no adaptation; the rest gets both.
+  (norm weights/biases, all biases) gets no decay and no adaptation; the rest gets both. For a
+  ResNet this is also the MLPerf LARS reference's skip list (batch_normalization, bias: the fc bias too).
 * ``"none"``: one group, everything decayed and adapted (the plain optimizer of the paper's
   pseudocode, as torch-optimizer's and DeepSpeed's LAMB apply it).
 
