@@ -38,7 +38,7 @@ def test_proxy_recipes_follow_one_rule_at_every_batch(name):
 
 
 def test_nesterov_recipe_builds_torch_sgd_with_nesterov_momentum():
-    from resnet_lamb.model import MLP
+    from resnet_lamb.networks import MLP
     from resnet_lamb.optim.registry import build_optimizer
 
     opts = {}
@@ -137,7 +137,7 @@ def test_small_resnet_is_torchvision_basic_blocks_with_batchnorm_and_trains(fit,
     from torchvision.models.resnet import BasicBlock
 
     from resnet_lamb.ghost_batchnorm import GhostBatchNorm2d
-    from resnet_lamb.model import build_resnet
+    from resnet_lamb.networks import build_resnet
     from resnet_lamb.optim.param_groups import param_groups
 
     net = build_resnet("small_resnet", num_classes=10)
@@ -149,7 +149,7 @@ def test_small_resnet_is_torchvision_basic_blocks_with_batchnorm_and_trains(fit,
     assert len(plain["params"]) == 2 * 9 and decayed["weight_decay"] == 1e-4  # every BatchNorm gamma and beta
     ghost = build_resnet("small_resnet", num_classes=10, bn_batch=4, zero_init_residual=True)
     assert all(isinstance(m, GhostBatchNorm2d) for m in ghost.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert all(float(b.bn2.weight.abs().sum()) == 0 for b in ghost.modules() if isinstance(b, BasicBlock))
+    assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in ghost.modules() if isinstance(b, BasicBlock))
 
     run = fit(tiny_recipe(digits_root, **{"model.arch": "small_resnet", "model.small_input": False,
                                           "data.backend": "memory", "trainer.max_epochs": 3}), name="small_resnet")

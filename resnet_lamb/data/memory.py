@@ -78,7 +78,7 @@ class MemoryLoader(EpochPosition):
         self.length = micro_batches_per_rank(n, **self.plan_kw)
         self.images_per_batch = settings.images_per_batch
         self._epochs = 0
-        self._labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
+        self._labels = torch.from_numpy(np.array(split.labels, dtype=np.int64))
         self._mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(STD).view(1, 3, 1, 1) * 255
 
