@@ -44,6 +44,7 @@ from resnet_lamb.checkpoints import rng_state as _rng_state
 from resnet_lamb.checkpoints import set_rng_state as _set_rng_state
 from resnet_lamb.errors import NonFiniteGradientError, NonFiniteLossError, RecipeError, UserError
 from resnet_lamb.networks import build_resnet
+from resnet_lamb.optim.portable_state import load_optimizer_states, save_optimizer_states
 from resnet_lamb.recipe import OptimizerSpec, ScheduleSpec
 
 NONFINITE = ("stop", "skip")
@@ -351,10 +352,7 @@ class LambModule(pl.LightningModule):
             "plan": None if plan is None else plan.to_dict(),
             "skipped_steps": self.skipped_steps,
         }
-        if "." in self.optimizer_spec.name:  # a class-path optimizer's Python objects, as weights_only loads them
-            from resnet_lamb.optim.portable_state import to_plain
-
-            checkpoint["optimizer_states"] = to_plain(checkpoint.get("optimizer_states", []))
+        save_optimizer_states(checkpoint, self.optimizer_spec.name)  # in a form weights_only loads
 
     def _recipe_identity(self) -> dict[str, Any] | None:
         plan = self.run_plan or self.plan
@@ -376,11 +374,7 @@ class LambModule(pl.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "." in self.optimizer_spec.name and checkpoint.get("optimizer_states"):
-            from resnet_lamb.optim.portable_state import from_plain
-
-            package = self.optimizer_spec.name.split(".")[0]
-            checkpoint["optimizer_states"] = from_plain(checkpoint["optimizer_states"], package)
+        load_optimizer_states(checkpoint, self.optimizer_spec.name)
         self._pending_rng = checkpoint.get("rng_states")
         restate_epoch_progress(checkpoint, getattr(getattr(self, "_trainer", None), "datamodule", None))
         ours = checkpoint.get("resnet_lamb") or {}

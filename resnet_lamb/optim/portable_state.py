@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from resnet_lamb.optim.names import is_class_path
+
 _OBJECT = "__resnet_lamb_object__"
 _ENUM = "__resnet_lamb_enum__"
 _PLAIN = (type(None), bool, int, float, str, torch.Size)
@@ -63,3 +65,16 @@ def from_plain(x: Any, package: str) -> Any:
     if isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
         return type(x)(from_plain(v, package) for v in x)
     return x
+
+
+def save_optimizer_states(checkpoint: dict[str, Any], optimizer_name: str) -> None:
+    """A class-path optimizer's states in ``checkpoint`` as :func:`to_plain` writes them (the
+    registry's optimizers keep tensors and numbers only: left as they are)."""
+    if is_class_path(optimizer_name):
+        checkpoint["optimizer_states"] = to_plain(checkpoint.get("optimizer_states", []))
+
+
+def load_optimizer_states(checkpoint: dict[str, Any], optimizer_name: str) -> None:
+    """The inverse of :func:`save_optimizer_states`, from the optimizer's own package."""
+    if is_class_path(optimizer_name) and checkpoint.get("optimizer_states"):
+        checkpoint["optimizer_states"] = from_plain(checkpoint["optimizer_states"], optimizer_name.split(".")[0])

@@ -163,10 +163,14 @@ def optimizer_options(name: str) -> dict[str, Any]:
 
 
 def _build_class(
-    name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float, kwargs: dict[str, Any]
+    name: str,
+    accepted: dict[str, Any],
+    groups: list[dict[str, Any]],
+    lr: float,
+    weight_decay: float,
+    kwargs: dict[str, Any],
 ) -> torch.optim.Optimizer:
     cls = optimizer_class(name, None)
-    accepted = _class_options(cls)
     takes_wd = "weight_decay" in inspect.signature(cls).parameters
     if weight_decay and not takes_wd:
         raise ValueError(f"{name} takes no weight_decay; set weight_decay 0")
@@ -200,7 +204,7 @@ def build_optimizer(
         )
     groups = param_groups(model, weight_decay, param_rule)
     if build is None:
-        return _build_class(name, groups, lr, weight_decay, kwargs)
+        return _build_class(name, accepted, groups, lr, weight_decay, kwargs)
     opts = {k: v for k, v in kwargs.items()}
     if name == "lamb" or name.endswith("lamb"):
         opts.setdefault("betas", accepted["betas"])
