@@ -231,14 +231,14 @@ def fit(recipe: Path, name: str, runs: Path, batch: int, seed: int, epochs: int,
 
 
 def recipe_of(opt: str) -> tuple:
-    """(path, base_lr, scaling rule) of recipes/proxy/<opt>.yaml."""
+    """(path, base_lr) of recipes/proxy/<opt>.yaml: the grid scales base_lr, fit applies the scaling rule."""
     from resnet_lamb.recipe import load_recipe
 
     path = ROOT / "recipes" / "proxy" / f"{opt}.yaml"
     if not path.is_file():
         raise SystemExit(f"proxy study: {path} does not exist; choose from {', '.join(OPTIMIZERS)}")
     o = load_recipe(path)["model"]["optimizer"]
-    return path, float(o["base_lr"]), o["scaling"]
+    return path, float(o["base_lr"])
 
 
 def machine() -> str:
@@ -370,13 +370,10 @@ def main(argv=None) -> int:
             prepare([*proxy.prepare, "--out", proxy.data])
 
     def job(p, opt, b, f, seed, variant=""):
-        proxy, (path, lr, _) = proxies[p], recipes[opt]
+        proxy, (path, lr) = proxies[p], recipes[opt]
         extra = ["--model.optimizer.base_lr", repr(lr * f), "--model.schedule.warmup_epochs",
-                 repr(proxy.warmup_epochs), *proxy.args, *ABLATION.get(variant, ()), *extra_all]
-        if args.data_root:
-            extra += ["--data.root", args.data_root]
-        else:
-            extra += ["--data.root", proxy.data]
+                 repr(proxy.warmup_epochs), *proxy.args, *ABLATION.get(variant, ()), *extra_all,
+                 "--data.root", args.data_root or proxy.data]
         return (path, run_name(p, opt, b, f, seed, variant), runs, b, seed, args.epochs or proxy.epochs, extra)
 
     def state(name, epochs):
